@@ -1,0 +1,41 @@
+"""Every key name the package reads or writes, in one place.
+
+Functions import names from here instead of spelling strings, so a key can be
+found (and renamed) in one place. See the data-layout page of the docs for which
+function writes which key.
+"""
+
+from __future__ import annotations
+
+# modalities
+MOD_RNA = "rna"
+MOD_MORPH = "morphology"
+MOD_PROTEIN = "protein"
+
+# coordinates, micrometres, on every modality
+SPATIAL_KEY = "spatial"
+NUCLEUS_KEY = "nucleus_centroid"
+
+# sections
+SAMPLE_KEY = "sample"
+IN_IMAGE_KEY = "in_image"
+
+# the package's own block in mdata.uns
+UNS_KEY = "cellsymphony"
+SAMPLES_KEY = "samples"
+LATEST_KEY = "latest"
+
+# fields of one sample's registry, mdata.uns["cellsymphony"]["samples"][sample]
+REG_HE_PATH = "he_path"  # str, "" when no H&E is attached
+REG_ALIGNMENT = "alignment"  # (3, 3) float64: H&E pixel (x, y, 1) -> Xenium morphology pixel
+REG_PIXEL_SIZE = "pixel_size"  # micrometres per Xenium morphology pixel
+REG_HE_MPP = "he_mpp"  # micrometres per H&E pixel at pyramid level 0
+REG_XENIUM_PATH = "xenium_path"  # str, "" for H&E-only slides
+
+# default result keys
+X_UNI2 = "X_uni2"
+X_SCGPT = "X_scgpt"
+PRED_KEY = "cs_pred"
+CONTRASTIVE_KEY = "X_cs_contrastive"
+NICHE_KEY = "cs_niche"
+SINGLER_KEY = "singler"

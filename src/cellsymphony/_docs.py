@@ -1,0 +1,33 @@
+"""Parameter text shared by several docstrings, injected with :func:`inject_docs`."""
+
+from __future__ import annotations
+
+DOC_PARAMS = {
+    "mdata": "MuData with modalities ``'rna'`` and ``'morphology'`` as made by :func:`cellsymphony.io.read_xenium`.",
+    "mdata_or_adata": (
+        "MuData as made by :func:`cellsymphony.io.read_xenium`, or an AnnData holding the one modality this "
+        "function needs."
+    ),
+    "copy": "Return a modified copy instead of writing in place.",
+    "device": "Torch device (``'cpu'``, ``'cuda'``, ``'cuda:1'``); ``None`` uses ``cs.settings.device``.",
+    "seed": "Seed of every random draw, so repeated runs give identical results.",
+    "gene_rep": (
+        "Key in ``mdata['rna'].obsm`` of the expression embedding; ``None`` uses the latest one written "
+        "(by :func:`cellsymphony.pp.embed_expression`)."
+    ),
+    "morph_rep": (
+        "Key in ``mdata['morphology'].obsm`` of the morphology embedding; ``None`` uses the latest one "
+        "written (by :func:`cellsymphony.pp.embed_morphology`)."
+    ),
+}
+
+
+def inject_docs(**extra: str):
+    """Decorator filling ``{name}`` fields of a docstring from :data:`DOC_PARAMS` (and ``extra``)."""
+
+    def decorate(obj):
+        if obj.__doc__:
+            obj.__doc__ = obj.__doc__.format(**{**DOC_PARAMS, **extra})
+        return obj
+
+    return decorate

@@ -1,0 +1,71 @@
+"""Package-wide settings: device, batch sizes, verbosity, cache folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("cellsymphony")
+if not logger.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("cellsymphony: %(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _default_cache() -> Path:
+    env = os.environ.get("CELLSYMPHONY_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cellsymphony"
+
+
+@dataclass
+class Settings:
+    """Settings read by every function that has no explicit argument for them.
+
+    Attributes
+    ----------
+    device
+        ``"auto"`` (CUDA when available, else CPU), or any torch device string.
+    batch_size
+        Default batch size for model inference when a function is given none.
+    num_workers
+        DataLoader workers that decode images while the model runs.
+    cache_dir
+        Where synthetic datasets and other cached files are kept
+        (``$CELLSYMPHONY_CACHE`` or ``~/.cache/cellsymphony``).
+    progress
+        Show tqdm progress bars for long steps.
+    """
+
+    device: str = "auto"
+    batch_size: int = 64
+    num_workers: int = 0
+    cache_dir: Path = field(default_factory=_default_cache)
+    progress: bool = True
+
+    @property
+    def verbosity(self) -> int:
+        """Logging level of the ``cellsymphony`` logger."""
+        return logger.level
+
+    @verbosity.setter
+    def verbosity(self, level: int | str) -> None:
+        logger.setLevel(level)
+
+
+settings = Settings()
+
+
+def resolve_device(device: str | None = None) -> str:
+    """Return a torch device string: the given one, else the settings', with ``"auto"`` resolved."""
+    device = device or settings.device
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

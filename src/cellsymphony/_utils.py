@@ -1,0 +1,68 @@
+"""Small helpers shared across the package: atomic writes, per-cell seeds, parameter records."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error remove it.
+
+    A reader never sees a half-written file, and a failed write leaves any old file untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def cell_seeds(seed: int, cell_ids) -> np.ndarray:
+    """One 64-bit seed per cell, from the global seed and the cell id alone.
+
+    A draw made from ``np.random.default_rng(cell_seeds(seed, ids)[i])`` does not depend on
+    batching, ordering or chunking of the cells.
+    """
+    out = np.empty(len(cell_ids), dtype=np.uint64)
+    prefix = str(int(seed)).encode() + b"\x00"
+    for i, cid in enumerate(cell_ids):
+        digest = hashlib.blake2b(prefix + str(cid).encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "little")
+    return out
+
+
+def package_version() -> str:
+    """The installed cellsymphony version."""
+    from . import __version__
+
+    return __version__
+
+
+def params_record(**params) -> dict:
+    """A ``params`` dict safe to store in ``uns`` (h5mu-serialisable): ``None`` becomes ``"None"``,
+    tuples become arrays, paths become strings, and the package version is added."""
+    out = {}
+    for k, v in params.items():
+        if v is None:
+            v = "None"
+        elif isinstance(v, os.PathLike):
+            v = str(v)
+        elif isinstance(v, tuple | list):
+            v = np.asarray([str(x) for x in v]) if any(isinstance(x, str) for x in v) else np.asarray(v)
+        out[k] = v
+    out["version"] = package_version()
+    return out

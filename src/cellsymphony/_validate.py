@@ -1,0 +1,130 @@
+"""Checks and look-ups shared by the public functions.
+
+Each raises a ``ValueError`` that names the problem and the function to run (or the
+argument to pass) to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ._constants import LATEST_KEY, MOD_MORPH, MOD_RNA, SAMPLES_KEY, UNS_KEY
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+# which public function writes the representations of each modality
+PRODUCERS = {MOD_RNA: "cs.pp.embed_expression", MOD_MORPH: "cs.pp.embed_morphology"}
+
+
+def is_mudata(data: Any) -> bool:
+    """Whether ``data`` is a MuData (checked without importing mudata eagerly)."""
+    return type(data).__name__ == "MuData" and hasattr(data, "mod")
+
+
+def get_modality(data: MuData | AnnData, mod: str) -> AnnData:
+    """Return modality ``mod`` of a MuData, or ``data`` itself when it is an AnnData."""
+    if is_mudata(data):
+        if mod not in data.mod:
+            raise ValueError(
+                f"The MuData has no modality {mod!r} (it has {sorted(data.mod)}). "
+                "Read the data with cs.io.read_xenium (or cs.io.read_he_cells for H&E-only slides)."
+            )
+        return data.mod[mod]
+    return data
+
+
+def uns_block(data: MuData | AnnData) -> dict:
+    """The package's own dict ``data.uns["cellsymphony"]``, created when missing."""
+    block = data.uns.get(UNS_KEY)
+    if block is None:
+        block = {}
+        data.uns[UNS_KEY] = block
+    return block
+
+
+def set_latest(data: MuData | AnnData, mod: str, key: str) -> None:
+    """Record ``key`` as the latest representation of modality ``mod``."""
+    block = uns_block(data)
+    latest = dict(block.get(LATEST_KEY, {}))
+    latest[mod] = key
+    block[LATEST_KEY] = latest
+
+
+def resolve_rep(data: MuData | AnnData, mod: str, rep: str | None) -> str:
+    """Name of the representation to use for ``mod``: ``rep`` if given, else the latest one written.
+
+    Raises a ``ValueError`` naming the function to run when there is none, or when ``rep`` is absent.
+    """
+    adata = get_modality(data, mod)
+    producer = PRODUCERS.get(mod, "the embedding function")
+    if rep is None:
+        latest = data.uns.get(UNS_KEY, {}).get(LATEST_KEY, {})
+        rep = latest.get(mod) if isinstance(latest, Mapping) else None
+        if rep is None:
+            raise ValueError(
+                f"No {mod!r} representation has been computed yet: run {producer} first "
+                f"(or pass the name of an existing key of .obsm)."
+            )
+    if rep not in adata.obsm:
+        raise ValueError(
+            f"{rep!r} is not in the {mod!r} modality's .obsm (it has {sorted(adata.obsm)}): "
+            f"run {producer} first, or pass one of those keys."
+        )
+    return rep
+
+
+def get_rep(data: MuData | AnnData, mod: str, rep: str | None) -> tuple[str, np.ndarray]:
+    """Resolve and return ``(key, float32 array)`` of a modality's representation."""
+    key = resolve_rep(data, mod, rep)
+    x = get_modality(data, mod).obsm[key]
+    if isinstance(x, pd.DataFrame):
+        x = x.to_numpy()
+    return key, np.asarray(x, dtype=np.float32)
+
+
+def find_obs_column(mdata: MuData | AnnData, key: str) -> pd.Series:
+    """Find a per-cell column by name, indexed like ``mdata.obs``.
+
+    Looks in ``mdata.obs`` as given, then as ``mod:key``, then in each modality's ``obs``.
+    """
+    looked = [f"obs[{key!r}]"]
+    if key in mdata.obs:
+        return mdata.obs[key]
+    if is_mudata(mdata):
+        for mod in mdata.mod:
+            name = f"{mod}:{key}"
+            looked.append(f"obs[{name!r}]")
+            if name in mdata.obs:
+                return mdata.obs[name]
+        for mod, adata in mdata.mod.items():
+            looked.append(f"{mod}.obs[{key!r}]")
+            if key in adata.obs:
+                return adata.obs[key].reindex(mdata.obs_names)
+    raise ValueError(f"Column {key!r} not found; looked in {', '.join(looked)}.")
+
+
+def samples_registry(data: MuData | AnnData) -> dict:
+    """The per-sample registry ``uns["cellsymphony"]["samples"]`` (empty dict when missing)."""
+    return data.uns.get(UNS_KEY, {}).get(SAMPLES_KEY, {})
+
+
+def sample_registry(data: MuData | AnnData, sample: str) -> dict:
+    """One sample's registry entry, with an error naming the known samples when it is missing."""
+    reg = samples_registry(data)
+    if sample not in reg:
+        raise ValueError(
+            f"Sample {sample!r} has no registry entry (known: {sorted(reg)}); read it with cs.io.read_xenium."
+        )
+    return reg[sample]
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    """Raise a ``ValueError`` listing the valid options when ``value`` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")

@@ -1,0 +1,18 @@
+"""Shared fixtures: paths to the real files in ../shared/data and small cached synthetic data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real Xenium / H&E files beside the project; tests skip when the folder is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test files not found at {SHARED_DATA} (a plain clone has no ../shared)")
+    return SHARED_DATA

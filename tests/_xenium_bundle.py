@@ -232,9 +232,9 @@ def write_zarr(path: Path, counts: np.ndarray, features: pd.DataFrame, ids: np.n
     m = sparse.csr_matrix(counts.T)  # rows are features
     store = zarr.storage.ZipStore(path, mode="w")
     root = zarr.open_group(store, mode="w", zarr_format=2)
-    g = root.create_group("cell_features")
-    g.attrs.update(
-        {
+    g = root.create_group(
+        "cell_features",
+        attributes={
             "major_version": 3,
             "minor_version": 0,
             "number_cells": int(counts.shape[0]),
@@ -242,7 +242,7 @@ def write_zarr(path: Path, counts: np.ndarray, features: pd.DataFrame, ids: np.n
             "feature_keys": list(features["name"]),
             "feature_ids": list(features["id"]),
             "feature_types": list(features["feature_type"]),
-        }
+        },
     )
     cid = pairs if pairs is not None else ids.astype(np.uint32)
     for name, arr in (("cell_id", cid), ("data", m.data.astype(np.uint32)), ("indices", m.indices.astype(np.uint32)),

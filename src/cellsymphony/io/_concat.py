@@ -97,7 +97,7 @@ def concat(
         registries.append(reg)
 
     merged_reg: dict = {}
-    for i, reg in enumerate(registries):
+    for reg in registries:
         for name, entry in reg.items():
             if name in merged_reg:
                 raise ValueError(
@@ -109,7 +109,9 @@ def concat(
     all_ids = [m.obs_names.to_numpy().astype(str) for m in mdatas]
     clash = pd.Index(np.concatenate(all_ids)).has_duplicates
     if clash and index_unique == "never":
-        raise ValueError("Cell ids clash between inputs; use index_unique='auto' to prefix them with the sample id.")
+        raise ValueError(
+            "Cell ids clash between inputs; use index_unique='auto' to prefix them with the sample id."
+        )
     prefix = index_unique == "always" or (index_unique == "auto" and clash)
 
     parts = []
@@ -148,7 +150,9 @@ def concat(
         out = md.MuData(joined)
         out.update()
     by_cell = pd.concat(cell_sample)
-    out.obs[SAMPLE_KEY] = pd.Categorical(by_cell.reindex(out.obs_names).astype(str).to_numpy(), categories=categories)
+    out.obs[SAMPLE_KEY] = pd.Categorical(
+        by_cell.reindex(out.obs_names).astype(str).to_numpy(), categories=categories
+    )
     for key, frames in global_obsm.items():
         if len(frames) == len(mdatas):
             out.obsm[key] = pd.concat(frames).reindex(out.obs_names).to_numpy()

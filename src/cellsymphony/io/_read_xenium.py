@@ -208,9 +208,19 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp) -> dict:
     if isinstance(he_image, HEImage):
         he = he_image
         if he_mpp is not None:
-            raise ValueError("he_mpp cannot be combined with an opened HEImage; pass mpp= to cs.io.read_he instead.")
-        return {"he_path": str(he.path.resolve()), "he_shape": he.shapes[0], "he_mpp": float(he.mpp),
-                "alignment": alignment}
+            raise ValueError(
+                "he_mpp cannot be combined with an opened HEImage; pass mpp= to cs.io.read_he instead."
+            )
+        return {
+            "he_path": str(he.path.resolve()),
+            "he_shape": he.shapes[0],
+            "he_mpp": float(he.mpp),
+            "alignment": alignment,
+        }
     with HEImage(he_image, mpp=he_mpp, cache_tiles=0) as he:
-        return {"he_path": str(he.path.resolve()), "he_shape": he.shapes[0], "he_mpp": float(he.mpp),
-                "alignment": alignment}
+        return {
+            "he_path": str(he.path.resolve()),
+            "he_shape": he.shapes[0],
+            "he_mpp": float(he.mpp),
+            "alignment": alignment,
+        }

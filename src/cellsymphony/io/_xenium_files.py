@@ -92,7 +92,9 @@ def read_experiment(folder: Path) -> dict:
     try:
         specs = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"Cannot parse {str(path)!r} as JSON ({err}); copy the file again from the run.") from None
+        raise ValueError(
+            f"Cannot parse {str(path)!r} as JSON ({err}); copy the file again from the run."
+        ) from None
     if not isinstance(specs, dict):
         raise ValueError(f"{str(path)!r} does not hold a JSON object; copy the file again from the run.")
     return specs
@@ -209,9 +211,8 @@ def read_matrix(path: Path) -> tuple[sparse.csr_matrix, pd.DataFrame, np.ndarray
 
 def _int_array(a, name: str, path: Path) -> np.ndarray:
     a = np.asarray(a)
-    if a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-            raise ValueError(f"{str(path)!r}: {name} holds non-integer values; the file is damaged.")
+    if a.dtype.kind == "f" and (not np.all(np.isfinite(a)) or not np.all(a == np.round(a))):
+        raise ValueError(f"{str(path)!r}: {name} holds non-integer values; the file is damaged.")
     return a.astype(np.int64)
 
 
@@ -221,7 +222,9 @@ def _read_h5(path: Path):
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise ValueError(f"Cannot open {str(path)!r} as HDF5 ({err}); copy it again from the Xenium output.") from None
+        raise ValueError(
+            f"Cannot open {str(path)!r} as HDF5 ({err}); copy it again from the Xenium output."
+        ) from None
     with f:
         if "matrix" not in f:
             raise ValueError(f"{str(path)!r} has no 'matrix' group; it is not a 10x cell-feature matrix.")
@@ -229,7 +232,9 @@ def _read_h5(path: Path):
         need = ["data", "indices", "indptr", "shape", "barcodes", "features"]
         missing = [k for k in need if k not in g]
         if missing:
-            raise ValueError(f"{str(path)!r} lacks matrix/{missing}; it is not a complete 10x cell-feature matrix.")
+            raise ValueError(
+                f"{str(path)!r} lacks matrix/{missing}; it is not a complete 10x cell-feature matrix."
+            )
         fg = g["features"]
         if "name" not in fg or "id" not in fg:
             raise ValueError(f"{str(path)!r} lacks matrix/features/name or id.")
@@ -242,7 +247,9 @@ def _read_h5(path: Path):
             {
                 "id": fg["id"][()],
                 "name": names,
-                "feature_type": fg["feature_type"][()] if "feature_type" in fg else [GENE_EXPRESSION] * len(names),
+                "feature_type": fg["feature_type"][()]
+                if "feature_type" in fg
+                else [GENE_EXPRESSION] * len(names),
             }
         )
         ids, _ = to_cell_ids(g["barcodes"][()], str(path))
@@ -265,7 +272,9 @@ def _read_mex(folder: Path):
     from scipy.io import mmread
 
     if not folder.is_dir():
-        raise ValueError(f"{str(folder)!r} is not a folder of matrix.mtx.gz, features.tsv.gz and barcodes.tsv.gz.")
+        raise ValueError(
+            f"{str(folder)!r} is not a folder of matrix.mtx.gz, features.tsv.gz and barcodes.tsv.gz."
+        )
 
     def pick(stem: str) -> Path:
         for name in (f"{stem}.gz", stem):
@@ -297,7 +306,9 @@ def _read_zarr(path: Path):
     try:
         root = zarr.open_group(store, mode="r")
         if "cell_features" not in root:
-            raise ValueError(f"{str(path)!r} has no 'cell_features' group; it is not a Xenium cell-feature zarr.")
+            raise ValueError(
+                f"{str(path)!r} has no 'cell_features' group; it is not a Xenium cell-feature zarr."
+            )
         g = root["cell_features"]
         attrs = dict(g.attrs)
         names = attrs.get("feature_keys") or attrs.get("feature_names")
@@ -438,8 +449,14 @@ def read_nucleus_centroids(folder: Path, cell_ids: np.ndarray) -> tuple[np.ndarr
     if len(df) == 0:
         return centroid, n_nuclei
     ids, _ = to_cell_ids(df["cell_id"].to_numpy(), str(path))
-    df = pd.DataFrame({"cell_id": ids, "vertex_x": df["vertex_x"].to_numpy(), "vertex_y": df["vertex_y"].to_numpy(),
-                       **({"label_id": df["label_id"].to_numpy()} if "label_id" in df.columns else {})})
+    df = pd.DataFrame(
+        {
+            "cell_id": ids,
+            "vertex_x": df["vertex_x"].to_numpy(),
+            "vertex_y": df["vertex_y"].to_numpy(),
+            **({"label_id": df["label_id"].to_numpy()} if "label_id" in df.columns else {}),
+        }
+    )
     keys = ["cell_id", "label_id"] if "label_id" in df.columns else ["cell_id"]
     stats = polygon_stats(df, keys)
     counts = stats.groupby("cell_id", sort=False).size()
@@ -490,7 +507,9 @@ def read_alignment(source) -> np.ndarray:
         try:
             m = pd.read_csv(path, header=None, sep=None, engine="python").to_numpy()
         except Exception as err:
-            raise ValueError(f"Cannot read alignment file {str(path)!r} ({type(err).__name__}: {err}).") from None
+            raise ValueError(
+                f"Cannot read alignment file {str(path)!r} ({type(err).__name__}: {err})."
+            ) from None
         try:
             m = m.astype(np.float64)
         except (TypeError, ValueError):

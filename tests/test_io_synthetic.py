@@ -16,19 +16,35 @@ from cellsymphony._registration import um_to_he_px
 N_CELLS = 500
 
 
+_CACHE: dict = {}
+
+
+def _synthetic(style: str, tmp_path_factory):
+    """One synthetic bundle per id style for this module, and its MuData."""
+    if style not in _CACHE:
+        path = tmp_path_factory.mktemp(f"synthetic_{style}")
+        cs.datasets.synthetic_xenium(
+            path,
+            n_cells=N_CELLS,
+            seed=0,
+            id_style=style,
+            transcripts=False,
+            reference_cells=0,
+            overwrite=True,
+        )
+        _CACHE[style] = (style, path, cs.io.read_xenium(path))
+    return _CACHE[style]
+
+
 @pytest.fixture(scope="module", params=["string", "integer"])
 def bundle(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(f"synthetic_{request.param}")
-    cs.datasets.synthetic_xenium(
-        path,
-        n_cells=N_CELLS,
-        seed=0,
-        id_style=request.param,
-        transcripts=False,
-        reference_cells=0,
-        overwrite=True,
-    )
-    return request.param, path, cs.io.read_xenium(path)
+    return _synthetic(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def string_bundle(tmp_path_factory):
+    """The Xenium 2.0 layout (string ids), which spatialdata_io reads in full."""
+    return _synthetic("string", tmp_path_factory)
 
 
 def test_reads_synthetic_bundle(bundle):
@@ -101,10 +117,8 @@ def test_write_round_trip_synthetic(bundle, tmp_path):
     assert (back["rna"].X != mdata["rna"].X).nnz == 0
 
 
-def test_from_spatialdata_matches_read_xenium(bundle, tmp_path):
-    id_style, path, mdata = bundle
-    if id_style != "string":
-        pytest.skip("one layout is enough for the SpatialData route (string ids, Xenium 2.0 layout)")
+def test_from_spatialdata_matches_read_xenium(string_bundle, tmp_path):
+    _, path, mdata = string_bundle
     import spatialdata_io
 
     with warnings.catch_warnings():

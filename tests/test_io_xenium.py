@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import warnings
 
@@ -180,6 +181,11 @@ def test_he_arguments(tmp_path):
     reg = mdata.uns["cellsymphony"]["samples"]["Region 1"]
     assert reg["he_path"] == str((moved / "slide.ome.tif").resolve())
     assert mdata["morphology"].obs["in_image"].all()
+    # the alignment CSV named after an H&E file elsewhere is found
+    shutil.copy(moved / "slide.ome.tif", moved / "s2_he_image.ome.tif")
+    shutil.copy(moved / "align.csv", moved / "s2_he_imagealignment.csv")
+    m1 = cs.io.read_xenium(b.path, he_image=moved / "s2_he_image.ome.tif")
+    np.testing.assert_allclose(m1.uns["cellsymphony"]["samples"]["Region 1"]["alignment"], b.alignment)
     # an array alignment and an opened HEImage
     he = cs.io.read_he(moved / "slide.ome.tif")
     m2 = cs.io.read_xenium(b.path, he_image=he, he_alignment=b.alignment)
@@ -239,6 +245,16 @@ def test_missing_folder_and_files(tmp_path):
     (b.path / "cell_feature_matrix.h5").rename(b.path / "matrix.bak")
     with pytest.raises(FileNotFoundError, match=r"No cell-feature matrix.*cell_feature_matrix\.h5"):
         cs.io.read_xenium(b.path)
+
+
+def test_missing_pixel_size_warns(tmp_path):
+    b = make_bundle(tmp_path / "x", with_he=False)
+    specs = json.loads((b.path / "experiment.xenium").read_text())
+    del specs["pixel_size"]
+    (b.path / "experiment.xenium").write_text(json.dumps(specs))
+    with pytest.warns(UserWarning, match="no pixel_size; assuming 0.2125"):
+        mdata = cs.io.read_xenium(b.path)
+    assert mdata.uns["cellsymphony"]["samples"]["Region 1"]["pixel_size"] == 0.2125
 
 
 def test_damaged_files(tmp_path):
@@ -360,6 +376,10 @@ def test_concat(tmp_path):
     a = make_bundle(tmp_path / "a", seed=3, region_name="A", id_style="integer")  # ids 1..40 and 1..30 clash
     b = make_bundle(tmp_path / "b", seed=3, region_name="B", id_style="integer", n_cells=30)
     ma, mb = cs.io.read_xenium(a.path), cs.io.read_xenium(b.path)
+    # joint results on the MuData itself are carried over
+    ma.obs["cs_pred"] = pd.Categorical(["T cell"] * 40)
+    mb.obs["cs_pred"] = pd.Categorical(["B cell"] * 30)
+    ma.obsm["cs_pred_proba"], mb.obsm["cs_pred_proba"] = np.full((40, 2), 0.25), np.full((30, 2), 0.75)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         joined = cs.io.concat([ma, mb])
@@ -371,6 +391,10 @@ def test_concat(tmp_path):
     assert (joined.obs["sample"].value_counts()[["A", "B"]] == [40, 30]).all()
     assert (joined["morphology"].obs["sample"] == joined["rna"].obs["sample"]).all()
     assert joined["rna"].obs.loc[f"B_{b.cell_ids[5]}", "cell_id"] == b.cell_ids[5]
+    assert joined.obs["cs_pred"].dtype == "category"
+    assert (joined.obs["cs_pred"].iloc[:40] == "T cell").all()
+    assert (joined.obs["cs_pred"].iloc[40:] == "B cell").all()
+    np.testing.assert_array_equal(joined.obsm["cs_pred_proba"][:, 0], [0.25] * 40 + [0.75] * 30)
     assert set(joined.uns["cellsymphony"]["samples"]) == {"A", "B"}
     np.testing.assert_allclose(joined.uns["cellsymphony"]["samples"]["B"]["alignment"], b.alignment)
     np.testing.assert_allclose(joined["rna"].obsm["spatial"][40:], b.centroids)

@@ -22,6 +22,7 @@ from ._xenium_files import (
     read_experiment,
     read_matrix,
     read_nucleus_centroids,
+    sibling_alignment,
     split_features,
 )
 
@@ -57,7 +58,8 @@ def read_xenium(
     he_alignment
         The 3 x 3 affine mapping H&E level-0 pixels ``(x, y, 1)`` to Xenium morphology pixels: a path to
         10x's ``*_he_imagealignment.csv`` (no header) or an array. ``None``: the folder's
-        ``*he_imagealignment.csv``. Required when an H&E is attached.
+        ``*he_imagealignment.csv``, or the CSV named after the H&E file (``X_he_image.ome.tif`` ->
+        ``X_he_imagealignment.csv``). Required when an H&E is attached.
     sample
         Sample id of this section. Default: ``region_name`` of ``experiment.xenium``, else its ``run_name``,
         else the folder name.
@@ -196,9 +198,9 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp) -> dict:
                 )
             return nothing
     if he_alignment is None:
-        he_alignment = auto_alignment
+        name = he_image.path if isinstance(he_image, HEImage) else Path(he_image)
+        he_alignment = auto_alignment or sibling_alignment(name)
         if he_alignment is None:
-            name = he_image.path if isinstance(he_image, HEImage) else Path(he_image)
             raise ValueError(
                 f"No alignment found for the H&E image {str(name)!r}: pass he_alignment= (10x's "
                 "*_he_imagealignment.csv, or a 3 x 3 array mapping H&E pixels to Xenium morphology pixels), or "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,14 @@ def read_experiment(folder: Path) -> dict:
 
 
 def pixel_size_of(specs: dict, source: str) -> float:
+    """Micrometres per morphology pixel (``pixel_size`` of experiment.xenium)."""
+    if "pixel_size" not in specs:
+        warnings.warn(
+            f"{source} records no pixel_size; assuming {DEFAULT_PIXEL_SIZE} um per morphology pixel (all Xenium "
+            "instruments so far).",
+            UserWarning,
+            stacklevel=3,
+        )
     value = specs.get("pixel_size", DEFAULT_PIXEL_SIZE)
     try:
         value = float(value)
@@ -491,6 +500,18 @@ def find_he_files(folder: Path) -> tuple[Path | None, Path | None]:
         if len(found) == 1:
             alignment = found[0]
     return image, alignment
+
+
+def sibling_alignment(image: Path) -> Path | None:
+    """The alignment CSV named after an H&E image (10x: ``X_he_image.ome.tif`` -> ``X_he_imagealignment.csv``)."""
+    name = image.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs"):
+        if name.lower().endswith(suffix):
+            candidate = image.with_name(name[: -len(suffix)] + "alignment.csv")
+            if candidate.is_file():
+                return candidate
+            break
+    return None
 
 
 def read_alignment(source) -> np.ndarray:

@@ -61,9 +61,17 @@ def to_cell_ids(values, source: str) -> tuple[np.ndarray, str]:
         return np.char.decode(arr, "utf-8").astype(str), "string"
     if arr.dtype.kind == "U":
         return arr.astype(str), "string"
-    out = np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr.ravel()], dtype=str)
-    if len(arr) and all(isinstance(v, int | np.integer) for v in arr.ravel()):
-        return out, "integer"
+    flat = arr.ravel()
+    kind = pd.api.types.infer_dtype(flat, skipna=False)
+    if kind == "string":
+        return flat.astype(str), "string"
+    if kind == "bytes":
+        return np.char.decode(flat.astype(bytes), "utf-8").astype(str), "string"
+    if kind == "integer":
+        return flat.astype(np.int64).astype(str), "integer"
+    if pd.isna(flat).any():
+        raise ValueError(f"{source}: {int(pd.isna(flat).sum())} cell id(s) are missing; the file is damaged.")
+    out = np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat], dtype=str)
     return out, "string"
 
 
@@ -457,10 +465,12 @@ def read_nucleus_centroids(folder: Path, cell_ids: np.ndarray) -> tuple[np.ndarr
     n_nuclei = np.zeros(n, dtype=np.int64)
     if len(df) == 0:
         return centroid, n_nuclei
-    ids, _ = to_cell_ids(df["cell_id"].to_numpy(), str(path))
+    # convert each distinct id once (the file has one row per vertex)
+    codes, uniques = pd.factorize(df["cell_id"], sort=False)
+    unique_ids, _ = to_cell_ids(np.asarray(uniques), str(path))
     df = pd.DataFrame(
         {
-            "cell_id": ids,
+            "cell_id": codes,
             "vertex_x": df["vertex_x"].to_numpy(),
             "vertex_y": df["vertex_y"].to_numpy(),
             **({"label_id": df["label_id"].to_numpy()} if "label_id" in df.columns else {}),
@@ -470,10 +480,11 @@ def read_nucleus_centroids(folder: Path, cell_ids: np.ndarray) -> tuple[np.ndarr
     stats = polygon_stats(df, keys)
     counts = stats.groupby("cell_id", sort=False).size()
     largest = stats.sort_values("area", ascending=False, kind="stable").drop_duplicates("cell_id")
-    pos = pd.Index(cell_ids).get_indexer(largest["cell_id"].to_numpy())
+    index = pd.Index(cell_ids)
+    pos = index.get_indexer(unique_ids[largest["cell_id"].to_numpy()])
     keep = pos >= 0
     centroid[pos[keep]] = largest[["cx", "cy"]].to_numpy()[keep]
-    cpos = pd.Index(cell_ids).get_indexer(counts.index.to_numpy())
+    cpos = index.get_indexer(unique_ids[counts.index.to_numpy()])
     n_nuclei[cpos[cpos >= 0]] = counts.to_numpy()[cpos >= 0]
     return centroid, n_nuclei
 

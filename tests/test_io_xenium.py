@@ -427,3 +427,38 @@ def test_concat_inner_and_outer_panels(tmp_path):
     assert list(cs.io.concat([ma, mb])["rna"].var_names) == GENES[2:]
     outer = cs.io.concat([ma, mb], join="outer")
     assert set(outer["rna"].var_names) == set(GENES)
+
+
+def test_from_spatialdata_all_feature_types(tmp_path):
+    """spatialdata_io.xenium(gex_only=False) keeps every feature type; the conversion splits them as the reader."""
+    import spatialdata_io
+
+    b = make_bundle(tmp_path / "x", protein=True, label_id=False, missing_nucleus=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata = spatialdata_io.xenium(
+            b.path,
+            cells_as_circles=True,
+            gex_only=False,
+            transcripts=False,
+            cells_labels=False,
+            nucleus_labels=False,
+            morphology_mip=False,
+            morphology_focus=False,
+        )
+    assert sdata.tables["table"].n_vars == len(b.features)
+    converted, direct = cs.io.from_spatialdata(sdata), cs.io.read_xenium(b.path)
+    assert set(converted.mod) == set(direct.mod) == {"rna", "morphology", "protein"}
+    for mod in ("rna", "protein"):
+        assert list(converted[mod].var_names) == list(direct[mod].var_names)
+        np.testing.assert_allclose(converted[mod].X.toarray(), direct[mod].X.toarray())
+    for col in ("control_probe_counts", "control_codeword_counts", "unassigned_codeword_counts"):
+        np.testing.assert_array_equal(converted["rna"].obs[col], direct["rna"].obs[col])
+    reg, want = (
+        converted.uns["cellsymphony"]["samples"]["Region 1"],
+        direct.uns["cellsymphony"]["samples"]["Region 1"],
+    )
+    np.testing.assert_allclose(reg["alignment"], want["alignment"])
+    np.testing.assert_allclose(
+        converted["rna"].obsm["nucleus_centroid"], direct["rna"].obsm["nucleus_centroid"]
+    )

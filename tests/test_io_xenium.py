@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import tifffile
 from _xenium_bundle import GENES, HE_MPP, PIXEL_SIZE, PROTEINS, make_bundle
 
 import cellsymphony as cs
@@ -217,8 +218,11 @@ def test_he_not_covering_cells_warns_and_flags(tmp_path):
 
 def test_inverted_alignment_is_pointed_out(tmp_path):
     b = make_bundle(tmp_path / "x")
-    with pytest.warns(UserWarning, match="inverse of the alignment"):
+    with pytest.warns(UserWarning) as rec:
         mdata = cs.io.read_xenium(b.path, he_alignment=np.linalg.inv(b.alignment))
+    messages = " ".join(str(w.message) for w in rec)
+    assert "The inverse of the alignment would place them inside" in messages
+    assert "has 0.5 um per pixel but the alignment implies 0.0903" in messages
     assert not mdata["morphology"].obs["in_image"].any()
 
 
@@ -462,3 +466,15 @@ def test_from_spatialdata_all_feature_types(tmp_path):
     np.testing.assert_allclose(
         converted["rna"].obsm["nucleus_centroid"], direct["rna"].obsm["nucleus_centroid"]
     )
+
+
+def test_he_pixel_size_from_alignment_and_mismatch(tmp_path):
+    b = make_bundle(tmp_path / "x")
+    he = cs.io.read_he(b.path / "test_he_image.ome.tif")
+    img = he.read_region(0, 0, he.shapes[0][1], he.shapes[0][0])
+    bare = b.path / "bare.tif"  # no pixel size recorded
+    tifffile.imwrite(bare, img, tile=(64, 64), photometric="rgb")
+    mdata = cs.io.read_xenium(b.path, he_image=bare, he_alignment=b.alignment)
+    assert mdata.uns["cellsymphony"]["samples"]["Region 1"]["he_mpp"] == pytest.approx(HE_MPP)
+    with pytest.warns(UserWarning, match=r"has 1 um per pixel but the alignment implies 0\.5"):
+        cs.io.read_xenium(b.path, he_image=bare, he_alignment=b.alignment, he_mpp=1.0)

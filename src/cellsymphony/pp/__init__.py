@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._annotate_singler import annotate_singler
+
+__all__: list[str] = ["annotate_singler"]

@@ -153,3 +153,16 @@ def test_bad_reference_input():
     with pytest.raises(ValueError, match="no layer 'counts'"):
         cs.pp.annotate_singler(query, ref, ref_label_key="bulk_labels", layer="counts")
     assert "singler" not in query.obs
+
+
+def test_cells_without_detected_genes_are_pruned():
+    ref, query = pbmc_halves()
+    query = query.copy()
+    x = query.X.toarray()
+    x[:3] = 0
+    query.X = sparse.csr_matrix(x)
+    cs.pp.annotate_singler(query, ref, ref_label_key="bulk_labels", prune=False)
+    conf = query.obs["singler_confident"].to_numpy()
+    assert not conf[:3].any() and conf[3:].all()
+    assert query.uns["singler"]["n_empty"] == 3
+    assert query.obs["singler_pruned"].iloc[:3].isna().all()

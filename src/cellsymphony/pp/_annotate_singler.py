@@ -103,9 +103,11 @@ def prune_scores(
     return _prune(chosen, scores, codes, nmads, min_diff_med, delta_next, min_diff_next)
 
 
-def _prune(chosen, scores, codes, nmads, min_diff_med, delta_next, min_diff_next):
+def _prune(chosen, scores, codes, nmads, min_diff_med, delta_next, min_diff_next, valid=None):
     delta_med = chosen - np.median(scores, axis=1)
     keep = delta_med >= min_diff_med
+    if valid is not None:  # cells excluded up front (no detected gene) do not enter the label statistics
+        keep &= valid
     if delta_next is not None:
         keep &= np.asarray(delta_next) >= min_diff_next
     for code in np.unique(codes):
@@ -159,7 +161,7 @@ def annotate_singler(
     labels; a cell is pruned when ``delta_med < min_diff_med``, when its fine-tuning margin
     (best minus next-best score, ``f"{{key_added}}_delta"``) is below ``min_diff_next``, or when its
     ``delta_med`` is more than ``nmads`` median absolute deviations below the median ``delta_med``
-    of the cells given the same label.
+    of the cells given the same label. Cells with no detected shared gene are always pruned.
 
     Parameters
     ----------
@@ -184,7 +186,7 @@ def annotate_singler(
     fine_tune
         Run SingleR's fine-tuning rounds.
     prune
-        Apply the pruning rule; with ``False`` every cell is confident.
+        Apply the pruning rule; with ``False`` every cell with a detected shared gene is confident.
     nmads
         Number of MADs below a label's median ``delta_med`` beyond which a cell is pruned.
     min_diff_med
@@ -213,7 +215,8 @@ def annotate_singler(
     - ``.obsm[f"{{key_added}}_scores"]``: cells x labels scores, label order in ``.uns[key_added]["labels"]``;
     - ``.uns[key_added]``: ``"params"`` (with ``n_ref_cells``, ``n_genes_used``, ``n_markers``,
       detected ``query_input`` / ``ref_input``), ``"labels"``, ``"genes"`` (shared genes),
-      ``"markers"`` (genes SingleR scored on) and ``"n_pruned"``.
+      ``"markers"`` (genes SingleR scored on), ``"n_pruned"`` and ``"n_empty"`` (cells with no
+      detected shared gene).
     """
     import singler
 
@@ -294,11 +297,13 @@ def annotate_singler(
     delta_next = np.asarray(res.get_column("delta"), dtype=np.float64)
     codes = pd.Index(labels).get_indexer(best)
     chosen = scores[np.arange(len(best)), codes]
+    # a cell with no detected shared gene ties every label: never a confident call
+    empty = ~(q_log > 0).any(axis=1)
     pruned, delta_med = _prune(
-        chosen, scores, codes, nmads, min_diff_med, delta_next if fine_tune else None, min_diff_next
+        chosen, scores, codes, nmads, min_diff_med, delta_next if fine_tune else None, min_diff_next, ~empty
     )
     if not prune:
-        pruned = np.zeros(len(best), dtype=bool)
+        pruned = empty
 
     # --- write
     cats = pd.Index(labels)
@@ -335,6 +340,7 @@ def annotate_singler(
         "genes": np.asarray(genes, dtype=object),
         "markers": np.asarray(markers, dtype=object),
         "n_pruned": int(pruned.sum()),
+        "n_empty": int(empty.sum()),
     }
     if is_mudata(data):
         data.update()

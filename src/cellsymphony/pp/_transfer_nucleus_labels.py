@@ -290,7 +290,8 @@ def transfer_nucleus_labels(
             f"transfer_nucleus_labels: only {qc['n_matched']} of {min(n_cells, n_nuc)} possible nuclei matched a cell "
             f"within {max_distance_um} um (match rate {qc['match_rate']:.1%}) with space={space!r}. "
             + (f"The coordinates look like space={better[0]!r} ({hint})." if better else
-               f"Check space= ({hint or 'no other space available'}), sample= and the registration.")
+               f"Check space= ({hint or 'no other space available'}), sample=, the registration, and that H&E "
+               "coordinates are level-0 pixels (not those of a downsampled level).")
         )
         warnings.warn(msg, UserWarning, stacklevel=2)
         logger.warning(msg)

@@ -52,7 +52,8 @@ def _input_kind(x, what: str, arg: str) -> str:
     if v.size and v.min() < 0:
         raise ValueError(
             f"{what} has negative values (scaled or centred data, e.g. after sc.pp.scale); SingleR needs "
-            f"counts or log-normalised values: pass {arg}= naming a layer with those."
+            f"counts or log-normalised values: pass {arg}= naming a layer with those (or, for a scanpy object "
+            "whose .raw holds them, pass adata.raw.to_adata())."
         )
     sample = v[: 200_000]
     if np.all(sample == np.round(sample)):

@@ -127,6 +127,7 @@ def test_qc_measures_known_shift_and_refinement_recovers_it(tissue, tmp_path, ca
     cs.pp.transfer_nucleus_labels(mdata, nuclei, refine="shift")
     stats = mdata.uns["he_label"]["samples"]["s1"]
     ref = stats["refinement"]
+    assert ref["applied"]
     np.testing.assert_allclose(ref["correction_um"][:2, 2], -shift, atol=0.1)
     np.testing.assert_allclose(ref["qc_before"]["mean_offset_um"], -shift, atol=0.15)
     assert stats["median_um"] < 0.6 and stats["registration_ok"]

@@ -39,3 +39,9 @@ PRED_KEY = "cs_pred"
 CONTRASTIVE_KEY = "X_cs_contrastive"
 NICHE_KEY = "cs_niche"
 SINGLER_KEY = "singler"
+
+# cell labels (cs.pp.transfer_nucleus_labels, cs.pp.import_labels, cs.pp.harmonize_labels)
+HE_LABEL_KEY = "he_label"
+IMPORTED_LABEL_KEY = "imported_label"
+HARMONIZED_LABEL_KEY = "label_coarse"
+AMBIGUOUS_LABEL = "ambiguous"

@@ -494,3 +494,15 @@ def test_singleton_label_warns_and_trains():
     assert mdata.obs["cs_pred_split"].iloc[0] == TRAIN
     per_class = mdata.uns["cs_pred"]["metrics"]["per_class"]
     assert per_class.loc["Rare", "support"] == 0
+
+
+def test_anndata_of_one_modality():
+    """Single-modality architectures accept the AnnData of that modality."""
+    mdata = make_mdata(200)
+    rna = mdata["rna"].copy()
+    rna.obs["cell_type"] = mdata.obs["cell_type"].to_numpy()
+    rna.uns["cellsymphony"] = {"latest": {"rna": "X_scgpt"}}
+    model = cs.tl.train_classifier(rna, "cell_type", arch="spatial", epochs=1, **TINY)
+    assert rna.obs["cs_pred"].notna().all()
+    assert rna.obsm["cs_pred_proba"].shape == (200, 4)
+    assert (model.predict(rna, key_added=None).astype(str) == rna.obs["cs_pred"].astype(str)).all()

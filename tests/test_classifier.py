@@ -506,3 +506,17 @@ def test_anndata_of_one_modality():
     assert rna.obs["cs_pred"].notna().all()
     assert rna.obsm["cs_pred_proba"].shape == (200, 4)
     assert (model.predict(rna, key_added=None).astype(str) == rna.obs["cs_pred"].astype(str)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_training_and_cpu_predict(tmp_path):
+    """Training on CUDA (bf16 autocast) learns the two-factor labels; the saved model predicts on the CPU."""
+    mdata = make_mdata(800, seed=1)
+    model = cs.tl.train_classifier(mdata, "cell_type", arch="multi_input", device="cuda", **FAST)
+    assert mdata.uns["cs_pred"]["params"]["device"].startswith("cuda")
+    assert mdata.uns["cs_pred"]["metrics"]["macro_f1"] > 0.8
+    model.save(tmp_path / "m")
+    cpu = cs.models.CellTypeClassifier.load(tmp_path / "m").predict(mdata, key_added=None, device="cpu")
+    agree = (cpu.astype(str) == mdata.obs["cs_pred"].astype(str)).mean()
+    assert agree > 0.97  # bf16 on the GPU vs float32 on the CPU: a few borderline cells may differ

@@ -240,10 +240,9 @@ class CellTypeClassifier:
         self.gene_rep, self.morph_rep = inputs.gene_rep, inputs.morph_rep
         self.gene_dim = None if inputs.gene is None else int(inputs.gene.shape[1])
         self.morph_dim = None if inputs.morph is None else int(inputs.morph.shape[1])
-        code = {c: i for i, c in enumerate(classes)}
         y_all = np.full(mdata.n_obs, -1, dtype=np.int64)
         lab_rows = np.flatnonzero(pd.notna(labels))
-        y_all[lab_rows] = [code[lab] for lab in labels[lab_rows]]
+        y_all[lab_rows] = pd.Categorical(labels[lab_rows], categories=classes).codes
 
         n_left = sum(exclusions.values())
         logger.info(

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cellsymphony.models.classifier._model import _autocast
+from cellsymphony.models.classifier._model import _autocast, make_adamw
 from cellsymphony.models.classifier._module import ARCHS, CellClassifierModule
 
 GENE_DIM, MORPH_DIM, N_CLASSES = 512, 1536, 10
@@ -42,7 +42,7 @@ def bench_arch(arch: str, n_cells: int, device: torch.device, batch_size: int = 
     x = {k: v for k, v in x.items() if (k if k != "coords" else "spatial") in module.tokens}
     y = torch.randint(0, N_CLASSES, (n_cells,), device=device)
     w = torch.ones(N_CLASSES, device=device)
-    opt = torch.optim.AdamW(module.parameters(), lr=3e-5, weight_decay=0.01)
+    opt = make_adamw(module.parameters(), 3e-5, 0.01, device)
 
     def train_epoch(n: int) -> None:
         module.train()

@@ -347,7 +347,7 @@ def test_train_deterministic_and_label_lookup():
     np.testing.assert_array_equal(a.history["train_loss"], b.history["train_loss"])
 
 
-def test_two_factor_evidence():
+def test_two_factor_evidence(tmp_path):
     """Gene embedding carries factor A, morphology factor B, the label is (A, B): only models reading
     both can separate the four classes; each single-modality model is stuck near 50 % accuracy."""
     mdata = make_mdata(800, seed=1)
@@ -372,6 +372,10 @@ def test_two_factor_evidence():
     assert (table["n_test"] == 160).all()
     assert mdata.uns["cmp"]["table"] is table
     assert "cs_pred" not in mdata.obs  # a getter writes nothing else
+    mdata.write(tmp_path / "cmp.h5mu")
+    back = md.read_h5mu(tmp_path / "cmp.h5mu").uns["cmp"]
+    pd.testing.assert_frame_equal(back["table"], table, check_dtype=False, check_names=False)
+    assert list(back["params"]["archs"]) == ["unimodal", "dual", "multi_input", "morphology"]
 
 
 def test_spatial_token_uses_section_relative_position(tmp_path):
@@ -430,6 +434,10 @@ def test_save_load_predict(tmp_path):
     assert "cs_pred" in other.obs
     assert "cs_pred_split" not in other.obs
     assert list(other.uns["cs_pred"]["classes"]) == list(CLASSES)
+    other.write(tmp_path / "other.h5mu")
+    back = md.read_h5mu(tmp_path / "other.h5mu")
+    assert back.obs["cs_pred"].astype(str).tolist() == p2.astype(str).tolist()
+    assert back.uns["cs_pred"]["model"]["arch"] == "multi_input"
 
     # wrong dimensions
     bad = make_mdata(50, seed=6, morph_dim=30)

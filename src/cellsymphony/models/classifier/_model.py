@@ -42,6 +42,18 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def make_adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel where the torch build supports it for ``device`` (CPU: about 2-3x
+    faster steps for the 20 M-parameter paper-size model), else the default implementation."""
+    params = list(params)
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]
@@ -331,7 +343,7 @@ class CellTypeClassifier:
         y_train = torch.as_tensor(y_all[train_rows], device=dev)
         y_test = y_all[test_rows]
         w = torch.as_tensor(weights, dtype=torch.float32, device=dev)
-        opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = make_adamw(module.parameters(), lr, weight_decay, dev)
         gen = torch.Generator().manual_seed(int(seed))
         n = len(train_rows)
         hist = {k: np.full(epochs, np.nan) for k in ("train_loss", "test_loss", "test_macro_f1", "test_accuracy")}

@@ -528,3 +528,30 @@ def test_cuda_bf16_training_and_cpu_predict(tmp_path):
     cpu = cs.models.CellTypeClassifier.load(tmp_path / "m").predict(mdata, key_added=None, device="cpu")
     agree = (cpu.astype(str) == mdata.obs["cs_pred"].astype(str)).mean()
     assert agree > 0.97  # bf16 on the GPU vs float32 on the CPU: a few borderline cells may differ
+
+
+def test_compare_uses_common_cells_and_given_split():
+    """Cells lacking an input of any compared method are left out for all of them (here every Tumor cell
+    lacks its morphology embedding), and a per-cell split array is used as given."""
+    mdata = make_mdata(300)
+    tumor = (mdata.obs["cell_type"] == "Tumor").to_numpy()
+    mdata["morphology"].obsm["X_uni2"][tumor] = np.nan
+    table = cs.tl.compare_classifiers(mdata, "cell_type", archs=("unimodal", "dual"), baselines=(), epochs=1, **TINY)
+    assert [c for c in table.columns if c.endswith(" F1") and c != "macro F1" and c != "weighted F1"] == [
+        "Bcell F1",
+        "Stroma F1",
+        "Tcell F1",
+    ]
+    assert table["n_test"].nunique() == 1
+    assert ((table.filter(like=" P") >= 0) & (table.filter(like=" P") <= 1)).all().all()
+
+    split = np.where(np.arange(mdata.n_obs) % 4 == 0, TEST, TRAIN).astype(object)
+    split[:20] = UNUSED
+    model = cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", split=split, epochs=1, **TINY)
+    assert model.classes == list(CLASSES)  # unimodal does not need the morphology embedding
+    got = mdata.obs["cs_pred_split"].astype(str).to_numpy()
+    np.testing.assert_array_equal(got, split.astype(str))
+    assert mdata.uns["cs_pred"]["exclusions"]["outside the given split"] == 20
+    assert mdata.uns["cs_pred"]["params"]["split"] == "custom"
+    with pytest.raises(ValueError, match="only 'train', 'test' and 'unused'"):
+        cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", split=np.full(mdata.n_obs, "x"), **TINY)

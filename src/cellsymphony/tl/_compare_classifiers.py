@@ -192,8 +192,8 @@ def compare_classifiers(
             device=device,
             key_added=None,
         )
-        # the model's own classes equal ``classes``: same usable cells, same labels
-        pred = model._fit_proba[test_rows].argmax(axis=1)
+        names = np.asarray(model.classes, dtype=object)[model._fit_proba[test_rows].argmax(axis=1)]
+        pred = pd.Categorical(names, categories=classes).codes.astype(np.int64)
         rows += _rows_of(arch, y_all[test_rows], pred, test_samples_arr, classes)
     for base in baselines:
         pred = _logistic(inputs, y_all, train_rows, test_rows, class_weight, seed)

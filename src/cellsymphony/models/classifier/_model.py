@@ -220,6 +220,11 @@ class CellTypeClassifier:
 
         inputs = gather_inputs(mdata, self.tokens, gene_rep, morph_rep)
         labels, exclusions = usable_labels(mdata, label_key, exclude, confident_key, inputs.available)
+        if not isinstance(split, str):
+            split_arr = split_from_array(split, mdata.n_obs, labels)
+            outside = pd.notna(labels) & (split_arr == UNUSED)
+            exclusions["outside the given split"] = int(outside.sum())
+            labels = np.where(outside, None, labels)
         classes = sorted(set(labels[pd.notna(labels)]))
         if len(classes) < 2:
             raise ValueError(
@@ -238,8 +243,6 @@ class CellTypeClassifier:
                 block_size=block_size,
                 test_samples=test_samples,
             )
-        else:
-            split_arr = split_from_array(split, mdata.n_obs, labels)
         train_rows = np.flatnonzero(split_arr == TRAIN)
         test_rows = np.flatnonzero(split_arr == TEST)
         if len(train_rows) == 0:

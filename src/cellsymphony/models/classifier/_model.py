@@ -462,6 +462,14 @@ class CellTypeClassifier:
         inputs = self._predict_inputs(mdata, gene_rep, morph_rep)
         dev = torch.device(resolve_device(device))
         avail = np.flatnonzero(inputs.available)
+        if len(avail) < mdata.n_obs:
+            logger.info(
+                "%d of %d cells lack an input of the %r classifier (%s): no prediction for them",
+                mdata.n_obs - len(avail),
+                mdata.n_obs,
+                self.arch,
+                ", ".join(f"{k}: {v}" for k, v in inputs.missing.items()),
+            )
         proba = np.full((mdata.n_obs, len(self.classes)), np.nan, dtype=np.float32)
         proba[avail] = self._proba(self._tensors(inputs, avail, dev), dev, batch_size or PREDICT_BATCH)
         return pd.DataFrame(proba, index=mdata.obs_names, columns=pd.Index(self.classes))

@@ -2,4 +2,7 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._compare_classifiers import compare_classifiers
+from ._train_classifier import train_classifier
+
+__all__: list[str] = ["compare_classifiers", "train_classifier"]

@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 
 # public name -> module (relative to this package) that defines it
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "ContrastiveAligner": ".contrastive._model",
+    "ContrastiveModule": ".contrastive._module",
+}
 
 __all__ = sorted(_LAZY)
 

@@ -69,7 +69,7 @@ def spatial_coherence(
     radius: float | None = None,
     n_perms: int = 1000,
     seed: int = 0,
-    sample_key: str = SAMPLE_KEY,
+    sample_key: str | None = SAMPLE_KEY,
     key_added: str | None = None,
 ) -> pd.DataFrame:
     """How spatially coherent clusters are: fraction of each cell's spatial neighbours in its own cluster.
@@ -100,7 +100,8 @@ def spatial_coherence(
     seed
         {seed}
     sample_key
-        Column of sections; absent column: one section.
+        Column of sections (a graph per section); ``None``, or the default ``'sample'`` when absent: all
+        cells form one section.
     key_added
         When given, the table is also stored in ``mdata.uns[key_added]``.
 
@@ -117,10 +118,14 @@ def spatial_coherence(
         raise ValueError(f"n_perms={n_perms!r} must be a positive integer.")
     clusters = find_obs_column(mdata, cluster_key)
     xy = _coordinates(mdata)
-    try:
-        samples = find_obs_column(mdata, sample_key).astype(str).to_numpy()
-    except ValueError:
-        samples = np.full(mdata.n_obs, "0", dtype=object)
+    samples = np.full(mdata.n_obs, "0", dtype=object)
+    if sample_key is not None:
+        try:
+            samples = find_obs_column(mdata, sample_key).astype(str).to_numpy()
+        except ValueError:
+            if sample_key != SAMPLE_KEY:
+                raise
+            logger.info("no %r column: treating all cells as one section", sample_key)
     placed = np.isfinite(xy).all(axis=1)
     if placed.sum() < 2:
         raise ValueError("Fewer than two cells have finite .obsm['spatial'] coordinates.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -156,6 +157,7 @@ class ContrastiveAligner:
         self.train_obs_names = pd.Index([])
         self.test_obs_names = pd.Index([])
         self.device = "cpu"
+        self.timings: dict = {}
 
     def __repr__(self) -> str:
         state = f"trained on {self.fit_info.get('n_used', '?')} cells" if self.is_trained else "not trained"
@@ -241,6 +243,7 @@ class ContrastiveAligner:
             raise ValueError(f"test_size={test_size!r} must lie in [0, 1).")
         if not lr > 0:
             raise ValueError(f"lr={lr!r} must be positive.")
+        t_start = time.perf_counter()
         data = paired_inputs(mdata, gene_rep, morph_rep)
         n = data["n_used"]
         n_test = int(round(test_size * n)) if test_size > 0 else 0
@@ -295,7 +298,9 @@ class ContrastiveAligner:
             rows = []
             from tqdm.auto import tqdm
 
+            epoch_seconds = []
             for epoch in tqdm(range(epochs), desc="contrastive", disable=not settings.progress):
+                t_epoch = time.perf_counter()
                 module.train()
                 perm = tr[torch.randperm(n_train, generator=gen).to(device)]
                 total, count = 0.0, 0
@@ -312,6 +317,7 @@ class ContrastiveAligner:
                     total += float(loss.detach()) * idx.numel()
                     count += idx.numel()
                 test_loss = self._eval_loss(xg, xm, te, batch_size)
+                epoch_seconds.append(time.perf_counter() - t_epoch)
                 rows.append(
                     {
                         "epoch": epoch + 1,
@@ -322,7 +328,14 @@ class ContrastiveAligner:
                 )
             module.eval()
             self.history = pd.DataFrame(rows)
+            t_eval = time.perf_counter()
             self.retrieval = self._retrieval(xg, xm, te)
+            # wall-clock seconds, for benchmarks; not stored with the results (they vary between runs)
+            self.timings = {
+                "epochs": epoch_seconds,
+                "retrieval": time.perf_counter() - t_eval,
+                "total": time.perf_counter() - t_start,
+            }
         self.fit_info = {k: v for k, v in data.items() if k.startswith("n_")}
         self.fit_info.update(n_train=int(n_train), n_test=int(n_test), batch_size=batch_size)
         self.fit_params = {

@@ -55,10 +55,9 @@ def paired_inputs(mdata: MuData, gene_rep: str | None, morph_rep: str | None) ->
             "The 'rna' and 'morphology' modalities have no cell (obs_names) in common, so no pairs to train on: "
             f"e.g. {list(rna.obs_names[:3])} vs {list(morph.obs_names[:3])}."
         )
-    xg = xg[rna.obs_names.get_indexer(common)]
-    xm = xm[morph.obs_names.get_indexer(common)]
-    ok_g = np.isfinite(xg).all(axis=1)
-    ok_m = np.isfinite(xm).all(axis=1)
+    gi, mi = rna.obs_names.get_indexer(common), morph.obs_names.get_indexer(common)
+    ok_g = np.isfinite(xg).all(axis=1)[gi]
+    ok_m = np.isfinite(xm).all(axis=1)[mi]
     ok = ok_g & ok_m
     info = {
         "gene_rep": gene_rep,
@@ -80,8 +79,15 @@ def paired_inputs(mdata: MuData, gene_rep: str | None, morph_rep: str | None) ->
             "leaving out %d paired cells with NaN/inf rows (%d in %r, %d in %r); their outputs will be NaN",
             int((~ok).sum()), info["n_nan_rna"], gene_rep, info["n_nan_morphology"], morph_rep,
         )  # fmt: skip
-    info.update(obs_names=common[ok], x_gene=np.ascontiguousarray(xg[ok]), x_morph=np.ascontiguousarray(xm[ok]))
+    info.update(obs_names=common[ok], x_gene=_take_rows(xg, gi[ok]), x_morph=_take_rows(xm, mi[ok]))
     return info
+
+
+def _take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``x[rows]`` as a C-contiguous array, without a copy when ``rows`` is every row in order."""
+    if len(rows) == len(x) and (rows == np.arange(len(x))).all():
+        return np.ascontiguousarray(x)
+    return np.ascontiguousarray(x[rows])
 
 
 @torch.no_grad()

@@ -269,3 +269,13 @@ def test_missing_inputs_name_the_function_to_run():
         cs.tl.align_contrastive(mdata, gene_rep="X_scgpt", morph_rep="X_uni2", test_size=1.0)
     with pytest.raises(ValueError, match="batch_size"):
         cs.tl.align_contrastive(mdata, gene_rep="X_scgpt", morph_rep="X_uni2", batch_size=1)
+
+
+def test_no_held_out_cells_gives_nan_figures():
+    mdata = paired_mudata(200)
+    cs.tl.align_contrastive(mdata, epochs=2, batch_size=64, test_size=0)
+    uns = mdata.uns[KEY]
+    assert uns["n_cells"]["n_test"] == 0 and uns["n_cells"]["n_train"] == 200
+    assert uns["history"]["test_loss"].isna().all() and uns["history"]["train_loss"].notna().all()
+    assert uns["retrieval"][["rna_to_morphology", "chance"]].isna().all().all()
+    assert np.isfinite(mdata["morphology"].obsm[KEY]).all()

@@ -275,7 +275,9 @@ def test_no_held_out_cells_gives_nan_figures():
     mdata = paired_mudata(200)
     cs.tl.align_contrastive(mdata, epochs=2, batch_size=64, test_size=0)
     uns = mdata.uns[KEY]
-    assert uns["n_cells"]["n_test"] == 0 and uns["n_cells"]["n_train"] == 200
-    assert uns["history"]["test_loss"].isna().all() and uns["history"]["train_loss"].notna().all()
+    assert uns["n_cells"]["n_test"] == 0
+    assert uns["n_cells"]["n_train"] == 200
+    assert uns["history"]["test_loss"].isna().all()
+    assert uns["history"]["train_loss"].notna().all()
     assert uns["retrieval"][["rna_to_morphology", "chance"]].isna().all().all()
     assert np.isfinite(mdata["morphology"].obsm[KEY]).all()

@@ -12,6 +12,8 @@ import importlib
 _LAZY: dict[str, str] = {
     "CellTypeClassifier": ".classifier._model",
     "CellClassifierModule": ".classifier._module",
+    "ContrastiveAligner": ".contrastive._model",
+    "ContrastiveModule": ".contrastive._module",
 }
 
 __all__ = sorted(_LAZY)

@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._tiny_scgpt import tiny_scgpt_checkpoint
+
+__all__: list[str] = ["tiny_scgpt_checkpoint"]

@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 
 # public name -> module (relative to this package) that defines it
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "ScGPTEncoder": ".encoders._scgpt",
+    "load_scgpt": ".encoders._scgpt",
+}
 
 __all__ = sorted(_LAZY)
 

@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._embed_expression import embed_expression
+
+__all__: list[str] = ["embed_expression"]

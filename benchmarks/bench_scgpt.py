@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--median-genes", type=float, default=60, help="median detected genes per cell")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=1200)
-    X
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -581,7 +581,7 @@ def test_embed_expression_bad_input(ckpt, tmp_path):
     with pytest.warns(UserWarning, match=r"Only 20/60 genes \(33%\).*'ENSG00000'"):
         cs.pp.embed_expression(m, model_dir=ckpt)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*(untrained|have no non-zero).*")
         cs.pp.embed_expression(m, model_dir=ckpt, min_gene_fraction=0.3)
     m = _roundtrip(m, tmp_path)

@@ -14,6 +14,8 @@ _LAZY: dict[str, str] = {
     "CellClassifierModule": ".classifier._module",
     "ContrastiveAligner": ".contrastive._model",
     "ContrastiveModule": ".contrastive._module",
+    "ScGPTEncoder": ".encoders._scgpt",
+    "load_scgpt": ".encoders._scgpt",
 }
 
 __all__ = sorted(_LAZY)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 PIXEL_SIZE = 0.2125  # um per Xenium morphology pixel
 GENERATOR_VERSION = 1  # bump when the generated data change, to invalidate caches
+LAST_TIMINGS: dict[str, float] = {}  # seconds per stage of the last synthetic_xenium call (for benchmarks)
 _SW = {"string": "xenium-2.0.0.10", "integer": "Xenium-1.0.2"}
 
 # mean transcripts per cell (panel genes) by type; Xenium panels give tens to hundreds per cell
@@ -200,7 +201,7 @@ def _transcripts(counts, ctrl, ctrl_names, genes, cells, ids, id_style, nuc_area
         "transcript_id": np.arange(m + k_low + k_un, dtype=np.uint64) + np.uint64(281474976710656),
         "cell_id": cid,
         "overlaps_nucleus": np.concatenate([nuclear, np.zeros(k_low + k_un, bool)]).astype(np.uint8),
-        "feature_name": pd.Categorical(np.concatenate([names[feat], names[fx]])),
+        "feature_name": pd.Categorical.from_codes(np.concatenate([feat, fx]), categories=pd.Index(names)),
         "x_location": np.concatenate([x, x_extra]).astype(np.float32),
         "y_location": np.concatenate([y, y_extra]).astype(np.float32),
         "z_location": rng.uniform(8, 22, m + k_low + k_un).astype(np.float32),
@@ -209,7 +210,9 @@ def _transcripts(counts, ctrl, ctrl_names, genes, cells, ids, id_style, nuc_area
                                             rng.uniform(5, 30, k_un)]).astype(np.float32),
     })
     df["fov_name"] = _fov_names(df.x_location.to_numpy(), df.y_location.to_numpy())
-    df = df.sort_values(["fov_name", "y_location"], kind="stable").reset_index(drop=True)
+    order = np.lexsort((df.y_location.to_numpy(), df.fov_name.cat.codes.to_numpy()))
+    df = df.iloc[order].reset_index(drop=True)
+    df["feature_name"] = df.feature_name.astype(str)
     return df
 
 
@@ -400,9 +403,21 @@ def synthetic_xenium(
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    LAST_TIMINGS.clear()
+    last = [t0]
+
+    cpu = [time.process_time()]
+
+    def _mark(stage):
+        now, now_cpu = time.perf_counter(), time.process_time()
+        LAST_TIMINGS[stage] = now - last[0]
+        LAST_TIMINGS[stage + "_cpu"] = now_cpu - cpu[0]
+        last[0], cpu[0] = now, now_cpu
+
     rng = np.random.default_rng(seed)
     genes, profiles, theta = _model(seed)
 
+    _mark('setup')
     # ---- tissue and cell order (Xenium sorts cells by id, which follows the imaging order)
     tissue = _tissue.make_tissue(n_cells, rng)
     c = tissue.cells
@@ -415,13 +430,17 @@ def synthetic_xenium(
         prefix = np.arange(1, n_cells + 1, dtype=np.uint32)
         ids = prefix.astype(np.int32)
 
+    _mark('tissue')
     # ---- segmentation at Xenium resolution
     nuc, cell = _render.morphology_masks(tissue, PIXEL_SIZE)
-    nuc_area, nuc_cent = _render.mask_stats(nuc, n_cells, PIXEL_SIZE)
-    cell_area, cell_cent = _render.mask_stats(cell, n_cells, PIXEL_SIZE)
+    nuc_area = _render.label_areas(nuc, n_cells, PIXEL_SIZE)
+    cell_area = _render.label_areas(cell, n_cells, PIXEL_SIZE)
+    cell_cent, tiny = _render.mask_centroids(cell, n_cells, PIXEL_SIZE)
+    cell_cent[tiny] = c[["x", "y"]].to_numpy()[tiny]
     nvx, nvy = _tissue.nucleus_polygons(c)
     cvx, cvy = _tissue.cell_polygons(c)
 
+    _mark('masks')
     # ---- expression
     types = c.cell_type.to_numpy()
     fine = c.cell_type_fine.to_numpy()
@@ -442,6 +461,7 @@ def synthetic_xenium(
         cols = np.flatnonzero(ct == kind)
         return np.asarray(ctrl[:, cols].sum(axis=1)).ravel().astype(np.int32)
 
+    _mark('expression')
     # ---- cells table (Xenium columns)
     cells_df = pd.DataFrame({
         "cell_id": ids,
@@ -482,6 +502,7 @@ def synthetic_xenium(
     _write_cells_zarr(path / "cells.zarr.zip", nuc, cell, prefix, id_style, summary,
                       {"0": (nvx, nvy), "1": (cvx, cvy)}, n_cells)
 
+    _mark('tables_zarr')
     # ---- DAPI morphology image
     dapi = _render.dapi_image(nuc, 900.0 + 1300.0 * c.dark.to_numpy(), rng)
     del cell
@@ -499,6 +520,7 @@ def synthetic_xenium(
             shutil.copyfile(path / "morphology_focus.ome.tif", path / "morphology_mip.ome.tif")
     del dapi, levels, nuc
 
+    _mark('dapi')
     # ---- H&E: similarity transform H&E pixel -> morphology pixel (rotation, scale, shift)
     ang = np.deg2rad(rng.uniform(4.0, 11.0) * rng.choice([-1, 1]))
     s = he_mpp / PIXEL_SIZE
@@ -522,6 +544,7 @@ def synthetic_xenium(
     with atomic_path(path / f"{name}_he_imagealignment.csv") as tmp:
         np.savetxt(tmp, align, delimiter=",", fmt="%.10g")
 
+    _mark('he')
     # ---- truth and label sources
     truth = pd.DataFrame({
         "cell_id": ids,
@@ -546,6 +569,7 @@ def synthetic_xenium(
         with atomic_path(path / "reference.h5ad") as tmp:
             ref.write_h5ad(tmp)
 
+    _mark('truth_reference')
     if transcripts:
         tr = _transcripts(counts, ctrl, ctrl_names, genes, c, ids, id_style, nuc_area, cell_area,
                           tissue.width_um, tissue.height_um, rng)
@@ -556,6 +580,7 @@ def synthetic_xenium(
     else:
         n_tx = int(tx.sum())
 
+    _mark('transcripts')
     area_mm2 = tissue.width_um * tissue.height_um / 1e6
     spec = {
         "major_version": 5 if id_style == "string" else 1,

@@ -33,7 +33,7 @@ MIX = {
 SHAPE = {
     "tumour epithelium": dict(a=5.6, a_sd=0.21, el=1.35, el_sd=0.18, irr=0.10, dark=0.62, dark_sd=0.12,
                               vesicular=1.0, cyto=4.0),
-    "normal epithelium": dict(a=3.7, a_sd=0.08, el=1.25, el_sd=0.08, irr=0.02, dark=0.95, dark_sd=0.07,
+    "normal epithelium": dict(a=4.1, a_sd=0.08, el=1.2, el_sd=0.08, irr=0.02, dark=0.95, dark_sd=0.07,
                               vesicular=0.0, cyto=3.0),
     "fibroblast": dict(a=6.4, a_sd=0.12, el=3.6, el_sd=0.45, irr=0.02, dark=1.05, dark_sd=0.08,
                        vesicular=0.0, cyto=1.0),
@@ -246,7 +246,7 @@ def _nuclei(cells: pd.DataFrame, orientation: np.ndarray, rng: np.random.Generat
     basal = layer == "basal"
     fine[basal] = "Basal/myoepithelial cell"
     # myoepithelial nuclei are flatter, along the duct
-    cols["b"][basal] = cols["a"][basal] / 2.0
+    cols["b"][basal] = cols["a"][basal] / 1.7
     out = cells.drop(columns=["tangent", "layer"]).assign(**cols)
     out["cell_type_fine"] = fine
     return out

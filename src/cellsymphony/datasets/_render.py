@@ -58,12 +58,14 @@ def splat(cells: pd.DataFrame, cx: np.ndarray, cy: np.ndarray, px2um: np.ndarray
     hy = np.abs(inv[1, 0]) * ex + np.abs(inv[1, 1]) * ey
     hx = (np.ceil((hx + 1.5) / 3) * 3).astype(int)
     hy = (np.ceil((hy + 1.5) / 3) * 3).astype(int)
-    key = hx * 100_000 + hy
+    regular = (c3 + c4) == 0  # plain ellipses: no harmonics to evaluate
+    key = (hx * 100_000 + hy) * 2 + regular
     height, width = shape
     m00, m01, m10, m11 = (f32(v) for v in px2um.ravel())
     for k in np.unique(key):
         idx = np.flatnonzero(key == k)
-        kx, ky = int(k // 100_000), int(k % 100_000)
+        is_regular = bool(k % 2)
+        kx, ky = int(k // 2 // 100_000), int(k // 2 % 100_000)
         offx = np.arange(-kx, kx + 1)
         offy = np.arange(-ky, ky + 1)
         step = max(1, _CHUNK_PIXELS // (len(offx) * len(offy)))
@@ -82,20 +84,24 @@ def splat(cells: pd.DataFrame, cx: np.ndarray, cy: np.ndarray, px2um: np.ndarray
             u = xr / a[ii].astype(f32)[:, None, None]
             v = yr / b[ii].astype(f32)[:, None, None]
             q0 = u * u + v * v
-            inv_rho = 1.0 / (np.sqrt(xr * xr + yr * yr) + f32(1e-6))
-            ca, sa = xr * inv_rho, yr * inv_rho
-            ca2, sa2 = ca * ca, sa * sa
-            c2, s2 = ca2 - sa2, 2 * ca * sa
-            cos3, sin3 = ca * (4 * ca2 - 3), sa * (3 - 4 * sa2)
-            hf = (1 + A3[ii, None, None] * cos3 + B3[ii, None, None] * sin3
-                  + A4[ii, None, None] * (2 * c2 * c2 - 1) + B4[ii, None, None] * (2 * s2 * c2))
-            inside = q0 <= hf * hf
+            if is_regular:
+                hf = np.ones(1, f32)
+            else:
+                inv_rho = 1.0 / (np.sqrt(xr * xr + yr * yr) + f32(1e-6))
+                ca, sa = xr * inv_rho, yr * inv_rho
+                ca2, sa2 = ca * ca, sa * sa
+                c2, s2 = ca2 - sa2, 2 * ca * sa
+                cos3, sin3 = ca * (4 * ca2 - 3), sa * (3 - 4 * sa2)
+                hf = (1 + A3[ii, None, None] * cos3 + B3[ii, None, None] * sin3
+                      + A4[ii, None, None] * (2 * c2 * c2 - 1) + B4[ii, None, None] * (2 * s2 * c2))
+            inside = q0 <= hf * hf if not is_regular else q0 <= 1
             inside &= (row >= 0) & (row < height) & (col >= 0) & (col < width)
             rows = np.broadcast_to(row, inside.shape)[inside]
             cols = np.broadcast_to(col, inside.shape)[inside]
             ci = np.broadcast_to(ii[:, None, None], inside.shape)[inside]
             if values:
-                yield rows, cols, ci, np.sqrt(q0[inside]) / hf[inside], u[inside], v[inside]
+                q = np.sqrt(q0[inside]) if is_regular else np.sqrt(q0[inside]) / hf[inside]
+                yield rows, cols, ci, q, u[inside], v[inside]
             else:
                 yield rows, cols, ci, None, None, None
 
@@ -120,9 +126,11 @@ def morphology_masks(tissue: Tissue, pixel_size: float):
     grown = small[iy, ix]
     grown[dist * f * pixel_size > EXPANSION_UM] = 0
     del dist, iy, ix
-    ry = np.minimum(np.arange(height) // f, grown.shape[0] - 1)
-    rx = np.minimum(np.arange(width) // f, grown.shape[1] - 1)
-    cell = grown[ry][:, rx]
+    cell = np.repeat(np.repeat(grown, f, axis=0), f, axis=1)
+    del grown
+    if cell.shape[0] < height or cell.shape[1] < width:
+        cell = np.pad(cell, ((0, max(0, height - cell.shape[0])), (0, max(0, width - cell.shape[1]))), mode="edge")
+    cell = np.ascontiguousarray(cell[:height, :width])
     np.copyto(cell, nuc, where=nuc > 0)
     _ensure_labels(cell, cx, cy, n)
     return nuc, cell

@@ -33,17 +33,17 @@ MIX = {
 SHAPE = {
     "tumour epithelium": dict(a=5.6, a_sd=0.21, el=1.35, el_sd=0.18, irr=0.10, dark=0.62, dark_sd=0.12,
                               vesicular=1.0, cyto=4.0),
-    "normal epithelium": dict(a=4.1, a_sd=0.08, el=1.2, el_sd=0.08, irr=0.02, dark=0.95, dark_sd=0.07,
+    "normal epithelium": dict(a=4.1, a_sd=0.08, el=1.2, el_sd=0.08, irr=0.0, dark=0.95, dark_sd=0.07,
                               vesicular=0.0, cyto=3.0),
-    "fibroblast": dict(a=6.4, a_sd=0.12, el=3.6, el_sd=0.45, irr=0.02, dark=1.05, dark_sd=0.08,
+    "fibroblast": dict(a=6.4, a_sd=0.12, el=3.6, el_sd=0.45, irr=0.0, dark=1.05, dark_sd=0.08,
                        vesicular=0.0, cyto=1.0),
-    "T cell": dict(a=2.95, a_sd=0.07, el=1.10, el_sd=0.05, irr=0.015, dark=1.45, dark_sd=0.08,
+    "T cell": dict(a=2.95, a_sd=0.07, el=1.10, el_sd=0.05, irr=0.0, dark=1.45, dark_sd=0.08,
                    vesicular=0.0, cyto=0.8),
-    "B cell": dict(a=3.0, a_sd=0.07, el=1.10, el_sd=0.05, irr=0.015, dark=1.42, dark_sd=0.08,
+    "B cell": dict(a=3.0, a_sd=0.07, el=1.10, el_sd=0.05, irr=0.0, dark=1.42, dark_sd=0.08,
                    vesicular=0.0, cyto=0.9),
     "macrophage": dict(a=4.5, a_sd=0.10, el=1.55, el_sd=0.15, irr=0.07, dark=0.55, dark_sd=0.08,
                        vesicular=0.6, cyto=6.5),
-    "endothelial": dict(a=6.2, a_sd=0.10, el=2.8, el_sd=0.3, irr=0.02, dark=0.9, dark_sd=0.08,
+    "endothelial": dict(a=6.2, a_sd=0.10, el=2.8, el_sd=0.3, irr=0.0, dark=0.9, dark_sd=0.08,
                         vesicular=0.0, cyto=0.8),
 }
 EXPANSION_UM = 5.0  # Xenium nucleus-expansion distance

@@ -649,6 +649,9 @@ def synthetic_xenium(
     }
     with atomic_path(path / "experiment.xenium") as tmp:
         tmp.write_text(json.dumps(spec, indent=4))
+    for f in path.rglob("*"):  # temporary files of atomic writes are private (0600); the bundle is not
+        if f.is_file():
+            f.chmod(0o644)
     logger.info("wrote a synthetic Xenium bundle of %d cells to %s in %.1f s", n_cells, path, time.perf_counter() - t0)
     return path
 

@@ -268,7 +268,7 @@ def test_marker_enrichment(matrix, truth):
     genes = pd.Index(names[ftype == "Gene Expression"])
     L = _norm_log(gx)
     types = truth.cell_type.astype(str).to_numpy()
-    markers = {"tumour epithelium": ["EPCAM", "KRT8", "ERBB2"], "normal epithelium": ["EPCAM", "KRT8", "KRT14"],
+    markers = {"tumour epithelium": ["EPCAM", "KRT8", "ERBB2"], "normal epithelium": ["EPCAM", "KRT8", "KRT18"],
                "fibroblast": ["COL1A1", "DCN", "LUM"], "T cell": ["CD3E", "CD2", "TRAC"],
                "B cell": ["MS4A1", "CD79A", "CD19"], "macrophage": ["CD68", "CD163", "C1QA"],
                "endothelial": ["PECAM1", "VWF", "CDH5"]}
@@ -285,7 +285,9 @@ def test_marker_enrichment(matrix, truth):
     krt5 = np.asarray(N[:, genes.get_loc("KRT5")].todense()).ravel()
     erbb2 = np.asarray(N[:, genes.get_loc("ERBB2")].todense()).ravel()
     basal = truth.cell_type_fine.astype(str).to_numpy() == "Basal/myoepithelial cell"
+    krt14 = np.asarray(N[:, genes.get_loc("KRT14")].todense()).ravel()
     assert krt5[basal].mean() > 3 * krt5[types == "tumour epithelium"].mean()
+    assert krt14[basal].mean() > 3 * krt14[~epithelial].mean()
     assert erbb2[types == "tumour epithelium"].mean() > 1.5 * erbb2[types == "normal epithelium"].mean()
     # T vs B: alike in H&E, apart in expression
     cd3 = np.asarray(L[:, genes.get_loc("CD3E")].todense()).ravel()

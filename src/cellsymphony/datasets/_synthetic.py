@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 PIXEL_SIZE = 0.2125  # um per Xenium morphology pixel
-GENERATOR_VERSION = 3  # bump when the generated data change, to invalidate caches
+GENERATOR_VERSION = 4  # bump when the generated data change, to invalidate caches
 LAST_TIMINGS: dict[str, float] = {}  # seconds per stage of the last synthetic_xenium call (for benchmarks)
 _SW = {"string": "xenium-2.0.0.10", "integer": "Xenium-1.0.2"}
 

@@ -234,7 +234,6 @@ class HERenderer:
         self.t = tissue
         self.he2um = he2um  # (3, 3): H&E pixel (x, y, 1) -> um (x, y, 1)
         self.shape = shape
-        self.rng = rng
         raster = tissue.raster
         eos = np.zeros(raster.shape, np.float32)
         hem = np.zeros(raster.shape, np.float32)

@@ -255,7 +255,7 @@ def _fov_codes(x, y):
 
 
 # ----------------------------------------------------------------------------------------------- H&E classifier
-def _he_nuclei(truth: pd.DataFrame, he_shape, rng: np.random.Generator) -> pd.DataFrame:
+def _he_nuclei(truth: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     """Simulated H&E nucleus classifier output: misses, duplicates, confusions, localisation noise."""
     true_cls = truth.cell_type.map({"fibroblast": "fibroblast", "T cell": "lymphocyte", "B cell": "lymphocyte",
                                     "tumour epithelium": "tumour", "normal epithelium": "other",
@@ -594,7 +594,7 @@ def synthetic_xenium(
     with atomic_path(path / "truth.parquet") as tmp:
         truth.to_parquet(tmp, index=False)
     with atomic_path(path / "he_nuclei.csv") as tmp:
-        _he_nuclei(truth, he_shape, rng).to_csv(tmp, index=False)
+        _he_nuclei(truth, rng).to_csv(tmp, index=False)
     if reference_cells:
         ref = _reference(genes, profiles, theta, reference_cells, np.random.default_rng([seed, 11]))
         with atomic_path(path / "reference.h5ad") as tmp:

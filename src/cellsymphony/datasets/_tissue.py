@@ -277,11 +277,6 @@ def nucleus_polygons(cells: pd.DataFrame, n_vertices: int = 16) -> tuple[np.ndar
     return x, y
 
 
-def max_radius(cells: pd.DataFrame) -> np.ndarray:
-    """An upper bound of each nucleus' radius, um."""
-    return cells.a.to_numpy() * (1 + cells.c3.to_numpy() + cells.c4.to_numpy()) + 0.3
-
-
 def cell_polygons(cells: pd.DataFrame, n_vertices: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """Cell outlines: the nucleus expanded by up to 5 um, stopped half-way to each neighbour (Voronoi)."""
     from scipy.spatial import cKDTree

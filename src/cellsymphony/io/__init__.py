@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from ._he import HEImage
 from ._read_he import read_he
+from ._read_he_cells import read_he_cells
 
-__all__: list[str] = ["HEImage", "read_he"]
+__all__: list[str] = ["HEImage", "read_he", "read_he_cells"]

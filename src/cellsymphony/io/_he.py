@@ -114,6 +114,11 @@ class HEImage:
             self.tiles_decoded = 0
 
     def _pick_levels(self, tif) -> list:
+        if not len(tif.series):
+            raise ValueError(
+                f"Cannot read H&E image {str(self.path)!r}: the file holds no image (it may be truncated or "
+                "damaged); copy it again."
+            )
         series = [s for s in tif.series if not any(k in (s.name or "").lower() for k in _SKIP_SERIES)]
         series = [s for s in series if _is_image_series(s)]
         if not series:

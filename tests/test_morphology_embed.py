@@ -10,13 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from morphology_helpers import HE_MPP, PIXEL_SIZE, draw_disc, make_mudata, rotated_alignment, tissue, write_he
+from morphology_helpers import HE_MPP, PIXEL_SIZE, draw_disc, make_mudata, rotated_alignment, tissue, write_he, one_torch_thread
 
 import cellsymphony as cs
 from cellsymphony._registration import he_px_to_um
 from cellsymphony.pp import _embed_morphology as em
 from cellsymphony.pp._patch_geometry import tile_assignment, token_pool_weights
 from cellsymphony.pp._patch_source import PatchSource
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
+
 
 SIZE, MPP = 112, 1.0  # 8 x 8 tokens of 14 px: quick on two CPU cores
 
@@ -223,3 +228,16 @@ def test_real_svs_through_read_he_cells(shared_data, tmp_path):
     m.write(tmp_path / "svs.h5mu")
     back = md.read_h5mu(tmp_path / "svs.h5mu")
     np.testing.assert_array_equal(back["morphology"].obsm["tile"], m["morphology"].obsm["tile"])
+
+
+def test_per_chunk_function_equals_the_annotator(slide, encoder):
+    """embed_cells (the self-contained unit a scale-out ships to a worker) gives the annotator's rows."""
+    from cellsymphony.pp._morphology_runner import embed_cells
+
+    path, align, xy = slide
+    m = _mdata(slide)
+    cs.pp.embed_morphology(m, model=encoder, mode="tile", size=SIZE, mpp=MPP, tile_stride=56)
+    src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP)
+    half = embed_cells(encoder, src, xy[12:], mode="tile", size=SIZE, mpp=MPP, tile_stride=56, batch_size=5)
+    src.close()
+    np.testing.assert_allclose(half, m["morphology"].obsm["X_tiny"][12:], rtol=1e-4, atol=1e-5)

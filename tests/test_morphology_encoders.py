@@ -9,8 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from morphology_helpers import one_torch_thread
+
 import cellsymphony as cs
 from cellsymphony.models.encoders._morphology import PRESETS, default_key, known_models, resolve_weights
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
 
 
 @pytest.fixture(autouse=True)

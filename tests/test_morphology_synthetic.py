@@ -10,9 +10,16 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
+from morphology_helpers import one_torch_thread
+
 import cellsymphony as cs
 
 N_CELLS = 500  # smaller bundles currently fail in the generator (datasets/_tissue.py free_spot)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

@@ -137,10 +137,12 @@ def bench_modes(m, uni_cells, skip_uni):
     )
 
 
-def bench_agreement(m):
+def bench_agreement(m, model="tiny", weights=None, n_cells=None):
     import cellsymphony as cs
 
-    enc = cs.models.load_morphology_encoder("tiny")
+    enc = cs.models.load_morphology_encoder(model, weights=weights)
+    if n_cells is not None and n_cells < m.n_obs:
+        m = _window(m, n_cells)
     cs.pp.embed_morphology(m, model=enc, mode="cell", key_added="cell")
     a = m["morphology"].obsm["cell"]
     ok = np.isfinite(a).all(1)
@@ -155,7 +157,7 @@ def bench_agreement(m):
         rows.append([stride, f"{stride * 0.5:.0f}", f"{(224 - stride) / 2 * 0.5:.0f}", _n_tiles(m, stride),
                      f"{np.median(cos):.3f}", f"{np.median(ccos):.3f}", f"{np.percentile(ccos, 10):.3f}"])
     _table(
-        f"Tile vs cell mode agreement per cell ({m.n_obs} cells, tiny encoder, random weights)",
+        f"Tile vs cell mode agreement per cell ({m.n_obs} cells, {enc.name}, weights {enc.weights_checksum[:15]})",
         ["stride px", "stride um", "min context um", "tiles", "median cosine", "median centred cosine", "10th pct centred"],
         rows,
     )
@@ -209,6 +211,9 @@ def main():
     ap.add_argument("--uni-cells", type=int, default=8)
     ap.add_argument("--skip-uni", action="store_true")
     ap.add_argument("--only", choices=["patches", "modes", "agreement", "memory"], default=None)
+    ap.add_argument("--agreement-model", default="tiny", help="encoder for the agreement table, e.g. uni2-h")
+    ap.add_argument("--weights", default=None, help="its checkpoint (the agreement is only meaningful with trained weights)")
+    ap.add_argument("--agreement-cells", type=int, default=None, help="use the N cells of a central window")
     args = ap.parse_args()
     import torch
 
@@ -219,7 +224,7 @@ def main():
     if args.only in (None, "modes"):
         bench_modes(m, args.uni_cells, args.skip_uni)
     if args.only in (None, "agreement"):
-        bench_agreement(_mdata(args.cells))
+        bench_agreement(_mdata(args.cells), args.agreement_model, args.weights, args.agreement_cells)
     if args.only in (None, "memory"):
         bench_memory([args.cells // 4, args.cells])
 

@@ -16,12 +16,35 @@ from cellsymphony._registration import um_to_he_px
 N_CELLS = 500
 
 
+_CACHE: dict = {}
+
+
+def _synthetic(style: str, tmp_path_factory):
+    """One synthetic bundle per id style for this module, and its MuData."""
+    if style not in _CACHE:
+        path = tmp_path_factory.mktemp(f"synthetic_{style}")
+        cs.datasets.synthetic_xenium(
+            path,
+            n_cells=N_CELLS,
+            seed=0,
+            id_style=style,
+            transcripts=False,
+            reference_cells=0,
+            overwrite=True,
+        )
+        _CACHE[style] = (style, path, cs.io.read_xenium(path))
+    return _CACHE[style]
+
+
 @pytest.fixture(scope="module", params=["string", "integer"])
 def bundle(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(f"synthetic_{request.param}")
-    cs.datasets.synthetic_xenium(path, n_cells=N_CELLS, seed=0, id_style=request.param, transcripts=False,
-                                 reference_cells=0, overwrite=True)
-    return request.param, path, cs.io.read_xenium(path)
+    return _synthetic(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def string_bundle(tmp_path_factory):
+    """The Xenium 2.0 layout (string ids), which spatialdata_io reads in full."""
+    return _synthetic("string", tmp_path_factory)
 
 
 def test_reads_synthetic_bundle(bundle):
@@ -35,7 +58,8 @@ def test_reads_synthetic_bundle(bundle):
     else:
         assert all(c.endswith("-1") and len(c) == 10 for c in mdata.obs_names)
     rna = mdata["rna"]
-    assert rna.n_vars >= 500 and (rna.var["feature_types"] == "Gene Expression").all()
+    assert rna.n_vars >= 500
+    assert (rna.var["feature_types"] == "Gene Expression").all()
     # controls are out of X: their totals are in obs, and X sums to transcript_counts
     assert "control_probe_counts" in rna.obs
     np.testing.assert_array_equal(np.asarray(rna.X.sum(1)).ravel(), rna.obs["transcript_counts"].to_numpy())
@@ -63,6 +87,7 @@ def test_registration_lands_on_rendered_nuclei(bundle):
     assert np.mean(d < 2.0 / reg["he_mpp"]) > 0.9  # within 2 um
     # and in the image itself: hematoxylin-dark at the mapped point, brighter at random points
     with cs.io.read_he(reg["he_path"]) as he:
+
         def grey(x, y):
             return he.read_region(int(round(x)) - 1, int(round(y)) - 1, 3, 3).mean()
 
@@ -72,8 +97,11 @@ def test_registration_lands_on_rendered_nuclei(bundle):
         at_random = np.array([grey(x, y) for x, y in rng.uniform([0, 0], [w, h], (200, 2))])
     assert np.mean(at_nuclei < np.median(at_random)) > 0.95
     # a wrong alignment (the inverse) does not land on nuclei
-    wrong = um_to_he_px(mdata["morphology"].obsm["nucleus_centroid"], reg["alignment"] @ np.diag([1.02, 1, 1]),
-                        reg["pixel_size"])
+    wrong = um_to_he_px(
+        mdata["morphology"].obsm["nucleus_centroid"],
+        reg["alignment"] @ np.diag([1.02, 1, 1]),
+        reg["pixel_size"],
+    )
     assert np.median(np.hypot(*(wrong - px).T)) > 2
 
 
@@ -82,21 +110,27 @@ def test_write_round_trip_synthetic(bundle, tmp_path):
     cs.io.write(mdata, tmp_path / "s.h5mu")
     back = mudata.read_h5mu(tmp_path / "s.h5mu")
     sample = mdata.obs["sample"].cat.categories[0]
-    np.testing.assert_array_equal(back.uns["cellsymphony"]["samples"][sample]["alignment"],
-                                  mdata.uns["cellsymphony"]["samples"][sample]["alignment"])
+    np.testing.assert_array_equal(
+        back.uns["cellsymphony"]["samples"][sample]["alignment"],
+        mdata.uns["cellsymphony"]["samples"][sample]["alignment"],
+    )
     assert (back["rna"].X != mdata["rna"].X).nnz == 0
 
 
-def test_from_spatialdata_matches_read_xenium(bundle, tmp_path):
-    id_style, path, mdata = bundle
-    if id_style != "string":
-        pytest.skip("one layout is enough for the SpatialData route (string ids, Xenium 2.0 layout)")
+def test_from_spatialdata_matches_read_xenium(string_bundle, tmp_path):
+    _, path, mdata = string_bundle
     import spatialdata_io
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sdata = spatialdata_io.xenium(path, cells_as_circles=True, transcripts=False, cells_labels=False,
-                                      nucleus_labels=False, morphology_focus=False)
+        sdata = spatialdata_io.xenium(
+            path,
+            cells_as_circles=True,
+            transcripts=False,
+            cells_labels=False,
+            nucleus_labels=False,
+            morphology_focus=False,
+        )
     assert "he_image" in sdata.images
     converted = cs.io.from_spatialdata(sdata)
     assert set(converted.mod) == {"rna", "morphology"}
@@ -105,15 +139,20 @@ def test_from_spatialdata_matches_read_xenium(bundle, tmp_path):
     assert (converted["rna"].X != mdata["rna"].X).nnz == 0
     for key in ("spatial", "nucleus_centroid"):
         np.testing.assert_allclose(converted["rna"].obsm[key], mdata["rna"].obsm[key], atol=1e-6)
-        np.testing.assert_allclose(converted["morphology"].obsm[key], mdata["morphology"].obsm[key], atol=1e-6)
-    np.testing.assert_array_equal(converted["morphology"].obs["in_image"], mdata["morphology"].obs["in_image"])
+        np.testing.assert_allclose(
+            converted["morphology"].obsm[key], mdata["morphology"].obsm[key], atol=1e-6
+        )
+    np.testing.assert_array_equal(
+        converted["morphology"].obs["in_image"], mdata["morphology"].obs["in_image"]
+    )
     np.testing.assert_array_equal(converted["rna"].obs["n_nuclei"], mdata["rna"].obs["n_nuclei"])
     (sample,) = converted.uns["cellsymphony"]["samples"]
     assert sample == mdata.obs["sample"].cat.categories[0]
     got, want = converted.uns["cellsymphony"]["samples"][sample], mdata.uns["cellsymphony"]["samples"][sample]
     np.testing.assert_allclose(got["alignment"], want["alignment"], rtol=1e-9, atol=1e-9)
     assert got["pixel_size"] == pytest.approx(want["pixel_size"])
-    assert got["he_path"] == want["he_path"] and got["he_mpp"] == pytest.approx(want["he_mpp"])
+    assert got["he_path"] == want["he_path"]
+    assert got["he_mpp"] == pytest.approx(want["he_mpp"])
     assert got["xenium_path"] == want["xenium_path"]
 
     # without the H&E element, and errors naming the fix
@@ -131,7 +170,8 @@ def test_from_spatialdata_matches_read_xenium(bundle, tmp_path):
 
     element = sdata.images["he_image"]
     sdata.images["he_image"] = Image2DModel.parse(
-        element["scale0"]["image"].values, dims=("c", "y", "x"),
+        element["scale0"]["image"].values,
+        dims=("c", "y", "x"),
         transformations={"global": get_transformation(element, "global")},
     )
     with pytest.raises(ValueError, match="Cannot tell which file .*Pass he_path="):

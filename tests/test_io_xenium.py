@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import warnings
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import tifffile
 from _xenium_bundle import GENES, HE_MPP, PIXEL_SIZE, PROTEINS, make_bundle
 
 import cellsymphony as cs
@@ -37,18 +39,24 @@ def test_shared_xenium_v1_small(shared_xenium):
     assert list(rna.var_names) == ["ABCC11", "ACTA2", "ACTG2", "ADAM9"]
     assert rna.var["gene_ids"].iloc[0] == "ENSG00000121270"
     # float64 arrays cast, explicit zeros dropped: the 10x layout is CSC over cells
-    assert sp.issparse(rna.X) and rna.X.format == "csr" and rna.X.dtype == np.float32
+    assert sp.issparse(rna.X)
+    assert rna.X.format == "csr"
+    assert rna.X.dtype == np.float32
     with h5py.File(shared_xenium / "cell_feature_matrix.h5") as f:
         g = f["matrix"]
-        m = sp.csc_matrix((g["data"][()], g["indices"][()].astype(int), g["indptr"][()].astype(int)),
-                          shape=tuple(g["shape"][()].astype(int)))
+        m = sp.csc_matrix(
+            (g["data"][()], g["indices"][()].astype(int), g["indptr"][()].astype(int)),
+            shape=tuple(g["shape"][()].astype(int)),
+        )
     np.testing.assert_array_equal(rna.X.toarray(), m.T.toarray())
     assert rna.X.nnz == np.count_nonzero(m.toarray())
     # the parquet (which matches the matrix) is preferred over the csv (which describes other cells)
     cells = pd.read_parquet(shared_xenium / "cells.parquet")
     np.testing.assert_allclose(rna.obsm["spatial"], cells[["x_centroid", "y_centroid"]].to_numpy())
     np.testing.assert_allclose(morph.obs["cell_area"].to_numpy(), cells["cell_area"].to_numpy())
-    np.testing.assert_array_equal(rna.obs["transcript_counts"].to_numpy(), cells["transcript_counts"].to_numpy())
+    np.testing.assert_array_equal(
+        rna.obs["transcript_counts"].to_numpy(), cells["transcript_counts"].to_numpy()
+    )
     assert "x_centroid" not in rna.obs
     # nucleus centroids from the polygons: inside each polygon's bounding box, one nucleus each
     nb = pd.read_parquet(shared_xenium / "nucleus_boundaries.parquet")
@@ -64,9 +72,12 @@ def test_shared_xenium_v1_small(shared_xenium):
     assert list(mdata.obs["sample"].unique()) == ["Replicate 1"]
     reg = mdata.uns["cellsymphony"]["samples"]["Replicate 1"]
     assert reg["pixel_size"] == pytest.approx(0.2125)
-    assert reg["he_path"] == "" and np.isnan(reg["he_mpp"]) and reg["alignment"].shape == (3, 3)
+    assert reg["he_path"] == ""
+    assert np.isnan(reg["he_mpp"])
+    assert reg["alignment"].shape == (3, 3)
     assert reg["xenium_path"] == str(shared_xenium.resolve())
-    assert morph.n_vars == 0 and not morph.obs["in_image"].any()
+    assert morph.n_vars == 0
+    assert not morph.obs["in_image"].any()
 
 
 def test_shared_xenium_sample_argument(shared_xenium):
@@ -92,11 +103,15 @@ def test_bundle_layouts(tmp_path, id_style, matrix):
     np.testing.assert_array_equal(rna.X.toarray(), b.counts[:, gene])
     # control features stay out of X, their per-cell totals are in obs
     kinds = b.features["feature_type"].to_numpy()
-    np.testing.assert_array_equal(rna.obs["control_probe_counts"], b.counts[:, kinds == "Negative Control Probe"].sum(1))
-    np.testing.assert_array_equal(rna.obs["control_codeword_counts"],
-                                  b.counts[:, kinds == "Negative Control Codeword"].sum(1))
-    np.testing.assert_array_equal(rna.obs["unassigned_codeword_counts"],
-                                  b.counts[:, kinds == "Unassigned Codeword"].sum(1))
+    np.testing.assert_array_equal(
+        rna.obs["control_probe_counts"], b.counts[:, kinds == "Negative Control Probe"].sum(1)
+    )
+    np.testing.assert_array_equal(
+        rna.obs["control_codeword_counts"], b.counts[:, kinds == "Negative Control Codeword"].sum(1)
+    )
+    np.testing.assert_array_equal(
+        rna.obs["unassigned_codeword_counts"], b.counts[:, kinds == "Unassigned Codeword"].sum(1)
+    )
     # nuclei: largest polygon's centroid, the cell centroid where none, the count per cell
     np.testing.assert_array_equal(rna.obs["n_nuclei"].to_numpy(), b.n_nuclei)
     expected = np.where(np.isnan(b.nucleus), b.centroids, b.nucleus)
@@ -129,7 +144,8 @@ def test_protein_modality(tmp_path):
     # the file stores the values times protein_scaling_factor; the reader undoes it
     np.testing.assert_allclose(prot.X.toarray(), b.counts[:, kinds == "Protein Expression"])
     assert list(mdata["rna"].var_names) == GENES
-    assert "spatial" in prot.obsm and "nucleus_centroid" in prot.obsm
+    assert "spatial" in prot.obsm
+    assert "nucleus_centroid" in prot.obsm
 
 
 def test_only_required_files(tmp_path):
@@ -166,13 +182,20 @@ def test_he_arguments(tmp_path):
     reg = mdata.uns["cellsymphony"]["samples"]["Region 1"]
     assert reg["he_path"] == str((moved / "slide.ome.tif").resolve())
     assert mdata["morphology"].obs["in_image"].all()
+    # the alignment CSV named after an H&E file elsewhere is found
+    shutil.copy(moved / "slide.ome.tif", moved / "s2_he_image.ome.tif")
+    shutil.copy(moved / "align.csv", moved / "s2_he_imagealignment.csv")
+    m1 = cs.io.read_xenium(b.path, he_image=moved / "s2_he_image.ome.tif")
+    np.testing.assert_allclose(m1.uns["cellsymphony"]["samples"]["Region 1"]["alignment"], b.alignment)
     # an array alignment and an opened HEImage
     he = cs.io.read_he(moved / "slide.ome.tif")
     m2 = cs.io.read_xenium(b.path, he_image=he, he_alignment=b.alignment)
     np.testing.assert_allclose(m2.uns["cellsymphony"]["samples"]["Region 1"]["alignment"], b.alignment)
     # he_image=False skips the H&E of the folder
     b2 = make_bundle(tmp_path / "y")
-    assert cs.io.read_xenium(b2.path, he_image=False).uns["cellsymphony"]["samples"]["Region 1"]["he_path"] == ""
+    assert (
+        cs.io.read_xenium(b2.path, he_image=False).uns["cellsymphony"]["samples"]["Region 1"]["he_path"] == ""
+    )
 
 
 def test_he_not_covering_cells_warns_and_flags(tmp_path):
@@ -185,7 +208,8 @@ def test_he_not_covering_cells_warns_and_flags(tmp_path):
         mdata = cs.io.read_xenium(b.path, he_alignment=shifted)
     inside = mdata["morphology"].obs["in_image"].to_numpy()
     n_out = int(rec[0].message.args[0].split("does not cover ")[1].split(" ")[0])
-    assert n_out == (~inside).sum() and 0 < n_out < 40
+    assert n_out == (~inside).sum()
+    assert 0 < n_out < 40
     px = um_to_he_px(mdata["morphology"].obsm["nucleus_centroid"], shifted, PIXEL_SIZE)
     h, w = he.shapes[0]
     truth = (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
@@ -194,8 +218,11 @@ def test_he_not_covering_cells_warns_and_flags(tmp_path):
 
 def test_inverted_alignment_is_pointed_out(tmp_path):
     b = make_bundle(tmp_path / "x")
-    with pytest.warns(UserWarning, match="inverse of the alignment"):
+    with pytest.warns(UserWarning) as rec:
         mdata = cs.io.read_xenium(b.path, he_alignment=np.linalg.inv(b.alignment))
+    messages = " ".join(str(w.message) for w in rec)
+    assert "The inverse of the alignment would place them inside" in messages
+    assert "has 0.5 um per pixel but the alignment implies 0.0903" in messages
     assert not mdata["morphology"].obs["in_image"].any()
 
 
@@ -224,6 +251,16 @@ def test_missing_folder_and_files(tmp_path):
         cs.io.read_xenium(b.path)
 
 
+def test_missing_pixel_size_warns(tmp_path):
+    b = make_bundle(tmp_path / "x", with_he=False)
+    specs = json.loads((b.path / "experiment.xenium").read_text())
+    del specs["pixel_size"]
+    (b.path / "experiment.xenium").write_text(json.dumps(specs))
+    with pytest.warns(UserWarning, match="no pixel_size; assuming 0.2125"):
+        mdata = cs.io.read_xenium(b.path)
+    assert mdata.uns["cellsymphony"]["samples"]["Region 1"]["pixel_size"] == 0.2125
+
+
 def test_damaged_files(tmp_path):
     b = make_bundle(tmp_path / "x", with_he=False)
     (b.path / "experiment.xenium").write_text("{not json")
@@ -240,7 +277,9 @@ def test_cell_ids_not_matching(tmp_path):
     cells = pd.read_parquet(b.path / "cells.parquet")
     cells.iloc[:-3].to_parquet(b.path / "cells.parquet", index=False)
     before = _listing(tmp_path)
-    with pytest.raises(ValueError, match=r"do not match: 0 of the 37 cells .* and 3 of the 40 cells of the matrix"):
+    with pytest.raises(
+        ValueError, match=r"do not match: 0 of the 37 cells .* and 3 of the 40 cells of the matrix"
+    ):
         cs.io.read_xenium(b.path)
     assert _listing(tmp_path) == before  # nothing written
     # integer ids in the table, string ids in the matrix: the message says so
@@ -303,15 +342,20 @@ def test_write_round_trip(tmp_path):
     np.testing.assert_array_equal(back["rna"].obsm["nucleus_centroid"], mdata["rna"].obsm["nucleus_centroid"])
     assert back["morphology"].obs["in_image"].dtype == bool
     assert back["rna"].obs["sample"].dtype == "category"
-    reg, reg0 = back.uns["cellsymphony"]["samples"]["Region 1"], mdata.uns["cellsymphony"]["samples"]["Region 1"]
+    reg, reg0 = (
+        back.uns["cellsymphony"]["samples"]["Region 1"],
+        mdata.uns["cellsymphony"]["samples"]["Region 1"],
+    )
     assert set(reg) == {"he_path", "alignment", "pixel_size", "he_mpp", "xenium_path"}
     np.testing.assert_array_equal(reg["alignment"], reg0["alignment"])
-    assert reg["he_path"] == reg0["he_path"] and float(reg["he_mpp"]) == reg0["he_mpp"]
+    assert reg["he_path"] == reg0["he_path"]
+    assert float(reg["he_mpp"]) == reg0["he_mpp"]
     # a registry without H&E (NaN values) survives too
     m2 = cs.io.read_xenium(b.path, he_image=False)
     cs.io.write(m2, tmp_path / "nohe.h5mu")
     r2 = mudata.read_h5mu(tmp_path / "nohe.h5mu").uns["cellsymphony"]["samples"]["Region 1"]
-    assert r2["he_path"] == "" and np.isnan(r2["alignment"]).all()
+    assert r2["he_path"] == ""
+    assert np.isnan(r2["alignment"]).all()
 
 
 def test_write_is_atomic(tmp_path):
@@ -336,15 +380,25 @@ def test_concat(tmp_path):
     a = make_bundle(tmp_path / "a", seed=3, region_name="A", id_style="integer")  # ids 1..40 and 1..30 clash
     b = make_bundle(tmp_path / "b", seed=3, region_name="B", id_style="integer", n_cells=30)
     ma, mb = cs.io.read_xenium(a.path), cs.io.read_xenium(b.path)
+    # joint results on the MuData itself are carried over
+    ma.obs["cs_pred"] = pd.Categorical(["T cell"] * 40)
+    mb.obs["cs_pred"] = pd.Categorical(["B cell"] * 30)
+    ma.obsm["cs_pred_proba"], mb.obsm["cs_pred_proba"] = np.full((40, 2), 0.25), np.full((30, 2), 0.75)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         joined = cs.io.concat([ma, mb])
-    assert joined.n_obs == 70 and joined.obs_names.is_unique
-    assert joined.obs_names[0] == f"A_{a.cell_ids[0]}" and joined.obs_names[-1] == f"B_{b.cell_ids[29]}"
+    assert joined.n_obs == 70
+    assert joined.obs_names.is_unique
+    assert joined.obs_names[0] == f"A_{a.cell_ids[0]}"
+    assert joined.obs_names[-1] == f"B_{b.cell_ids[29]}"
     assert list(joined.obs["sample"].cat.categories) == ["A", "B"]
     assert (joined.obs["sample"].value_counts()[["A", "B"]] == [40, 30]).all()
     assert (joined["morphology"].obs["sample"] == joined["rna"].obs["sample"]).all()
     assert joined["rna"].obs.loc[f"B_{b.cell_ids[5]}", "cell_id"] == b.cell_ids[5]
+    assert joined.obs["cs_pred"].dtype == "category"
+    assert (joined.obs["cs_pred"].iloc[:40] == "T cell").all()
+    assert (joined.obs["cs_pred"].iloc[40:] == "B cell").all()
+    np.testing.assert_array_equal(joined.obsm["cs_pred_proba"][:, 0], [0.25] * 40 + [0.75] * 30)
     assert set(joined.uns["cellsymphony"]["samples"]) == {"A", "B"}
     np.testing.assert_allclose(joined.uns["cellsymphony"]["samples"]["B"]["alignment"], b.alignment)
     np.testing.assert_allclose(joined["rna"].obsm["spatial"][40:], b.centroids)
@@ -364,7 +418,8 @@ def test_concat(tmp_path):
     with pytest.raises(ValueError, match=r"'A' occurs in more than one input.*keys="):
         cs.io.concat([ma, ma])
     renamed = cs.io.concat([ma, ma], keys=["s1", "s2"])
-    assert set(renamed.uns["cellsymphony"]["samples"]) == {"s1", "s2"} and renamed.n_obs == 80
+    assert set(renamed.uns["cellsymphony"]["samples"]) == {"s1", "s2"}
+    assert renamed.n_obs == 80
 
 
 def test_concat_inner_and_outer_panels(tmp_path):
@@ -376,3 +431,50 @@ def test_concat_inner_and_outer_panels(tmp_path):
     assert list(cs.io.concat([ma, mb])["rna"].var_names) == GENES[2:]
     outer = cs.io.concat([ma, mb], join="outer")
     assert set(outer["rna"].var_names) == set(GENES)
+
+
+def test_from_spatialdata_all_feature_types(tmp_path):
+    """spatialdata_io.xenium(gex_only=False) keeps every feature type; the conversion splits them as the reader."""
+    import spatialdata_io
+
+    b = make_bundle(tmp_path / "x", protein=True, label_id=False, missing_nucleus=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata = spatialdata_io.xenium(
+            b.path,
+            cells_as_circles=True,
+            gex_only=False,
+            transcripts=False,
+            cells_labels=False,
+            nucleus_labels=False,
+            morphology_mip=False,
+            morphology_focus=False,
+        )
+    assert sdata.tables["table"].n_vars == len(b.features)
+    converted, direct = cs.io.from_spatialdata(sdata), cs.io.read_xenium(b.path)
+    assert set(converted.mod) == set(direct.mod) == {"rna", "morphology", "protein"}
+    for mod in ("rna", "protein"):
+        assert list(converted[mod].var_names) == list(direct[mod].var_names)
+        np.testing.assert_allclose(converted[mod].X.toarray(), direct[mod].X.toarray())
+    for col in ("control_probe_counts", "control_codeword_counts", "unassigned_codeword_counts"):
+        np.testing.assert_array_equal(converted["rna"].obs[col], direct["rna"].obs[col])
+    reg, want = (
+        converted.uns["cellsymphony"]["samples"]["Region 1"],
+        direct.uns["cellsymphony"]["samples"]["Region 1"],
+    )
+    np.testing.assert_allclose(reg["alignment"], want["alignment"])
+    np.testing.assert_allclose(
+        converted["rna"].obsm["nucleus_centroid"], direct["rna"].obsm["nucleus_centroid"]
+    )
+
+
+def test_he_pixel_size_from_alignment_and_mismatch(tmp_path):
+    b = make_bundle(tmp_path / "x")
+    he = cs.io.read_he(b.path / "test_he_image.ome.tif")
+    img = he.read_region(0, 0, he.shapes[0][1], he.shapes[0][0])
+    bare = b.path / "bare.tif"  # no pixel size recorded
+    tifffile.imwrite(bare, img, tile=(64, 64), photometric="rgb")
+    mdata = cs.io.read_xenium(b.path, he_image=bare, he_alignment=b.alignment)
+    assert mdata.uns["cellsymphony"]["samples"]["Region 1"]["he_mpp"] == pytest.approx(HE_MPP)
+    with pytest.warns(UserWarning, match=r"has 1 um per pixel but the alignment implies 0\.5"):
+        cs.io.read_xenium(b.path, he_image=bare, he_alignment=b.alignment, he_mpp=1.0)

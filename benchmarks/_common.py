@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmark scripts: timing, peak memory, table printing."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+
+def timeit(fn: Callable[[], object], *, repeat: int = 3, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeat`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (Linux ru_maxrss is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def print_table(rows: list[dict], title: str | None = None) -> str:
+    """Print rows (dicts with the same keys) as a Markdown table and return the text."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = []
+    if title:
+        lines.append(f"\n### {title}\n")
+    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
+    lines.append("| " + " | ".join("-" * w for w in widths) + " |")
+    for row in cells:
+        lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text

@@ -83,7 +83,7 @@ FINE_MARKERS = {
 
 # Genes only the tumour expresses more than normal epithelium (a panel shows epithelium vs epithelium
 # differences only modestly: tumour vs normal differ more in morphology than in expression).
-TUMOUR_VS_NORMAL = {"ERBB2": 1.5, "MKI67": 1.0, "CEACAM6": 1.0, "KRT5": -2.0, "KRT14": -2.0, "TP63": -2.0,
+TUMOUR_VS_NORMAL = {"ERBB2": 2.0, "MKI67": 1.0, "CEACAM6": 1.0, "KRT5": -2.0, "KRT14": -2.0, "TP63": -2.0,
                     "KRT17": -1.5, "ACTA2": -2.0, "MYLK": -1.0, "OXTR": -1.0, "ELF5": -1.0}
 
 _BACKGROUND = """

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 PIXEL_SIZE = 0.2125  # um per Xenium morphology pixel
-GENERATOR_VERSION = 1  # bump when the generated data change, to invalidate caches
+GENERATOR_VERSION = 2  # bump when the generated data change, to invalidate caches
 LAST_TIMINGS: dict[str, float] = {}  # seconds per stage of the last synthetic_xenium call (for benchmarks)
 _SW = {"string": "xenium-2.0.0.10", "integer": "Xenium-1.0.2"}
 
@@ -649,6 +649,9 @@ def synthetic_xenium(
     }
     with atomic_path(path / "experiment.xenium") as tmp:
         tmp.write_text(json.dumps(spec, indent=4))
+    for f in path.rglob("*"):  # temporary files of atomic writes are private (0600); the bundle is not
+        if f.is_file():
+            f.chmod(0o644)
     logger.info("wrote a synthetic Xenium bundle of %d cells to %s in %.1f s", n_cells, path, time.perf_counter() - t0)
     return path
 

@@ -14,7 +14,7 @@ from morphology_helpers import one_torch_thread
 
 import cellsymphony as cs
 
-N_CELLS = 500  # smaller bundles currently fail in the generator (datasets/_tissue.py free_spot)
+N_CELLS = 300
 
 
 @pytest.fixture(autouse=True, scope="module")

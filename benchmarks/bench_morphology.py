@@ -104,7 +104,7 @@ def _n_tiles(m, stride):
     return len(np.unique(ij, axis=0))
 
 
-def bench_modes(m, uni_cells, skip_uni):
+def bench_modes(m, uni_cells, skip_uni, device=None):
     import torch
 
     import cellsymphony as cs
@@ -114,6 +114,7 @@ def bench_modes(m, uni_cells, skip_uni):
     section_tiles = _n_tiles(m, 112)
 
     def add(name, sub, enc, **kw):
+        kw["device"] = device
         tc = _embed_time(sub, model=enc, mode="cell", key_added="c", **kw)
         tt = _embed_time(sub, model=enc, mode="tile", key_added="t", **kw)
         k, nt = sub.n_obs, _n_tiles(sub, 112)
@@ -210,6 +211,7 @@ def main():
     ap.add_argument("--cells", type=int, default=2000)
     ap.add_argument("--uni-cells", type=int, default=12)
     ap.add_argument("--skip-uni", action="store_true")
+    ap.add_argument("--device", default=None, help="torch device for the encoders, e.g. cuda (bf16 autocast)")
     ap.add_argument("--only", choices=["patches", "modes", "agreement", "memory"], default=None)
     ap.add_argument("--agreement-model", default="tiny", help="encoder for the agreement table, e.g. uni2-h")
     ap.add_argument("--weights", default=None, help="its checkpoint (the agreement is only meaningful with trained weights)")
@@ -222,7 +224,7 @@ def main():
     if args.only in (None, "patches"):
         bench_patches(m)
     if args.only in (None, "modes"):
-        bench_modes(m, args.uni_cells, args.skip_uni)
+        bench_modes(m, args.uni_cells, args.skip_uni, args.device)
     if args.only in (None, "agreement"):
         bench_agreement(_mdata(args.cells), args.agreement_model, args.weights, args.agreement_cells)
     if args.only in (None, "memory"):

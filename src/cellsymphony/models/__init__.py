@@ -16,6 +16,9 @@ _LAZY: dict[str, str] = {
     "ContrastiveModule": ".contrastive._module",
     "ScGPTEncoder": ".encoders._scgpt",
     "load_scgpt": ".encoders._scgpt",
+    "MorphologyEncoder": ".encoders._morphology",
+    "load_morphology_encoder": ".encoders._morphology",
+    "HandcraftedEncoder": ".encoders._handcrafted",
 }
 
 __all__ = sorted(_LAZY)

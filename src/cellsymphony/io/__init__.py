@@ -2,4 +2,7 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._he import HEImage
+from ._read_he import read_he
+
+__all__: list[str] = ["HEImage", "read_he"]

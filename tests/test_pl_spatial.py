@@ -110,35 +110,47 @@ def test_spatial_he_warped_into_micrometres(mdata):
 
 @needs_read_he
 def test_registration_panels(mdata):
-    fig = cs.pl.registration(mdata, "he_labels", window_um=60)
+    fig = cs.pl.registration(mdata, "he_label", window_um=60)
     assert [a.get_title() for a in fig.axes[:3]] == ["matched nuclei", "offsets", "distances"]
     ax0, ax1, ax2 = fig.axes[:3]
-    matches = mdata.uns["he_labels"]["matches"]
-    np.testing.assert_allclose(np.asarray(ax1.collections[0].get_offsets()), matches[["dx", "dy"]].to_numpy())
-    mean = matches[["dx", "dy"]].mean().to_numpy()
+    off = mdata.obsm["he_label_offset"]
+    matched = np.isfinite(off[:, 0])
+    np.testing.assert_allclose(np.asarray(ax1.collections[0].get_offsets()), off[matched])
+    mean = off[matched].mean(axis=0)
     assert ax1.get_legend().get_title().get_text() == f"mean ({mean[0]:.2f}, {mean[1]:.2f}) µm"
-    med = float(np.median(matches["distance"]))
-    assert ax2.get_lines()[0].get_xdata()[0] == pytest.approx(med)
-    assert ax2.get_lines()[1].get_xdata()[0] == pytest.approx(np.percentile(matches["distance"], 95))
-    assert sum(p.get_height() for p in ax2.patches) == len(matches)
-    # panel 1: H&E under the window, matched H&E nuclei = Xenium nucleus + offset
+    dist = mdata.obs["he_label_distance"].dropna().to_numpy()
+    assert ax2.get_lines()[0].get_xdata()[0] == pytest.approx(np.median(dist))
+    assert ax2.get_lines()[1].get_xdata()[0] == pytest.approx(np.percentile(dist, 95))
+    assert sum(p.get_height() for p in ax2.patches) == matched.sum()
+    # panel 1: H&E under the window, matched H&E nuclei = Xenium nucleus - offset (Xenium - H&E)
     assert len(ax0.images) == 1
     he_pts = np.asarray(ax0.collections[1].get_offsets())
     nuc = mdata["rna"].obsm["nucleus_centroid"]
-    idx = mdata.obs_names.get_indexer(matches["cell_id"])
-    expected = nuc[idx] + matches[["dx", "dy"]].to_numpy()
     (x0, x1), (y1, y0) = ax0.get_xlim(), ax0.get_ylim()
-    inside = (nuc[idx, 0] >= x0) & (nuc[idx, 0] <= x1) & (nuc[idx, 1] >= y0) & (nuc[idx, 1] <= y1)
+    inside = matched & (nuc[:, 0] >= x0) & (nuc[:, 0] <= x1) & (nuc[:, 1] >= y0) & (nuc[:, 1] <= y1)
     assert 0 < len(he_pts) == inside.sum()
-    np.testing.assert_allclose(np.sort(he_pts, axis=0), np.sort(expected[inside], axis=0))
-    assert "120 matched nuclei" in fig.get_suptitle()
+    np.testing.assert_allclose(np.sort(he_pts, axis=0), np.sort((nuc - off)[inside], axis=0))
+    assert "120 matched nuclei, 50% of cells" in fig.get_suptitle()
+
+
+def test_registration_from_distances_and_statistics(tmp_path):
+    """Without per-cell offsets: distances from obs, the mean offset and spread from the statistics."""
+    data = make_mdata(tmp_path, n=40, he=False)
+    del data.obsm["he_label_offset"]
+    fig = cs.pl.registration(data, "he_label", he=False)
+    ax0, ax1, ax2 = fig.axes[:3]
+    assert not ax1.collections  # no per-cell vectors to draw
+    mean = data.uns["he_label"]["samples"]["s1"]["mean_offset_um"]
+    assert ax1.get_legend().get_title().get_text() == f"mean ({mean[0]:.2f}, {mean[1]:.2f}) µm"
+    assert sum(p.get_height() for p in ax2.patches) == 20
+    assert len(ax0.collections) == 2
 
 
 def test_registration_missing(tmp_path):
     data = make_mdata(tmp_path, n=20, he=False)
-    del data.uns["he_labels"]
+    del data.uns["he_label"]
     with pytest.raises(ValueError, match="transfer_nucleus_labels"):
-        cs.pl.registration(data, "he_labels")
+        cs.pl.registration(data, "he_label")
 
 
 @pytest.mark.skipif(not hasattr(cs.pp, "cell_patches"), reason="cs.pp.cell_patches (branch morphology) is not merged yet")

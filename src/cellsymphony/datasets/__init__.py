@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._synthetic import synthetic, synthetic_path, synthetic_reference, synthetic_xenium
+
+__all__: list[str] = ["synthetic", "synthetic_path", "synthetic_reference", "synthetic_xenium"]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from ._concat import concat
+from ._from_spatialdata import from_spatialdata
 from ._he import HEImage
 from ._read_he import read_he
+from ._read_xenium import read_xenium
+from ._write import write
 
-__all__: list[str] = ["HEImage", "read_he"]
+__all__: list[str] = ["HEImage", "concat", "from_spatialdata", "read_he", "read_xenium", "write"]

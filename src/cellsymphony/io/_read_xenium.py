@@ -1,0 +1,216 @@
+"""``cs.io.read_xenium``: a Xenium output folder (plus its H&E) as a MuData."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from .._settings import logger
+from ._build import Section, build
+from ._he import HEImage
+from ._xenium_files import (
+    default_sample_id,
+    find_he_files,
+    find_matrix,
+    pixel_size_of,
+    read_alignment,
+    read_cells_table,
+    read_experiment,
+    read_matrix,
+    read_nucleus_centroids,
+    split_features,
+)
+
+if TYPE_CHECKING:
+    from mudata import MuData
+
+
+def read_xenium(
+    path: str | os.PathLike,
+    *,
+    he_image: str | os.PathLike | HEImage | Literal[False] | None = None,
+    he_alignment: str | os.PathLike | np.ndarray | None = None,
+    sample: str | None = None,
+    he_mpp: float | None = None,
+    nucleus_boundaries: bool = True,
+) -> MuData:
+    """Read a 10x Xenium output folder, and its post-Xenium H&E, into a MuData.
+
+    Only ``experiment.xenium``, a cells table (``cells.parquet``, preferred, or ``cells.csv.gz``) and a
+    count matrix (``cell_feature_matrix.h5``, the ``cell_feature_matrix/`` MEX folder or
+    ``cell_feature_matrix.zarr.zip``) are required. Integer cell ids (Xenium < 1.3) and string ids
+    (``aaabbbcc-1``, possibly stored as bytes) are both read, detected by their type. The H&E is opened
+    lazily to learn its size and pixel size; it is never loaded.
+
+    Parameters
+    ----------
+    path
+        The Xenium output folder (the one holding ``experiment.xenium``).
+    he_image
+        The H&E image (pyramidal OME-TIFF, SVS or tiled TIFF; a path or an opened
+        :class:`~cellsymphony.io.HEImage`). ``None``: the folder's ``*he_image.ome.tif`` if there is one.
+        ``False``: attach no H&E.
+    he_alignment
+        The 3 x 3 affine mapping H&E level-0 pixels ``(x, y, 1)`` to Xenium morphology pixels: a path to
+        10x's ``*_he_imagealignment.csv`` (no header) or an array. ``None``: the folder's
+        ``*he_imagealignment.csv``. Required when an H&E is attached.
+    sample
+        Sample id of this section. Default: ``region_name`` of ``experiment.xenium``, else its ``run_name``,
+        else the folder name.
+    he_mpp
+        Micrometres per H&E pixel, for images that do not record it.
+    nucleus_boundaries
+        Read ``nucleus_boundaries.parquet`` (when present) for the nucleus centroids.
+
+    Returns
+    -------
+    A MuData with modalities:
+
+    ``"rna"``
+        ``X`` raw counts (CSR, float32) of the "Gene Expression" features; ``var_names`` gene symbols,
+        ``var["gene_ids"]``, ``var["feature_types"]``; ``obs`` the per-cell columns of the cells table
+        (``cell_id``, ``transcript_counts``, ``cell_area``, ``nucleus_area``, ...), the per-cell totals of
+        each control feature type of the matrix (``control_probe_counts``, ``control_codeword_counts``,
+        ``genomic_control_counts``, ``unassigned_codeword_counts``, ``deprecated_codeword_counts``),
+        ``n_nuclei`` and ``sample`` (categorical).
+    ``"morphology"``
+        ``X`` with zero columns (embeddings go to ``.obsm``); ``obs["cell_area"]``, ``obs["nucleus_area"]``,
+        ``obs["in_image"]`` (nucleus centroid inside the H&E), ``obs["n_nuclei"]``, ``obs["sample"]``.
+    ``"protein"``
+        Only when the matrix has "Protein Expression" features: their values (the file's scaling undone).
+
+    Every modality (and the MuData) has ``obsm["spatial"]`` (cell centroid, micrometres) and
+    ``obsm["nucleus_centroid"]`` (centroid of the cell's largest nucleus polygon; the cell centroid where
+    there is none). ``obs_names`` are the cell ids as strings. ``mdata.obs["sample"]`` and
+    ``mdata.uns["cellsymphony"]["samples"][sample]`` = ``{"he_path", "alignment", "pixel_size", "he_mpp",
+    "xenium_path"}`` (``he_path`` ``""`` and NaN alignment / ``he_mpp`` without an H&E).
+
+    Examples
+    --------
+    >>> import cellsymphony as cs
+    >>> mdata = cs.io.read_xenium("outs/")  # doctest: +SKIP
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"Xenium folder {str(folder)!r} does not exist; check the path.")
+    if not folder.is_dir():
+        raise ValueError(
+            f"{str(folder)!r} is a file; pass the Xenium output folder (the one holding experiment.xenium)."
+        )
+    specs = read_experiment(folder)
+    pixel_size = pixel_size_of(specs, str(folder / "experiment.xenium"))
+    table, table_path = read_cells_table(folder)
+    matrix_path = find_matrix(folder)
+    x, feats, matrix_ids = read_matrix(matrix_path)
+
+    ids = table["cell_id"].to_numpy()
+    x = _match_cells(ids, matrix_ids, x, table, table_path, matrix_path)
+    parts = split_features(x, feats)
+    if parts["gene_x"].shape[1] == 0:
+        raise ValueError(
+            f"{str(matrix_path)!r} has no 'Gene Expression' features (feature types: "
+            f"{sorted(set(feats['feature_type']))}); it is not a Xenium gene-expression matrix."
+        )
+
+    nuclei = read_nucleus_centroids(folder, ids) if nucleus_boundaries else None
+    he = _attach_he(folder, he_image, he_alignment, he_mpp)
+
+    spatial = table[["x_centroid", "y_centroid"]].to_numpy(np.float64)
+    obs = table.drop(columns=["x_centroid", "y_centroid"])
+    section = Section(
+        cell_ids=ids,
+        obs=obs,
+        spatial=spatial,
+        gene_x=parts["gene_x"],
+        gene_var=parts["gene_var"],
+        protein_x=parts["protein_x"],
+        protein_var=parts["protein_var"],
+        controls=parts["controls"],
+        nucleus=None if nuclei is None else nuclei[0],
+        n_nuclei=None if nuclei is None else nuclei[1],
+        sample=str(sample) if sample is not None else default_sample_id(specs, folder),
+        pixel_size=pixel_size,
+        xenium_path=str(folder.resolve()),
+        **he,
+    )
+    mdata = build(section)
+    logger.info(
+        "read %d cells x %d genes of sample %r from %s%s",
+        mdata.n_obs,
+        mdata["rna"].n_vars,
+        section.sample,
+        folder,
+        f" (H&E {Path(he['he_path']).name})" if he["he_path"] else "",
+    )
+    return mdata
+
+
+def _match_cells(ids, matrix_ids, x, table: pd.DataFrame, table_path: Path, matrix_path: Path):
+    """Rows of ``x`` in the cells table's order; a clear error when the two files disagree."""
+    tab = pd.Index(ids)
+    mat = pd.Index(matrix_ids)
+    if tab.equals(mat):
+        return x
+    only_tab = tab.difference(mat)
+    only_mat = mat.difference(tab)
+    if len(only_tab) or len(only_mat):
+        hint = ""
+        style = table.attrs.get("id_style")
+        mat_numeric = all(s.isdigit() for s in matrix_ids[:50])
+        if style == "integer" and not mat_numeric or style == "string" and mat_numeric and len(matrix_ids):
+            hint = (
+                f" The cells table has {style} ids but the matrix has "
+                f"{'integer' if mat_numeric else 'string'} ids: the files come from different software versions."
+            )
+        raise ValueError(
+            f"The cell ids of {table_path.name} and {matrix_path.name} in {str(table_path.parent)!r} do not match: "
+            f"{len(only_tab)} of the {len(tab)} cells of the table are not in the matrix (e.g. "
+            f"{list(only_tab[:3])}) and {len(only_mat)} of the {len(mat)} cells of the matrix are not in the "
+            f"table (e.g. {list(only_mat[:3])}).{hint} Copy both files from the same Xenium output (and the same "
+            "segmentation run)."
+        )
+    return x[mat.get_indexer(tab)]
+
+
+def _nothing_he() -> dict:
+    return {"he_path": "", "he_shape": None, "he_mpp": float("nan"), "alignment": None}
+
+
+def _attach_he(folder: Path, he_image, he_alignment, he_mpp) -> dict:
+    """The Section fields of the H&E to attach (path, level-0 shape, mpp, alignment); empty when none."""
+    nothing = _nothing_he()
+    if he_image is False:
+        return nothing
+    auto_alignment = None
+    if he_image is None:
+        he_image, auto_alignment = find_he_files(folder)
+        if he_image is None:
+            if he_alignment is not None:
+                raise ValueError(
+                    f"he_alignment was given but {str(folder)!r} holds no *he_image.ome.tif; pass the H&E with "
+                    "he_image=."
+                )
+            return nothing
+    if he_alignment is None:
+        he_alignment = auto_alignment
+        if he_alignment is None:
+            name = he_image.path if isinstance(he_image, HEImage) else Path(he_image)
+            raise ValueError(
+                f"No alignment found for the H&E image {str(name)!r}: pass he_alignment= (10x's "
+                "*_he_imagealignment.csv, or a 3 x 3 array mapping H&E pixels to Xenium morphology pixels), or "
+                "he_image=False to read without the H&E."
+            )
+    alignment = read_alignment(he_alignment)
+    if isinstance(he_image, HEImage):
+        he = he_image
+        if he_mpp is not None:
+            raise ValueError("he_mpp cannot be combined with an opened HEImage; pass mpp= to cs.io.read_he instead.")
+        return {"he_path": str(he.path.resolve()), "he_shape": he.shapes[0], "he_mpp": float(he.mpp),
+                "alignment": alignment}
+    with HEImage(he_image, mpp=he_mpp, cache_tiles=0) as he:
+        return {"he_path": str(he.path.resolve()), "he_shape": he.shapes[0], "he_mpp": float(he.mpp),
+                "alignment": alignment}

@@ -1,0 +1,502 @@
+"""Readers for the single files of a Xenium output folder.
+
+Each function reads one file (or one of its alternative forms), tolerates the variations of
+the Xenium software generations, and raises a ``ValueError`` naming the file and the fix when
+the file cannot be used. Nothing here builds the MuData; see ``_build.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+EXPERIMENT_FILE = "experiment.xenium"
+CELLS_PARQUET = "cells.parquet"
+CELLS_CSV = ("cells.csv.gz", "cells.csv")
+MATRIX_H5 = "cell_feature_matrix.h5"
+MATRIX_MEX = "cell_feature_matrix"
+MATRIX_ZARR = "cell_feature_matrix.zarr.zip"
+NUCLEUS_BOUNDARIES = "nucleus_boundaries.parquet"
+HE_SUFFIX = "he_image.ome.tif"
+ALIGNMENT_SUFFIX = "he_imagealignment.csv"
+DEFAULT_PIXEL_SIZE = 0.2125
+
+GENE_EXPRESSION = "Gene Expression"
+PROTEIN_EXPRESSION = "Protein Expression"
+
+# feature types kept out of X, and the obs column holding each cell's total (the cells table's names)
+_CONTROL_COLUMNS = {
+    "negative control probe": "control_probe_counts",
+    "negative control codeword": "control_codeword_counts",
+    "genomic control": "genomic_control_counts",
+    "unassigned codeword": "unassigned_codeword_counts",
+    "deprecated codeword": "deprecated_codeword_counts",
+    "blank codeword": "blank_codeword_counts",
+}
+
+
+# ---------------------------------------------------------------------- cell ids
+def to_cell_ids(values, source: str) -> tuple[np.ndarray, str]:
+    """Cell ids as an array of str, and their style ("integer" or "string"), detected by type.
+
+    Integer ids (Xenium < 1.3) become their decimal text; string ids (``aaabbbcc-1``), possibly stored
+    as bytes, are decoded.
+    """
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64).astype(str), "integer"
+    if arr.dtype.kind == "f":
+        finite = np.isfinite(arr)
+        if not finite.all() or not np.all(arr == np.round(arr)):
+            raise ValueError(f"{source}: the cell ids are non-integer numbers; the file looks damaged.")
+        return arr.astype(np.int64).astype(str), "integer"
+    if arr.dtype.kind == "S":
+        return np.char.decode(arr, "utf-8").astype(str), "string"
+    if arr.dtype.kind == "U":
+        return arr.astype(str), "string"
+    out = np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr.ravel()], dtype=str)
+    if len(arr) and all(isinstance(v, int | np.integer) for v in arr.ravel()):
+        return out, "integer"
+    return out, "string"
+
+
+def cell_id_from_prefix_suffix(ids: np.ndarray) -> np.ndarray:
+    """Xenium's ``(prefix, suffix)`` uint32 pairs (zarr files from 1.3 on) as ``aaabbbcc-1`` strings.
+
+    The prefix is written in hexadecimal with the digits 0-f shifted to the letters a-p and padded
+    to 8 letters with ``a``; the suffix (dataset number) follows a dash.
+    """
+    table = str.maketrans("0123456789abcdef", "abcdefghijklmnop")
+    out = []
+    for prefix, suffix in np.asarray(ids, dtype=np.uint64).reshape(-1, 2):
+        out.append(format(int(prefix), "x").translate(table).rjust(8, "a") + f"-{int(suffix)}")
+    return np.asarray(out, dtype=str)
+
+
+# ---------------------------------------------------------------------- experiment.xenium
+def read_experiment(folder: Path) -> dict:
+    """The JSON of ``experiment.xenium`` (required)."""
+    path = folder / EXPERIMENT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} not found: a Xenium output folder holds experiment.xenium. Pass the folder that "
+            "contains experiment.xenium, cells.parquet (or cells.csv.gz) and cell_feature_matrix.h5 (or the "
+            "cell_feature_matrix/ folder, or cell_feature_matrix.zarr.zip)."
+        )
+    try:
+        specs = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"Cannot parse {str(path)!r} as JSON ({err}); copy the file again from the run.") from None
+    if not isinstance(specs, dict):
+        raise ValueError(f"{str(path)!r} does not hold a JSON object; copy the file again from the run.")
+    return specs
+
+
+def pixel_size_of(specs: dict, source: str) -> float:
+    value = specs.get("pixel_size", DEFAULT_PIXEL_SIZE)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: pixel_size {value!r} is not a number.") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{source}: pixel_size must be a positive number of micrometres, got {value}.")
+    return value
+
+
+def default_sample_id(specs: dict, folder: Path) -> str:
+    """``region_name``, else ``run_name`` of experiment.xenium, else the folder name."""
+    for key in ("region_name", "run_name"):
+        v = specs.get(key)
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+    return folder.resolve().name
+
+
+# ---------------------------------------------------------------------- cells table
+def read_cells_table(folder: Path) -> tuple[pd.DataFrame, Path]:
+    """The cells table (``cells.parquet`` preferred over ``cells.csv.gz``), cell ids as str in ``cell_id``."""
+    path = folder / CELLS_PARQUET
+    if path.is_file():
+        try:
+            df = pd.read_parquet(path)
+        except Exception as err:
+            raise ValueError(
+                f"Cannot read {str(path)!r} ({type(err).__name__}: {err}); copy the file again from the run "
+                "(or remove it to fall back on cells.csv.gz)."
+            ) from None
+    else:
+        path = next((folder / n for n in CELLS_CSV if (folder / n).is_file()), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"No cells table in {str(folder)!r}: expected cells.parquet or cells.csv.gz (the per-cell table "
+                "of the Xenium output); copy it into the folder."
+            )
+        try:
+            df = pd.read_csv(path)
+        except Exception as err:
+            raise ValueError(f"Cannot read {str(path)!r} ({type(err).__name__}: {err}).") from None
+        # an index column written by pandas / R
+        df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed:") and str(c) != ""]]
+    missing = [c for c in ("cell_id", "x_centroid", "y_centroid") if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{str(path)!r} lacks the column(s) {missing} (it has {list(df.columns)}); it is not a Xenium cells "
+            "table."
+        )
+    ids, style = to_cell_ids(df["cell_id"].to_numpy(), str(path))
+    if pd.Index(ids).has_duplicates:
+        dup = pd.Index(ids)[pd.Index(ids).duplicated()].unique()
+        raise ValueError(f"{str(path)!r} lists {len(dup)} cell id(s) more than once (e.g. {list(dup[:3])}).")
+    df = df.copy()
+    df["cell_id"] = ids
+    df.attrs["id_style"] = style
+    for col in df.columns:
+        if df[col].dtype == object and col != "cell_id":
+            df[col] = [v.decode("utf-8") if isinstance(v, bytes) else v for v in df[col]]
+    return df, path
+
+
+# ---------------------------------------------------------------------- count matrix
+def find_matrix(folder: Path) -> Path:
+    for name in (MATRIX_H5, MATRIX_MEX, MATRIX_ZARR):
+        p = folder / name
+        if p.exists():
+            return p
+    raise FileNotFoundError(
+        f"No cell-feature matrix in {str(folder)!r}: expected cell_feature_matrix.h5, the cell_feature_matrix/ "
+        "folder (matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz) or cell_feature_matrix.zarr.zip; copy one "
+        "of them from the Xenium output."
+    )
+
+
+def read_matrix(path: Path) -> tuple[sparse.csr_matrix, pd.DataFrame, np.ndarray]:
+    """``(X cells x features CSR float64, features [id, name, feature_type], cell ids as str)``."""
+    try:
+        if path.name.endswith(".h5"):
+            x, feats, ids = _read_h5(path)
+        elif path.name.endswith(".zarr.zip"):
+            x, feats, ids = _read_zarr(path)
+        else:
+            x, feats, ids = _read_mex(path)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as err:
+        raise ValueError(
+            f"Cannot read the count matrix {str(path)!r} ({type(err).__name__}: {err}); copy it again from the "
+            "Xenium output."
+        ) from None
+    if x.shape != (len(ids), len(feats)):
+        raise ValueError(
+            f"{str(path)!r}: the matrix is {x.shape[0]} x {x.shape[1]} but lists {len(ids)} cells and "
+            f"{len(feats)} features; the file is inconsistent."
+        )
+    x = x.tocsr()
+    x.sum_duplicates()
+    x.eliminate_zeros()
+    if pd.Index(ids).has_duplicates:
+        raise ValueError(f"{str(path)!r} lists some cell ids more than once; the file is inconsistent.")
+    feats = feats.reset_index(drop=True)
+    for col in ("id", "name", "feature_type"):
+        feats[col] = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in feats[col]]
+    return x, feats, ids
+
+
+def _int_array(a, name: str, path: Path) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
+            raise ValueError(f"{str(path)!r}: {name} holds non-integer values; the file is damaged.")
+    return a.astype(np.int64)
+
+
+def _read_h5(path: Path):
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"Cannot open {str(path)!r} as HDF5 ({err}); copy it again from the Xenium output.") from None
+    with f:
+        if "matrix" not in f:
+            raise ValueError(f"{str(path)!r} has no 'matrix' group; it is not a 10x cell-feature matrix.")
+        g = f["matrix"]
+        need = ["data", "indices", "indptr", "shape", "barcodes", "features"]
+        missing = [k for k in need if k not in g]
+        if missing:
+            raise ValueError(f"{str(path)!r} lacks matrix/{missing}; it is not a complete 10x cell-feature matrix.")
+        fg = g["features"]
+        if "name" not in fg or "id" not in fg:
+            raise ValueError(f"{str(path)!r} lacks matrix/features/name or id.")
+        n_feat, n_cells = (int(v) for v in _int_array(g["shape"][()], "shape", path)[:2])
+        data = np.asarray(g["data"][()])
+        indices = _int_array(g["indices"][()], "indices", path)
+        indptr = _int_array(g["indptr"][()], "indptr", path)
+        names = fg["name"][()]
+        feats = pd.DataFrame(
+            {
+                "id": fg["id"][()],
+                "name": names,
+                "feature_type": fg["feature_type"][()] if "feature_type" in fg else [GENE_EXPRESSION] * len(names),
+            }
+        )
+        ids, _ = to_cell_ids(g["barcodes"][()], str(path))
+        scaling = f.attrs.get("protein_scaling_factor")
+    if len(indptr) != n_cells + 1:
+        raise ValueError(
+            f"{str(path)!r}: indptr has {len(indptr)} entries for {n_cells} cells; the file is inconsistent."
+        )
+    x = sparse.csc_matrix((data.astype(np.float64), indices, indptr), shape=(n_feat, n_cells)).T.tocsr()
+    if scaling is not None:
+        prot = np.flatnonzero(_kinds(feats["feature_type"]) == "protein")
+        if len(prot):
+            x = x.tolil()
+            x[:, prot] = x[:, prot] / float(np.asarray(scaling).ravel()[0])
+            x = x.tocsr()
+    return x, feats, ids
+
+
+def _read_mex(folder: Path):
+    from scipy.io import mmread
+
+    if not folder.is_dir():
+        raise ValueError(f"{str(folder)!r} is not a folder of matrix.mtx.gz, features.tsv.gz and barcodes.tsv.gz.")
+
+    def pick(stem: str) -> Path:
+        for name in (f"{stem}.gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+        raise FileNotFoundError(
+            f"{str(folder / (stem + '.gz'))!r} not found: the cell_feature_matrix/ folder needs matrix.mtx.gz, "
+            "features.tsv.gz and barcodes.tsv.gz; copy the missing file from the Xenium output."
+        )
+
+    mtx, feat_path, bc_path = pick("matrix.mtx"), pick("features.tsv"), pick("barcodes.tsv")
+    m = sparse.csr_matrix(mmread(str(mtx))).astype(np.float64)  # features x cells
+    feats = pd.read_csv(feat_path, sep="\t", header=None, dtype=str)
+    if feats.shape[1] < 2:
+        raise ValueError(f"{str(feat_path)!r} must have at least two columns (id, name[, type]).")
+    if feats.shape[1] < 3:
+        feats[2] = GENE_EXPRESSION
+    feats = feats.iloc[:, :3]
+    feats.columns = ["id", "name", "feature_type"]
+    bcs = pd.read_csv(bc_path, sep="\t", header=None, dtype=str)[0].to_numpy()
+    ids, _ = to_cell_ids(bcs, str(bc_path))
+    return m.T.tocsr(), feats, ids
+
+
+def _read_zarr(path: Path):
+    import zarr
+
+    store = zarr.storage.ZipStore(path, mode="r")
+    try:
+        root = zarr.open_group(store, mode="r")
+        if "cell_features" not in root:
+            raise ValueError(f"{str(path)!r} has no 'cell_features' group; it is not a Xenium cell-feature zarr.")
+        g = root["cell_features"]
+        attrs = dict(g.attrs)
+        names = attrs.get("feature_keys") or attrs.get("feature_names")
+        if not names:
+            raise ValueError(f"{str(path)!r}: cell_features lacks the feature_keys attribute.")
+        types = attrs.get("feature_types") or [GENE_EXPRESSION] * len(names)
+        fids = attrs.get("feature_ids") or names
+        raw_ids = np.asarray(g["cell_id"][...])
+        data = np.asarray(g["data"][...], dtype=np.float64)
+        indices = _int_array(g["indices"][...], "indices", path)
+        indptr = _int_array(g["indptr"][...], "indptr", path)
+    finally:
+        store.close()
+    if raw_ids.ndim == 2 and raw_ids.shape[1] == 2:
+        ids = cell_id_from_prefix_suffix(raw_ids)
+    else:
+        ids, _ = to_cell_ids(raw_ids.ravel(), str(path))
+    n_cells, n_feat = len(ids), len(names)
+    if len(indptr) == n_feat + 1:  # rows are features (the layout 10x writes)
+        x = sparse.csr_matrix((data, indices, indptr), shape=(n_feat, n_cells)).T.tocsr()
+    elif len(indptr) == n_cells + 1:
+        x = sparse.csr_matrix((data, indices, indptr), shape=(n_cells, n_feat))
+    else:
+        raise ValueError(
+            f"{str(path)!r}: indptr has {len(indptr)} entries for {n_feat} features and {n_cells} cells; the file "
+            "is inconsistent."
+        )
+    feats = pd.DataFrame({"id": list(fids), "name": list(names), "feature_type": list(types)})
+    return x, feats, ids
+
+
+# ---------------------------------------------------------------------- feature types
+def _normalise_type(t: str | bytes) -> str:
+    if isinstance(t, bytes):
+        t = t.decode("utf-8")
+    s = re.sub(r"[_\-\s]+", " ", str(t).strip().lower())
+    return re.sub(r"s$", "", s)
+
+
+def _kinds(types) -> np.ndarray:
+    """'gene', 'protein', 'aggregate' or 'control' for each feature type."""
+    out = []
+    for t in types:
+        s = _normalise_type(t)
+        if s in ("gene expression", "gene", "rna"):
+            out.append("gene")
+        elif s in ("protein expression", "protein"):
+            out.append("protein")
+        elif s.startswith("aggregate"):
+            out.append("aggregate")
+        else:
+            out.append("control")
+    return np.asarray(out)
+
+
+def control_column(feature_type: str) -> str:
+    """The obs column holding the per-cell total of a control feature type."""
+    s = _normalise_type(feature_type)
+    if s in _CONTROL_COLUMNS:
+        return _CONTROL_COLUMNS[s]
+    return re.sub(r"[^a-z0-9]+", "_", s).strip("_") + "_counts"
+
+
+def split_features(x: sparse.csr_matrix, feats: pd.DataFrame) -> dict:
+    """Split the matrix: gene expression, protein, and per-cell totals of each control type."""
+    kinds = _kinds(feats["feature_type"])
+    gene = np.flatnonzero(kinds == "gene")
+    prot = np.flatnonzero(kinds == "protein")
+    controls: dict[str, np.ndarray] = {}
+    ctrl = np.flatnonzero(kinds == "control")
+    for t in pd.unique(feats["feature_type"].iloc[ctrl]):
+        cols = np.flatnonzero((feats["feature_type"] == t).to_numpy() & (kinds == "control"))
+        col = control_column(t)
+        total = np.asarray(x[:, cols].sum(axis=1)).ravel()
+        controls[col] = controls.get(col, 0) + total
+    return {
+        "gene_x": x[:, gene].tocsr(),
+        "gene_var": feats.iloc[gene].reset_index(drop=True),
+        "protein_x": x[:, prot].tocsr() if len(prot) else None,
+        "protein_var": feats.iloc[prot].reset_index(drop=True),
+        "controls": controls,
+    }
+
+
+# ---------------------------------------------------------------------- nuclei
+def polygon_stats(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Area and centroid of each polygon of a boundaries table (vertices in file order per polygon)."""
+    keys_df = df[keys]
+    codes = keys_df.groupby(keys, sort=False, observed=True).ngroup().to_numpy()
+    order = np.argsort(codes, kind="stable")
+    codes = codes[order]
+    x = df["vertex_x"].to_numpy(np.float64)[order]
+    y = df["vertex_y"].to_numpy(np.float64)[order]
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    ends = np.r_[starts[1:], len(codes)]
+    # the next vertex within the same polygon (the first one after the last)
+    nxt = np.arange(1, len(codes) + 1)
+    nxt[ends - 1] = starts
+    cross = x * y[nxt] - x[nxt] * y
+    a2 = np.add.reduceat(cross, starts)  # twice the signed area
+    cx = np.add.reduceat((x + x[nxt]) * cross, starts)
+    cy = np.add.reduceat((y + y[nxt]) * cross, starts)
+    n = ends - starts
+    mx = np.add.reduceat(x, starts) / n
+    my = np.add.reduceat(y, starts) / n
+    ok = np.abs(a2) > 1e-12
+    with np.errstate(invalid="ignore", divide="ignore"):
+        px = np.where(ok, cx / (3 * a2), mx)
+        py = np.where(ok, cy / (3 * a2), my)
+    first = keys_df.iloc[order[starts]].reset_index(drop=True)
+    first["area"] = np.abs(a2) / 2
+    first["cx"] = px
+    first["cy"] = py
+    return first
+
+
+def read_nucleus_centroids(folder: Path, cell_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per cell: the centroid (micrometres) of its largest nucleus (NaN where none) and the number of nuclei.
+
+    None when ``nucleus_boundaries.parquet`` is absent.
+    """
+    path = folder / NUCLEUS_BOUNDARIES
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_parquet(path)
+    except Exception as err:
+        raise ValueError(
+            f"Cannot read {str(path)!r} ({type(err).__name__}: {err}); copy it again from the Xenium output or "
+            "pass nucleus_boundaries=False."
+        ) from None
+    missing = [c for c in ("cell_id", "vertex_x", "vertex_y") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks the column(s) {missing}; it is not a Xenium boundaries table.")
+    n = len(cell_ids)
+    centroid = np.full((n, 2), np.nan)
+    n_nuclei = np.zeros(n, dtype=np.int64)
+    if len(df) == 0:
+        return centroid, n_nuclei
+    ids, _ = to_cell_ids(df["cell_id"].to_numpy(), str(path))
+    df = pd.DataFrame({"cell_id": ids, "vertex_x": df["vertex_x"].to_numpy(), "vertex_y": df["vertex_y"].to_numpy(),
+                       **({"label_id": df["label_id"].to_numpy()} if "label_id" in df.columns else {})})
+    keys = ["cell_id", "label_id"] if "label_id" in df.columns else ["cell_id"]
+    stats = polygon_stats(df, keys)
+    counts = stats.groupby("cell_id", sort=False).size()
+    largest = stats.sort_values("area", ascending=False, kind="stable").drop_duplicates("cell_id")
+    pos = pd.Index(cell_ids).get_indexer(largest["cell_id"].to_numpy())
+    keep = pos >= 0
+    centroid[pos[keep]] = largest[["cx", "cy"]].to_numpy()[keep]
+    cpos = pd.Index(cell_ids).get_indexer(counts.index.to_numpy())
+    n_nuclei[cpos[cpos >= 0]] = counts.to_numpy()[cpos >= 0]
+    return centroid, n_nuclei
+
+
+# ---------------------------------------------------------------------- H&E and alignment
+def find_he_files(folder: Path) -> tuple[Path | None, Path | None]:
+    """The folder's ``*he_image.ome.tif`` and its ``*he_imagealignment.csv`` (None where absent)."""
+    images = sorted(p for p in folder.glob("*" + HE_SUFFIX) if not p.name.startswith("._"))
+    images += sorted(p for p in folder.glob("*he_image.ome.tiff") if not p.name.startswith("._"))
+    if len(images) > 1:
+        raise ValueError(
+            f"{str(folder)!r} holds several H&E images {[p.name for p in images]}; pass the one to attach with "
+            "he_image= (and its alignment with he_alignment=)."
+        )
+    image = images[0] if images else None
+    alignment = None
+    if image is not None:
+        stem = image.name[: image.name.index("he_image")]
+        candidate = folder / (stem + ALIGNMENT_SUFFIX)
+        if candidate.is_file():
+            alignment = candidate
+    if alignment is None:
+        found = sorted(p for p in folder.glob("*" + ALIGNMENT_SUFFIX) if not p.name.startswith("._"))
+        if len(found) == 1:
+            alignment = found[0]
+    return image, alignment
+
+
+def read_alignment(source) -> np.ndarray:
+    """A 3 x 3 alignment from a 10x ``*_he_imagealignment.csv`` or an array, validated."""
+    from .._registration import check_alignment
+
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Alignment file {str(path)!r} not found; pass the 10x *_he_imagealignment.csv (3 x 3 affine, "
+                "H&E pixel -> Xenium morphology pixel) with he_alignment=."
+            )
+        try:
+            m = pd.read_csv(path, header=None, sep=None, engine="python").to_numpy()
+        except Exception as err:
+            raise ValueError(f"Cannot read alignment file {str(path)!r} ({type(err).__name__}: {err}).") from None
+        try:
+            m = m.astype(np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{str(path)!r}: the alignment must hold 3 rows of 3 numbers without a header (10x's "
+                "*_he_imagealignment.csv layout)."
+            ) from None
+        return check_alignment(m, source=str(path))
+    return check_alignment(source, source="he_alignment")

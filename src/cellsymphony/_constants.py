@@ -39,3 +39,6 @@ PRED_KEY = "cs_pred"
 CONTRASTIVE_KEY = "X_cs_contrastive"
 NICHE_KEY = "cs_niche"
 SINGLER_KEY = "singler"
+
+# H&E-only slides (cs.io.read_he_cells): class of each detected nucleus from the detection tool
+NUCLEUS_CLASS_KEY = "nucleus_class"

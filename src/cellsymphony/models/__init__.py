@@ -9,7 +9,11 @@ from __future__ import annotations
 import importlib
 
 # public name -> module (relative to this package) that defines it
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "MorphologyEncoder": ".encoders._morphology",
+    "load_morphology_encoder": ".encoders._morphology",
+    "HandcraftedEncoder": ".encoders._handcrafted",
+}
 
 __all__ = sorted(_LAZY)
 

@@ -2,4 +2,7 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ._cell_patches import cell_patches
+from ._embed_morphology import embed_morphology
+
+__all__: list[str] = ["cell_patches", "embed_morphology"]

@@ -15,6 +15,8 @@ _LAZY: dict[str, str] = {
     "HandcraftedEncoder": ".encoders._handcrafted",
     "ScGPTEncoder": ".encoders._scgpt",
     "load_scgpt": ".encoders._scgpt",
+    "ContrastiveAligner": ".contrastive._model",
+    "ContrastiveModule": ".contrastive._module",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,564 @@
+"""``ContrastiveAligner``: the MuData-aware wrapper of :class:`ContrastiveModule` (fit / transform / save / load)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..._constants import MOD_MORPH, MOD_RNA
+from ..._settings import logger, resolve_device, settings
+from ..._utils import atomic_path, package_version
+from ..._validate import check_choice, get_modality, get_rep, is_mudata, resolve_rep
+from ._module import ContrastiveModule, info_nce
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+RECALL_KS = (1, 5, 10)
+MODALITIES = (MOD_RNA, MOD_MORPH)
+
+
+def paired_inputs(mdata: MuData, gene_rep: str | None, morph_rep: str | None) -> dict:
+    """The paired training inputs of a MuData: cells present in both modalities with finite rows.
+
+    Returns a dict with ``obs_names`` (the cells used, in ``rna`` order), ``x_gene``, ``x_morph``
+    (float32), the resolved ``gene_rep`` / ``morph_rep`` and the cell counts ``n_rna``, ``n_morphology``,
+    ``n_paired`` (in both), ``n_nan_rna`` / ``n_nan_morphology`` (paired cells whose row has a NaN or
+    infinite value) and ``n_used``.
+    """
+    if not is_mudata(mdata) or MOD_RNA not in mdata.mod or MOD_MORPH not in mdata.mod:
+        have = sorted(mdata.mod) if is_mudata(mdata) else "an AnnData"
+        raise ValueError(
+            f"Contrastive alignment needs a MuData with modalities 'rna' and 'morphology' (got {have}); "
+            "read the data with cs.io.read_xenium."
+        )
+    rna, morph = mdata.mod[MOD_RNA], mdata.mod[MOD_MORPH]
+    for name, ad in ((MOD_RNA, rna), (MOD_MORPH, morph)):
+        if not ad.obs_names.is_unique:
+            raise ValueError(f"The {name!r} modality has duplicated obs_names: cells are paired by name.")
+    gene_rep, xg = get_rep(mdata, MOD_RNA, gene_rep)
+    morph_rep, xm = get_rep(mdata, MOD_MORPH, morph_rep)
+    common = rna.obs_names[rna.obs_names.isin(morph.obs_names)]
+    if len(common) == 0:
+        raise ValueError(
+            "The 'rna' and 'morphology' modalities have no cell (obs_names) in common, so no pairs to train on: "
+            f"e.g. {list(rna.obs_names[:3])} vs {list(morph.obs_names[:3])}."
+        )
+    xg = xg[rna.obs_names.get_indexer(common)]
+    xm = xm[morph.obs_names.get_indexer(common)]
+    ok_g = np.isfinite(xg).all(axis=1)
+    ok_m = np.isfinite(xm).all(axis=1)
+    ok = ok_g & ok_m
+    info = {
+        "gene_rep": gene_rep,
+        "morph_rep": morph_rep,
+        "n_rna": int(rna.n_obs),
+        "n_morphology": int(morph.n_obs),
+        "n_paired": int(len(common)),
+        "n_nan_rna": int((~ok_g).sum()),
+        "n_nan_morphology": int((~ok_m).sum()),
+        "n_used": int(ok.sum()),
+    }
+    if len(common) < rna.n_obs or len(common) < morph.n_obs:
+        logger.warning(
+            "pairing cells by obs_names: %d of %d rna and %d of %d morphology cells are in both modalities",
+            len(common), rna.n_obs, len(common), morph.n_obs,
+        )  # fmt: skip
+    if (~ok).any():
+        logger.warning(
+            "leaving out %d paired cells with NaN/inf rows (%d in %r, %d in %r); their outputs will be NaN",
+            int((~ok).sum()), info["n_nan_rna"], gene_rep, info["n_nan_morphology"], morph_rep,
+        )  # fmt: skip
+    info.update(obs_names=common[ok], x_gene=np.ascontiguousarray(xg[ok]), x_morph=np.ascontiguousarray(xm[ok]))
+    return info
+
+
+@torch.no_grad()
+def retrieval_recall(z_a: torch.Tensor, z_b: torch.Tensor, ks=RECALL_KS, chunk: int = 4096) -> dict[int, float]:
+    """Recall@k of retrieving row ``i`` of ``z_b`` from row ``i`` of ``z_a`` by cosine similarity.
+
+    The rank of the true partner is the number of candidates scoring strictly higher; computed in
+    chunks of rows so memory stays ``chunk * n``.
+    """
+    n = z_a.shape[0]
+    ranks = []
+    for s in range(0, n, chunk):
+        sims = z_a[s : s + chunk] @ z_b.T
+        rows = torch.arange(sims.shape[0], device=sims.device)
+        true = sims[rows, rows + s]
+        ranks.append((sims > true[:, None]).sum(dim=1))
+    rank = torch.cat(ranks).cpu().numpy() if ranks else np.zeros(0)
+    return {k: float((rank < k).mean()) if n else float("nan") for k in ks}
+
+
+class ContrastiveAligner:
+    """Align expression and morphology embeddings of the same cells in a shared space (CLIP-style).
+
+    Two projection networks (:class:`~cellsymphony.models.contrastive._module.ProjectionHead`) map the
+    expression embedding (e.g. scGPT) and the morphology embedding (e.g. UNI2-h) of each cell onto a
+    ``dim``-dimensional unit sphere; they are trained with the symmetric InfoNCE loss, the matched
+    cell being the positive and the other cells of the batch the negatives. Usually made by
+    :func:`cellsymphony.tl.align_contrastive`.
+
+    Parameters
+    ----------
+    dim
+        Dimension of the shared space.
+    hidden
+        Width of the hidden layer of each projection network.
+    dropout
+        Dropout after the hidden layer during training.
+    temperature
+        Initial softmax temperature of the loss.
+    learn_temperature
+        Learn the temperature (log-parameterised, clamped to ``[0.01, 1]``) or keep it fixed.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int = 128,
+        hidden: int = 256,
+        dropout: float = 0.1,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+    ):
+        for name, v in (("dim", dim), ("hidden", hidden)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer.")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout={dropout!r} must lie in [0, 1).")
+        self.config = {
+            "dim": int(dim),
+            "hidden": int(hidden),
+            "dropout": float(dropout),
+            "temperature": float(temperature),
+            "learn_temperature": bool(learn_temperature),
+        }
+        self.module: ContrastiveModule | None = None
+        self.gene_rep: str | None = None
+        self.morph_rep: str | None = None
+        self.n_gene: int | None = None
+        self.n_morph: int | None = None
+        self.history = pd.DataFrame(columns=["epoch", "train_loss", "test_loss", "temperature"])
+        self.retrieval = pd.DataFrame()
+        self.fit_info: dict = {}
+        self.train_obs_names = pd.Index([])
+        self.test_obs_names = pd.Index([])
+        self.device = "cpu"
+
+    def __repr__(self) -> str:
+        state = f"trained on {self.fit_info.get('n_used', '?')} cells" if self.is_trained else "not trained"
+        return (
+            f"ContrastiveAligner(dim={self.config['dim']}, hidden={self.config['hidden']}, "
+            f"inputs=({self.gene_rep!r}: {self.n_gene}, {self.morph_rep!r}: {self.n_morph}), {state})"
+        )
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether :meth:`fit` has run (or a trained model was loaded)."""
+        return self.module is not None
+
+    @property
+    def temperature(self) -> float:
+        """The current softmax temperature."""
+        if self.module is None:
+            return self.config["temperature"]
+        return float(self.module.temperature.detach().cpu())
+
+    def _build(self, n_gene: int, n_morph: int) -> None:
+        c = self.config
+        self.n_gene, self.n_morph = int(n_gene), int(n_morph)
+        self.module = ContrastiveModule(
+            self.n_gene,
+            self.n_morph,
+            dim=c["dim"],
+            hidden=c["hidden"],
+            dropout=c["dropout"],
+            temperature=c["temperature"],
+            learn_temperature=c["learn_temperature"],
+        )
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        mdata: MuData,
+        *,
+        gene_rep: str | None = None,
+        morph_rep: str | None = None,
+        epochs: int = 20,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        test_size: float = 0.1,
+        seed: int = 0,
+        device: str | None = None,
+    ) -> ContrastiveAligner:
+        """Train on the cells present in both modalities, holding out ``test_size`` of them.
+
+        Parameters
+        ----------
+        mdata
+            MuData with ``'rna'`` and ``'morphology'`` modalities; cells are paired by ``obs_names``.
+        gene_rep, morph_rep
+            Keys of the input embeddings (``None``: the latest written for that modality).
+        epochs
+            Passes over the training cells.
+        batch_size
+            Cells per batch (the negatives of each cell are the other cells of its batch);
+            clamped, with a warning, to the number of training cells.
+        lr
+            Peak learning rate of AdamW (cosine decay to zero over training).
+        weight_decay
+            AdamW weight decay of the linear layers.
+        test_size
+            Fraction of paired cells held out for the held-out loss and retrieval (0 for none).
+        seed
+            Seed of the split, initial weights, shuffling and dropout.
+        device
+            Torch device; ``None`` uses ``cs.settings.device``.
+
+        Returns
+        -------
+        The aligner itself, with ``history``, ``retrieval``, ``fit_info``, ``train_obs_names`` and
+        ``test_obs_names`` set.
+        """
+        if int(epochs) != epochs or epochs < 1:
+            raise ValueError(f"epochs={epochs!r} must be a positive integer.")
+        if int(batch_size) != batch_size or batch_size < 2:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 2 (InfoNCE needs negatives).")
+        if not 0 <= test_size < 1:
+            raise ValueError(f"test_size={test_size!r} must lie in [0, 1).")
+        if not lr > 0:
+            raise ValueError(f"lr={lr!r} must be positive.")
+        data = paired_inputs(mdata, gene_rep, morph_rep)
+        n = data["n_used"]
+        n_test = int(round(test_size * n)) if test_size > 0 else 0
+        if test_size > 0:
+            n_test = max(n_test, 2)
+        n_train = n - n_test
+        if n_train < 2:
+            raise ValueError(
+                f"Only {n} paired cells with finite embeddings ({n_test} held out): at least 2 are needed "
+                "for training; lower test_size or check the NaN rows."
+            )
+        batch_size = int(batch_size)
+        if batch_size > n_train:
+            warnings.warn(
+                f"batch_size={batch_size} is larger than the {n_train} training cells: clamped to {n_train}.",
+                UserWarning,
+                stacklevel=2,
+            )
+            batch_size = n_train
+        device = resolve_device(device)
+        self.gene_rep, self.morph_rep = data["gene_rep"], data["morph_rep"]
+
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(n)
+        test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
+        self.train_obs_names = data["obs_names"][train_idx]
+        self.test_obs_names = data["obs_names"][test_idx]
+
+        fork_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(seed)
+            self._build(data["x_gene"].shape[1], data["x_morph"].shape[1])
+            module = self.module
+            xg = torch.from_numpy(data["x_gene"]).to(device)
+            xm = torch.from_numpy(data["x_morph"]).to(device)
+            tr = torch.from_numpy(train_idx).to(device)
+            te = torch.from_numpy(test_idx).to(device)
+            module.gene_head.set_standardisation(xg[tr].mean(0), xg[tr].std(0))
+            module.morph_head.set_standardisation(xm[tr].mean(0), xm[tr].std(0))
+            module.to(device)
+            self.device = device
+
+            decay = [p for name, p in module.named_parameters() if p.ndim == 2]
+            no_decay = [p for name, p in module.named_parameters() if p.ndim != 2]
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=lr,
+            )
+            n_batches = math.ceil(n_train / batch_size)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * n_batches)
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            rows = []
+            from tqdm.auto import tqdm
+
+            for epoch in tqdm(range(epochs), desc="contrastive", disable=not settings.progress):
+                module.train()
+                perm = tr[torch.randperm(n_train, generator=gen).to(device)]
+                total, count = 0.0, 0
+                for s in range(0, n_train, batch_size):
+                    idx = perm[s : s + batch_size]
+                    if idx.numel() < 2:  # a lone cell has no negatives
+                        continue
+                    loss = module.loss(xg[idx], xm[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    module.clamp_temperature()
+                    total += float(loss.detach()) * idx.numel()
+                    count += idx.numel()
+                test_loss = self._eval_loss(xg, xm, te, batch_size)
+                rows.append(
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": total / max(count, 1),
+                        "test_loss": test_loss,
+                        "temperature": self.temperature,
+                    }
+                )
+            module.eval()
+            self.history = pd.DataFrame(rows)
+            self.retrieval = self._retrieval(xg, xm, te)
+        self.fit_info = {k: v for k, v in data.items() if k.startswith("n_")}
+        self.fit_info.update(n_train=int(n_train), n_test=int(n_test), batch_size=batch_size)
+        self.fit_params = {
+            "epochs": int(epochs),
+            "batch_size": batch_size,
+            "lr": float(lr),
+            "weight_decay": float(weight_decay),
+            "test_size": float(test_size),
+            "seed": int(seed),
+        }
+        last = self.history.iloc[-1]
+        logger.info(
+            "contrastive: %d epochs, train loss %.3f, held-out loss %.3f, temperature %.3f",
+            epochs, last.train_loss, last.test_loss, last.temperature,
+        )  # fmt: skip
+        return self
+
+    @torch.no_grad()
+    def _eval_loss(self, xg: torch.Tensor, xm: torch.Tensor, idx: torch.Tensor, batch_size: int) -> float:
+        """Mean InfoNCE over the held-out cells in fixed batches of ``batch_size`` (NaN when < 2 cells)."""
+        if idx.numel() < 2:
+            return float("nan")
+        self.module.eval()
+        total, count = 0.0, 0
+        for s in range(0, idx.numel(), batch_size):
+            b = idx[s : s + batch_size]
+            if b.numel() < 2:
+                continue
+            total += float(self.module.loss(xg[b], xm[b])) * b.numel()
+            count += b.numel()
+        return total / count
+
+    @torch.no_grad()
+    def _retrieval(self, xg: torch.Tensor, xm: torch.Tensor, idx: torch.Tensor) -> pd.DataFrame:
+        """Recall@k in both directions among the held-out cells, with the chance level k / n."""
+        n = int(idx.numel())
+        self.module.eval()
+        zg, zm = [], []
+        for s in range(0, n, 8192):
+            b = idx[s : s + 8192]
+            zg.append(self.module.gene_head(xg[b]))
+            zm.append(self.module.morph_head(xm[b]))
+        if n:
+            zg, zm = torch.cat(zg), torch.cat(zm)
+            r2m, m2r = retrieval_recall(zg, zm), retrieval_recall(zm, zg)
+        else:
+            r2m = m2r = dict.fromkeys(RECALL_KS, float("nan"))
+        return pd.DataFrame(
+            {
+                "k": list(RECALL_KS),
+                "rna_to_morphology": [r2m[k] for k in RECALL_KS],
+                "morphology_to_rna": [m2r[k] for k in RECALL_KS],
+                "chance": [min(k, n) / n if n else float("nan") for k in RECALL_KS],
+                "n_cells": [n] * len(RECALL_KS),
+            },
+            index=[f"recall@{k}" for k in RECALL_KS],
+        )
+
+    # ------------------------------------------------------------------ inference
+    def _check_trained(self) -> None:
+        if self.module is None:
+            raise ValueError("The aligner is not trained: call .fit(mdata) or cs.tl.align_contrastive first.")
+
+    @torch.no_grad()
+    def transform_array(
+        self, x: np.ndarray, modality: Literal["rna", "morphology"] = MOD_MORPH, *, batch_size: int = 8192
+    ) -> np.ndarray:
+        """Project an array of one modality's embeddings; rows with NaN/inf give NaN rows.
+
+        Parameters
+        ----------
+        x
+            ``(n_cells, n_features)`` embeddings of the kind the aligner was trained on.
+        modality
+            ``"rna"`` or ``"morphology"``.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        ``(n_cells, dim)`` float32 array of L2-normalised projections.
+        """
+        self._check_trained()
+        check_choice("modality", modality, MODALITIES)
+        x = np.asarray(x, dtype=np.float32)
+        want = self.n_gene if modality == MOD_RNA else self.n_morph
+        if x.ndim != 2 or x.shape[1] != want:
+            raise ValueError(
+                f"The aligner's {modality!r} network takes {want} features per cell; got an array of shape {x.shape}."
+            )
+        out = np.full((x.shape[0], self.config["dim"]), np.nan, dtype=np.float32)
+        ok = np.flatnonzero(np.isfinite(x).all(axis=1))
+        self.module.eval()
+        head = self.module.gene_head if modality == MOD_RNA else self.module.morph_head
+        for s in range(0, len(ok), batch_size):
+            rows = ok[s : s + batch_size]
+            out[rows] = head(torch.from_numpy(x[rows]).to(self.device)).cpu().numpy()
+        return out
+
+    def transform(
+        self,
+        mdata: MuData | AnnData,
+        modality: Literal["rna", "morphology"] = MOD_MORPH,
+        *,
+        rep: str | None = None,
+        batch_size: int = 8192,
+        key_added: str | None = None,
+    ) -> np.ndarray:
+        """Project one modality of a (new) section into the shared space.
+
+        Works on a morphology-only MuData (an H&E-only slide read with ``cs.io.read_he_cells``) or
+        on an AnnData holding the modality.
+
+        Parameters
+        ----------
+        mdata
+            MuData with the modality, or the modality's AnnData.
+        modality
+            ``"morphology"`` (default) or ``"rna"``.
+        rep
+            Key in the modality's ``.obsm`` of the input embedding; ``None`` uses the key the aligner was
+            trained on when present, else the latest embedding of that modality.
+        batch_size
+            Cells per forward pass.
+        key_added
+            When given, also write the result to the modality's ``.obsm[key_added]``.
+
+        Returns
+        -------
+        ``(n_cells, dim)`` float32 array of L2-normalised projections (NaN rows for NaN inputs), in the
+        modality's cell order.
+        """
+        self._check_trained()
+        check_choice("modality", modality, MODALITIES)
+        adata = get_modality(mdata, modality)
+        if rep is None:
+            trained = self.gene_rep if modality == MOD_RNA else self.morph_rep
+            rep = trained if trained in adata.obsm else None
+        if is_mudata(mdata):
+            rep, x = get_rep(mdata, modality, rep)
+        else:
+            if rep is None:
+                raise ValueError(f"Pass rep=: the AnnData has none of the trained key (it has {sorted(adata.obsm)}).")
+            rep = resolve_rep(adata, modality, rep)
+            x = np.asarray(adata.obsm[rep], dtype=np.float32)
+        out = self.transform_array(x, modality, batch_size=batch_size)
+        if key_added is not None:
+            adata.obsm[key_added] = out
+            if is_mudata(mdata):
+                mdata.update()
+            logger.info("added .obsm[%r] to the %r modality", key_added, modality)
+        return out
+
+    def loss(self, x_gene: np.ndarray, x_morph: np.ndarray) -> float:
+        """Symmetric InfoNCE of paired arrays taken as one batch, with the current temperature (eval mode)."""
+        self._check_trained()
+        zg = torch.from_numpy(self.transform_array(x_gene, MOD_RNA))
+        zm = torch.from_numpy(self.transform_array(x_morph, MOD_MORPH))
+        return float(info_nce(zg, zm, self.temperature))
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str | Path, *, overwrite: bool = False) -> None:
+        """Save weights (``model.safetensors``) and configuration, history and retrieval (``config.json``).
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write; created when missing.
+        overwrite
+            Replace the files of an existing saved model; otherwise an existing one is an error.
+
+        Returns
+        -------
+        None; writes ``dir_path/model.safetensors`` and ``dir_path/config.json`` (each atomically).
+        """
+        from safetensors.torch import save_file
+
+        self._check_trained()
+        d = Path(dir_path)
+        if not overwrite and ((d / WEIGHTS_FILE).exists() or (d / CONFIG_FILE).exists()):
+            raise ValueError(f"{d} already holds a saved model: pass overwrite=True to replace it.")
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        meta = {
+            "format": "cellsymphony.ContrastiveAligner/1",
+            "version": package_version(),
+            "config": self.config,
+            "n_gene": self.n_gene,
+            "n_morph": self.n_morph,
+            "gene_rep": self.gene_rep,
+            "morph_rep": self.morph_rep,
+            "learn_temperature": self.config["learn_temperature"],
+            "fit_info": self.fit_info,
+            "fit_params": getattr(self, "fit_params", {}),
+            "history": self.history.to_dict(orient="list"),
+            "retrieval": self.retrieval.to_dict(orient="list"),
+            "retrieval_index": list(self.retrieval.index),
+            "test_obs_names": [str(x) for x in self.test_obs_names],
+        }
+        with atomic_path(d / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
+        with atomic_path(d / CONFIG_FILE) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1, allow_nan=True))
+        logger.info("saved the contrastive aligner to %s", d)
+
+    @classmethod
+    def load(cls, dir_path: str | Path, *, device: str | None = None) -> ContrastiveAligner:
+        """Load an aligner written by :meth:`save`.
+
+        Parameters
+        ----------
+        dir_path
+            Folder holding ``model.safetensors`` and ``config.json``.
+        device
+            Torch device to put the model on; ``None`` uses ``cs.settings.device``.
+
+        Returns
+        -------
+        The trained :class:`ContrastiveAligner`.
+        """
+        from safetensors.torch import load_file
+
+        d = Path(dir_path)
+        missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (d / f).exists()]
+        if missing:
+            raise ValueError(f"{d} is not a saved ContrastiveAligner: missing {missing}.")
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        self = cls(**meta["config"])
+        self._build(meta["n_gene"], meta["n_morph"])
+        self.module.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
+        self.device = resolve_device(device)
+        self.module.to(self.device).eval()
+        self.gene_rep, self.morph_rep = meta["gene_rep"], meta["morph_rep"]
+        self.fit_info = meta.get("fit_info", {})
+        self.fit_params = meta.get("fit_params", {})
+        self.history = pd.DataFrame(meta.get("history", {}))
+        self.retrieval = pd.DataFrame(meta.get("retrieval", {}), index=meta.get("retrieval_index") or None)
+        self.test_obs_names = pd.Index(meta.get("test_obs_names", []))
+        return self

@@ -17,6 +17,8 @@ _LAZY: dict[str, str] = {
     "load_scgpt": ".encoders._scgpt",
     "ContrastiveAligner": ".contrastive._model",
     "ContrastiveModule": ".contrastive._module",
+    "CellTypeClassifier": ".classifier._model",
+    "CellClassifierModule": ".classifier._module",
 }
 
 __all__ = sorted(_LAZY)

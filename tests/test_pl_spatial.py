@@ -109,6 +109,26 @@ def test_spatial_he_warped_into_micrometres(mdata):
 
 
 @needs_read_he
+def test_spatial_he_pixels_land_at_their_micrometres(mdata):
+    """Render the figure and read it back: each quadrant's colour of the H&E shows at the micrometre position
+    the registration gives its centre (catches a wrong image transform, not just wrong corner arithmetic)."""
+    ax = cs.pl.spatial(mdata, "cell_type", alpha=0.0, legend=False, max_image_px=400)
+    np.testing.assert_allclose(ax.images[0].get_transform().get_affine().get_matrix()[2], [0, 0, 1])
+    fig = ax.figure
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    h = HE_SIZE // 2
+    quadrants = {(h // 2, h // 2): (230, 150, 190), (h + h // 2, h // 2): (120, 60, 160),
+                 (h // 2, h + h // 2): (240, 240, 240), (h + h // 2, h + h // 2): (200, 100, 120)}  # fmt: skip
+    for (px, py), colour in quadrants.items():
+        um = he_px_to_um(np.array([[px, py]], float), alignment(), 0.2125)
+        x, y = ax.transData.transform(um)[0]
+        row = rgba.shape[0] - int(round(y))
+        got = rgba[row - 1 : row + 2, int(round(x)) - 1 : int(round(x)) + 2, :3].reshape(-1, 3).mean(axis=0)
+        np.testing.assert_allclose(got, colour, atol=12)
+
+
+@needs_read_he
 def test_registration_panels(mdata):
     fig = cs.pl.registration(mdata, "he_label", window_um=60)
     assert [a.get_title() for a in fig.axes[:3]] == ["matched nuclei", "offsets", "distances"]

@@ -50,8 +50,16 @@ def _is_enrichment(v: Any) -> bool:
     return "cluster" in cols and "label" in cols and bool(cols & {"log2_odds_ratio", "log2_odds", "obs_exp"})
 
 
+def _comparison_table(v: Any) -> pd.DataFrame | None:
+    """The compare_classifiers table of an uns entry (the DataFrame, or the dict holding it under ``table``)."""
+    if isinstance(v, Mapping) and isinstance(v.get("table"), pd.DataFrame):
+        return v["table"]
+    return v if isinstance(v, pd.DataFrame) else None
+
+
 def _is_comparison(v: Any) -> bool:
-    if not isinstance(v, pd.DataFrame) or _is_enrichment(v):
+    v = _comparison_table(v)
+    if v is None or _is_enrichment(v):
         return False
     from .pl._common import comparison_long
 
@@ -84,15 +92,22 @@ def _find(mdata: Any, pred: Callable[[Any], bool]) -> list[str]:
 
 
 def _label_columns(mdata: Any, exclude: Sequence[str]) -> list[str]:
-    """Categorical per-cell columns worth a spatial map (labels, predictions, niches)."""
-    out = []
-    for col in mdata.obs.columns:
+    """Categorical per-cell columns worth a spatial map (labels, predictions, niches), each once:
+    ``mdata.obs`` columns, and modality label columns (``mod:name``) not already there by name."""
+    out: list[str] = []
+    seen: set[str] = set()
+    cols = sorted(mdata.obs.columns, key=lambda c: ":" in str(c))  # unprefixed first
+    for col in cols:
         s = mdata.obs[col]
         name = str(col)
-        if name in exclude or name.endswith(("_split", "_confident")) or name.split(":")[-1] in {"sample", "in_image"}:
+        base = name.split(":")[-1]
+        if name in exclude or base in seen or base.endswith(("_split", "_confident", "_pruned", "_empty")):
+            continue
+        if base in {"sample", "in_image", "segmentation_method", "cell_id"}:
             continue
         if isinstance(s.dtype, pd.CategoricalDtype) and 2 <= len(s.cat.categories) <= 40:
             out.append(name)
+            seen.add(base)
     return out
 
 
@@ -290,7 +305,7 @@ def write_report(
         parts = []
         if comparison_key is not None:
             parts.append(f"<h3>Comparison (<code>uns[{html.escape(comparison_key)!r}]</code>)</h3>")
-            parts.append(_table_html(mdata.uns[comparison_key], index=False))
+            parts.append(_table_html(_comparison_table(mdata.uns[comparison_key]), index=False))
             parts.append(figure("metrics_comparison", "Per-class precision, recall and F1 of the compared classifiers",
                                 lambda: pl.metrics(mdata, comparison_key)))  # fmt: skip
         if classifier_keys:

@@ -139,7 +139,6 @@ METRIC_NAMES = {
     "f1_score": "f1",
     "f": "f1",
     "support": "support",
-    "n": "support",
 }
 METRIC_LABELS = {"precision": "P", "recall": "R", "f1": "F1", "support": "n"}
 _SUMMARY_ROWS = {"macro avg", "weighted avg", "micro avg", "accuracy", "macro", "weighted", "micro", "avg"}

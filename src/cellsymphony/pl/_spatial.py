@@ -96,7 +96,9 @@ def _he_background(ax, reg: Mapping, bbox_um: np.ndarray, max_image_px: int, he_
             return None
         region = img.read_region(lx0, ly0, lx1 - lx0, ly1 - ly0, level=level)
     # level pixel edges -> level-0 pixels -> Xenium morphology pixels -> micrometres
-    to_um = Affine2D(pixel_size * alignment)
+    matrix = alignment.copy()
+    matrix[:2] *= pixel_size  # scale the affine's top two rows only: the last row stays 0 0 1
+    to_um = Affine2D(matrix)
     extent = (lx0 * ds, lx1 * ds, ly1 * ds, ly0 * ds)
     im = ax.imshow(region, extent=extent, transform=to_um + ax.transData, interpolation="antialiased", zorder=0)
     im.set_label(f"H&E level {level}")
@@ -150,7 +152,7 @@ def spatial(
     groups
         For a categorical ``color``: draw only these categories in colour, the others light grey.
     size
-        Marker size in points squared; default scales with the number of cells, as scanpy.
+        Marker size in points squared; default about 70% of the typical distance between cells.
     alpha
         Marker opacity.
     palette
@@ -210,7 +212,13 @@ def spatial(
             _he_background(ax, reg, bbox, max_image_px, he_mpp)
         else:
             logger.info("sample %r has no H&E registered; drawing the cells only", sample)
-    size = size if size is not None else float(np.clip(120000 / len(xy), 0.5, 60))
+    if size is None:
+        # markers about 70% of the typical spacing between cells, so the H&E shows between them
+        fig.canvas.draw_idle()
+        width_pt = ax.get_window_extent().width * 72 / fig.dpi
+        pt_per_um = width_pt / max(bbox[2] - bbox[0], 1e-9)
+        spacing_um = np.sqrt((bbox[2] - bbox[0]) * (bbox[3] - bbox[1]) / len(xy))
+        size = float(np.clip((0.7 * spacing_um * pt_per_um) ** 2, 0.3, 80))
     if values is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=size, c="#1f77b4", alpha=alpha, linewidths=0, zorder=2)
     elif isinstance(values.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(values):

@@ -58,6 +58,6 @@ def test_report_lists_what_could_not_be_drawn(mdata, tmp_path):
     path = write_report(data, tmp_path, settings_note="demo sizes", classifier_keys=["cs_pred"])
     html = path.read_text()
     assert "Not drawn" in html
-    assert "history_cs_pred" in html.split(">Not drawn<")[1]
+    assert "history_cs_pred" in html.split('id="problems">Not drawn')[1]
     assert not (tmp_path / "figures" / "history_cs_pred.png").exists()
     assert "<p>demo sizes</p>" in html

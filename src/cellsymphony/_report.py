@@ -324,7 +324,7 @@ def write_report(
         parts = []
         ret = rec.get("retrieval")
         if isinstance(ret, pd.DataFrame):
-            parts.append("<h3>Held-out retrieval (recall@k, with chance)</h3>" + _table_html(ret, index=False))
+            parts.append("<h3>Held-out retrieval (recall@k, with chance)</h3>" + _table_html(ret, index=not isinstance(ret.index, pd.RangeIndex)))
         parts.append(figure(f"history_{_slug(contrastive_key)}", "Contrastive training curves", lambda: pl.history(mdata, contrastive_key)))
         color = niche_key if niche_key in label_keys else (label_keys[0] if label_keys else None)
         for mod in (MOD_MORPH, MOD_RNA):

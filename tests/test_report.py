@@ -61,3 +61,18 @@ def test_report_lists_what_could_not_be_drawn(mdata, tmp_path):
     assert "history_cs_pred" in html.split('id="problems">Not drawn')[1]
     assert not (tmp_path / "figures" / "history_cs_pred.png").exists()
     assert "<p>demo sizes</p>" in html
+
+
+def test_report_settings_as_nested_mapping_and_coherence(mdata, tmp_path):
+    data = mdata.copy()
+    data.uns["cs_niche_coherence"] = pd.DataFrame(
+        {"n_cells": [10, 20], "observed": [0.8, 0.6], "null_mean": [0.3, 0.3], "null_sd": [0.05, 0.05], "z": [10.0, 6.0], "pval": [0.005, 0.005]},
+        index=pd.Index(["0", "overall"], name="cluster"),
+    )
+    note = {"classifier size": {"demo": "d_model 64", "paper": "d_model 512"}}
+    html = write_report(data, tmp_path, settings_note=note, label_keys=[]).read_text()
+    settings = html.split('id="settings">')[1]
+    assert "<th>demo</th>" in settings and "<th>paper</th>" in settings
+    assert "<td>d_model 512</td>" in settings
+    assert "Spatial coherence of clusters" in html
+    assert "<th>overall</th>" in html

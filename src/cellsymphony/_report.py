@@ -69,6 +69,10 @@ def _is_comparison(v: Any) -> bool:
         return False
 
 
+def _is_coherence(v: Any) -> bool:
+    return isinstance(v, pd.DataFrame) and {"observed", "null_mean", "z"} <= {str(c) for c in v.columns}
+
+
 def _is_registration(v: Any) -> bool:
     if not isinstance(v, Mapping):
         return False
@@ -346,6 +350,15 @@ def write_report(
             parts.append("<p>Most significant pairs:</p>" + _table_html(shown, index=False))
         sections.append(("enrichment", "Cell-type enrichment in clusters", parts))
 
+    # ---- spatial coherence
+    coherence = _find(mdata, _is_coherence)
+    if coherence:
+        parts = []
+        for k in coherence:
+            parts.append(f"<h3><code>{html.escape(k)}</code>: same-cluster fraction of spatial neighbours against a permutation null</h3>")
+            parts.append(_table_html(mdata.uns[k]))
+        sections.append(("coherence", "Spatial coherence of clusters", parts))
+
     # ---- timings
     if timings is None:
         timings = mdata.uns.get(UNS_KEY, {}).get("timings")
@@ -384,11 +397,13 @@ def _settings_html(note: Any) -> str:
     if isinstance(note, Mapping):
         rows = []
         for k, v in note.items():
-            if isinstance(v, tuple | list) and len(v) == 2:
+            if isinstance(v, Mapping):
+                rows.append({"setting": k, **{str(c): str(x) for c, x in v.items()}})
+            elif isinstance(v, tuple | list) and len(v) == 2:
                 rows.append({"setting": k, "paper": str(v[0]), "this run": str(v[1])})
             else:
                 rows.append({"setting": k, "paper": "", "this run": str(v)})
-        return "<div class='note'>" + _table_html(pd.DataFrame(rows), index=False) + "</div>"
+        return "<div class='note'>" + _table_html(pd.DataFrame(rows).fillna(""), index=False) + "</div>"
     text = html.escape(str(note)).replace("\n\n", "</p><p>").replace("\n", "<br>")
     return f"<div class='note'><p>{text}</p></div>"
 

@@ -216,3 +216,43 @@ def test_help_is_light_and_works_as_module():
     assert res.returncode == 0
     assert "--xenium" in res.stdout
     assert "--uni2" in res.stdout
+
+
+def test_run_classifier_options(tmp_path, xenium, scgpt, weights, capsys):
+    base = ["run", "--xenium", str(xenium), "--uni2", str(weights), "--scgpt", str(scgpt), "--out", str(tmp_path / "o")]
+    code, _, err = run([*base, "--archs", "dual,transformerXL"], capsys)
+    assert code == 2
+    _one_line_error(err, "--archs", "transformerXL")
+    code, _, err = run([*base, "--d-model", "30", "--n-heads", "8"], capsys)
+    _one_line_error(err, "multiple of --n-heads")
+
+
+@pytest.mark.slow
+def test_run_end_to_end_on_a_synthetic_bundle(tmp_path):
+    """`cellsymphony run` on a small synthetic Xenium folder, handcrafted morphology, tiny scGPT, SingleR labels."""
+    import mudata as md
+
+    import cellsymphony as cs
+
+    bundle = cs.datasets.synthetic_xenium(tmp_path / "xenium", n_cells=600, seed=3)
+    mdata = cs.io.read_xenium(bundle)
+    ckpt = cs.datasets.tiny_scgpt_checkpoint(tmp_path / "scgpt", list(mdata["rna"].var_names))
+    out = tmp_path / "out"
+    code = cli.main([
+        "run", "--xenium", str(bundle), "--morph-model", "handcrafted", "--scgpt", str(ckpt),
+        "--labels", "singler", "--reference", str(bundle / "reference.h5ad"), "--ref-label-key", "cell_type",
+        "--epochs", "2", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--archs", "unimodal,dual",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    result = md.read_h5mu(out / "cellsymphony.h5mu")
+    assert "cs_pred" in result.obs
+    assert "cs_niche" in result.obs
+    assert "X_cs_contrastive" in result["morphology"].obsm
+    table = result.uns["cs_compare"]["table"]
+    assert set(table["architecture"]) >= {"unimodal", "dual", "logistic"}
+    html = (out / "report.html").read_text()
+    assert "classifier d_model" in html  # the settings that differ from the paper's
+    assert (out / "figures" / "metrics_comparison.png").exists()
+    assert (out / "classifier").is_dir()
+    assert (out / "contrastive").is_dir()

@@ -160,6 +160,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         labels = _existing_file(labels, "--labels")
         if args.reference:
             raise CLIError("--reference is only used with --labels singler")
+    archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
+    known = ("unimodal", "spatial", "dual", "multi_input", "morphology")
+    unknown = [a for a in archs if a not in known]
+    if unknown or not archs:
+        raise CLIError(f"--archs {args.archs}: unknown architecture(s) {unknown}; choose from {', '.join(known)}")
+    if args.d_model % args.n_heads:
+        raise CLIError(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}")
     out = _out_dir(args.out, overwrite=args.overwrite, product="cellsymphony.h5mu")
     from ._run import run_pipeline
 
@@ -167,7 +174,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         xenium, out, he_image=he_image, he_alignment=he_alignment, uni2=uni2, morph_model=args.morph_model,
         morph_mode=args.morph_mode, scgpt=scgpt, labels=labels, reference=reference,
         ref_label_key=args.ref_label_key, cell_id_col=args.cell_id_col, label_col=args.label_col,
-        epochs=args.epochs, device=args.device, seed=args.seed,
+        epochs=args.epochs, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, archs=archs,
+        device=args.device, seed=args.seed,
     )  # fmt: skip
     return 0
 
@@ -257,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ref-label-key", metavar="COL", help="the reference's obs column of labels")
     run.add_argument("--cell-id-col", default="cell_id", help="cell-id column of a labels FILE (default cell_id)")
     run.add_argument("--label-col", default="label", help="label column of a labels FILE (default label)")
-    run.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20)")
+    run.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20, as the paper)")
+    run.add_argument("--d-model", type=_positive_int, default=512, help="classifier width (default 512, as the paper)")
+    run.add_argument("--n-layers", type=_positive_int, default=6, help="classifier depth (default 6, as the paper)")
+    run.add_argument("--n-heads", type=_positive_int, default=8, help="classifier attention heads (default 8)")
+    run.add_argument("--archs", default="unimodal,spatial,dual,multi_input,morphology",
+                     help="architectures to compare, comma-separated (default all five)")  # fmt: skip
     run.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
     run.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     run.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._constants import CONTRASTIVE_KEY, MOD_RNA, NICHE_KEY, PRED_KEY, SINGLER_KEY
+from ._constants import CONTRASTIVE_KEY, NICHE_KEY, PRED_KEY, SINGLER_KEY
 from ._settings import logger
 
 # what this pipeline does that the paper did differently (shown in the report)
@@ -51,6 +51,10 @@ def run_pipeline(
     cell_id_col: str,
     label_col: str,
     epochs: int,
+    d_model: int = 512,
+    n_layers: int = 6,
+    n_heads: int = 8,
+    archs: tuple[str, ...] = ("unimodal", "spatial", "dual", "multi_input", "morphology"),
     device: str | None,
     seed: int,
 ) -> Path:
@@ -71,23 +75,25 @@ def run_pipeline(
     )
     steps.run("expression embeddings (scGPT)", lambda: cs.pp.embed_expression(mdata, model_dir=scgpt, device=device))
 
+    size = {"epochs": epochs, "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads}
     label_key = confident_key = None
     if labels == "singler":
         import anndata as ad
 
         ref = ad.read_h5ad(reference)
         steps.run("SingleR labels", lambda: cs.pp.annotate_singler(mdata, ref, ref_label_key=ref_label_key))
-        label_key, confident_key = f"{MOD_RNA}:{SINGLER_KEY}", f"{MOD_RNA}:{SINGLER_KEY}_confident"
+        label_key, confident_key = SINGLER_KEY, f"{SINGLER_KEY}_confident"
     elif has_labels:
         steps.run("importing labels", lambda: cs.pp.import_labels(
             mdata, labels, cell_id_col=cell_id_col, label_col=label_col, key_added="labels"))  # fmt: skip
         label_key = "labels"
     if label_key is not None:
         steps.run("comparing classifiers", lambda: cs.tl.compare_classifiers(
-            mdata, label_key, epochs=epochs, device=device, seed=seed, key_added="cs_compare"))  # fmt: skip
+            mdata, label_key, archs=archs, confident_key=confident_key, device=device, seed=seed,
+            key_added="cs_compare", **size))  # fmt: skip
         clf = steps.run("training the dual classifier", lambda: cs.tl.train_classifier(
-            mdata, label_key, arch="dual", confident_key=confident_key, epochs=epochs, device=device, seed=seed,
-            key_added=PRED_KEY))  # fmt: skip
+            mdata, label_key, arch="dual", confident_key=confident_key, device=device, seed=seed,
+            key_added=PRED_KEY, **size))  # fmt: skip
         clf.save(out / "classifier", overwrite=True)
     aligner = steps.run("contrastive alignment", lambda: cs.tl.align_contrastive(
         mdata, epochs=epochs, device=device, seed=seed, key_added=CONTRASTIVE_KEY))  # fmt: skip
@@ -99,7 +105,10 @@ def run_pipeline(
     h5mu = out / "cellsymphony.h5mu"
     steps.run("writing results", lambda: cs.io.write(mdata, h5mu))
     note = dict(RUN_SETTINGS_NOTE)
-    note["epochs"] = ("paper's schedule", str(epochs))
+    paper = {"epochs": 20, "d_model": 512, "n_layers": 6, "n_heads": 8}
+    for k, v in size.items():
+        if v != paper[k]:
+            note[f"classifier {k}"] = (str(paper[k]), str(v))
     write_report(mdata, out, settings_note=note, timings=steps.timings, title=f"cellsymphony: {xenium.name}")
     logger.info("results in %s (cellsymphony.h5mu, report.html, figures/, classifier/, contrastive/)", out)
     return h5mu

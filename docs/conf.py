@@ -52,16 +52,36 @@ nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_merge_streams = True
 
-source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "generated/*.md", "README.md"]
+# .rst first: autosummary writes its generated pages with the first suffix
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "README.md"]
 html_theme = "pydata_sphinx_theme"
 html_title = "cellsymphony"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_theme_options = {"navigation_with_keys": False, "show_toc_level": 2}
 nitpicky = False
-# pages of the capability helpers are listed by glob in the index, so a page not merged yet does not break
-# the build; numpy-style "array-like" etc. in type fields are not cross-referenced
-suppress_warnings = ["mystnb.unknown_mime_type", "toc.empty_glob"]
+suppress_warnings = ["mystnb.unknown_mime_type"]
+
+# The user guide lists one page per capability (docs/io.md, synthetic.md, ...). Each is written on the
+# branch that builds the capability; until that branch is merged its page is absent, and the entry is
+# dropped from the toctree with a message, instead of failing the build.
+GUIDE_PAGES = ["io", "synthetic", "morphology", "expression", "labels", "classifiers", "contrastive", "plotting"]
+
+
+def _guide_toctree(app, docname, source):
+    if docname != "index":
+        return
+    from sphinx.util import logging
+
+    present = [p for p in GUIDE_PAGES if (HERE / f"{p}.md").exists()]
+    missing = sorted(set(GUIDE_PAGES) - set(present))
+    if missing:
+        logging.getLogger(__name__).info("user guide: pages not present yet: %s", ", ".join(missing))
+    source[0] = source[0].replace("<!-- guide-pages -->", "\n".join(present))
+
+
+def setup(app):
+    app.connect("source-read", _guide_toctree)
 
 os.environ.setdefault("CELLSYMPHONY_CACHE", str(HERE / "_build" / "cellsymphony_cache"))

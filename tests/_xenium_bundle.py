@@ -131,7 +131,9 @@ def make_bundle(
     features = pd.DataFrame(feats, columns=["id", "name", "feature_type"])
     counts = rng.poisson(2.0, size=(n, len(features))).astype(np.int64)
     kinds = features["feature_type"].to_numpy()
-    counts[:, kinds != "Gene Expression"] = rng.poisson(0.3, size=(n, int((kinds != "Gene Expression").sum())))
+    counts[:, kinds != "Gene Expression"] = rng.poisson(
+        0.3, size=(n, int((kinds != "Gene Expression").sum()))
+    )
     if protein:
         prot = kinds == "Protein Expression"
         counts[:, prot] = rng.integers(0, 50, size=(n, int(prot.sum())))
@@ -145,7 +147,9 @@ def make_bundle(
             "y_centroid": centroids[:, 1],
             "transcript_counts": counts[:, gene].sum(1).astype(np.int32),
             "control_probe_counts": counts[:, kinds == "Negative Control Probe"].sum(1).astype(np.int32),
-            "control_codeword_counts": counts[:, kinds == "Negative Control Codeword"].sum(1).astype(np.int32),
+            "control_codeword_counts": counts[:, kinds == "Negative Control Codeword"]
+            .sum(1)
+            .astype(np.int32),
             "unassigned_codeword_counts": counts[:, kinds == "Unassigned Codeword"].sum(1).astype(np.int32),
             "total_counts": counts[:, ~np.isin(kinds, ["Protein Expression"])].sum(1).astype(np.int32),
             "cell_area": np.full(n, np.pi * 36.0),
@@ -182,7 +186,9 @@ def make_bundle(
     return Bundle(path, ids, centroids, nucleus, n_nuclei, counts, features, alignment, he_shape)
 
 
-def write_h5(path: Path, counts: np.ndarray, features: pd.DataFrame, ids: np.ndarray, *, protein: bool = False):
+def write_h5(
+    path: Path, counts: np.ndarray, features: pd.DataFrame, ids: np.ndarray, *, protein: bool = False
+):
     """The 10x HDF5 layout: CSC over cells, integer arrays, byte strings, root attributes."""
     import h5py
 
@@ -232,9 +238,9 @@ def write_zarr(path: Path, counts: np.ndarray, features: pd.DataFrame, ids: np.n
     m = sparse.csr_matrix(counts.T)  # rows are features
     store = zarr.storage.ZipStore(path, mode="w")
     root = zarr.open_group(store, mode="w", zarr_format=2)
-    g = root.create_group("cell_features")
-    g.attrs.update(
-        {
+    g = root.create_group(
+        "cell_features",
+        attributes={
             "major_version": 3,
             "minor_version": 0,
             "number_cells": int(counts.shape[0]),
@@ -242,11 +248,15 @@ def write_zarr(path: Path, counts: np.ndarray, features: pd.DataFrame, ids: np.n
             "feature_keys": list(features["name"]),
             "feature_ids": list(features["id"]),
             "feature_types": list(features["feature_type"]),
-        }
+        },
     )
     cid = pairs if pairs is not None else ids.astype(np.uint32)
-    for name, arr in (("cell_id", cid), ("data", m.data.astype(np.uint32)), ("indices", m.indices.astype(np.uint32)),
-                      ("indptr", m.indptr.astype(np.uint32))):
+    for name, arr in (
+        ("cell_id", cid),
+        ("data", m.data.astype(np.uint32)),
+        ("indices", m.indices.astype(np.uint32)),
+        ("indptr", m.indptr.astype(np.uint32)),
+    ):
         a = g.create_array(name, shape=arr.shape, dtype=arr.dtype)
         a[...] = arr
     store.close()
@@ -287,8 +297,12 @@ def write_he(path: Path, nucleus: np.ndarray, n_nuclei: np.ndarray, *, axes: str
         for i, lev in enumerate(levels):
             data = np.moveaxis(lev, -1, 0) if axes == "CYX" else lev
             if i == 0:
-                tw.write(data, subifds=1, metadata={"axes": axes, "PhysicalSizeX": HE_MPP, "PhysicalSizeY": HE_MPP},
-                         **kw)
+                tw.write(
+                    data,
+                    subifds=1,
+                    metadata={"axes": axes, "PhysicalSizeX": HE_MPP, "PhysicalSizeY": HE_MPP},
+                    **kw,
+                )
             else:
                 tw.write(data, subfiletype=1, **kw)
     np.savetxt(path / "test_he_imagealignment.csv", a, delimiter=",")

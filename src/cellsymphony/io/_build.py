@@ -72,7 +72,10 @@ def in_image_flags(nucleus_um: np.ndarray, section: Section) -> np.ndarray:
 
 def _var(var: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(
-        {"gene_ids": var["id"].astype(str).to_numpy(), "feature_types": var["feature_type"].astype(str).to_numpy()},
+        {
+            "gene_ids": var["id"].astype(str).to_numpy(),
+            "feature_types": var["feature_type"].astype(str).to_numpy(),
+        },
         index=pd.Index(var["name"].astype(str).to_numpy()),
     )
     return out
@@ -125,8 +128,9 @@ def build(section: Section) -> MuData:
     mods = {MOD_RNA: rna, MOD_MORPH: morph}
     if section.protein_x is not None and section.protein_x.shape[1] > 0:
         pobs = pd.DataFrame({SAMPLE_KEY: sample_cat}, index=index)
-        prot = ad.AnnData(X=sparse.csr_matrix(section.protein_x, dtype=np.float32), obs=pobs,
-                          var=_var(section.protein_var))
+        prot = ad.AnnData(
+            X=sparse.csr_matrix(section.protein_x, dtype=np.float32), obs=pobs, var=_var(section.protein_var)
+        )
         mods[MOD_PROTEIN] = prot
     for a in mods.values():
         a.obsm[SPATIAL_KEY] = spatial.copy()

@@ -58,8 +58,10 @@ def concat(
     Returns
     -------
     A new MuData with every modality concatenated, ``obs["sample"]`` (categorical) on the MuData and on
-    each modality, ``obsm`` kept where every input has it, ``obs["cell_id"]`` holding the original ids, and
-    ``uns["cellsymphony"]["samples"]`` holding the registries of all inputs.
+    each modality, ``obsm`` kept where every input has it, the MuData's own ``obs`` columns (e.g. classifier
+    predictions), ``obs["cell_id"]`` holding the original ids, and ``uns["cellsymphony"]["samples"]``
+    holding the registries of all inputs (``uns["cellsymphony"]["latest"]`` when all inputs agree; other
+    ``uns`` entries of the MuData are not carried over).
     """
     import anndata as ad
     import mudata as md
@@ -97,7 +99,7 @@ def concat(
         registries.append(reg)
 
     merged_reg: dict = {}
-    for i, reg in enumerate(registries):
+    for reg in registries:
         for name, entry in reg.items():
             if name in merged_reg:
                 raise ValueError(
@@ -109,12 +111,16 @@ def concat(
     all_ids = [m.obs_names.to_numpy().astype(str) for m in mdatas]
     clash = pd.Index(np.concatenate(all_ids)).has_duplicates
     if clash and index_unique == "never":
-        raise ValueError("Cell ids clash between inputs; use index_unique='auto' to prefix them with the sample id.")
+        raise ValueError(
+            "Cell ids clash between inputs; use index_unique='auto' to prefix them with the sample id."
+        )
     prefix = index_unique == "always" or (index_unique == "auto" and clash)
 
     parts = []
     cell_sample = []
-    global_obsm: dict[str, list[pd.DataFrame]] = {SPATIAL_KEY: [], NUCLEUS_KEY: []}
+    shared_obsm = set.intersection(*(set(m.obsm) for m in mdatas)) | {SPATIAL_KEY, NUCLEUS_KEY}
+    global_obsm: dict[str, list[pd.DataFrame]] = {k: [] for k in sorted(shared_obsm)}
+    global_obs: list[pd.DataFrame] = []
     for m, s, ids in zip(mdatas, samples, all_ids, strict=True):
         new = np.array([f"{a}{sep}{b}" for a, b in zip(s.to_numpy(), ids, strict=True)]) if prefix else ids
         rename = dict(zip(ids, new, strict=True))
@@ -122,6 +128,9 @@ def concat(
         for key, frames in global_obsm.items():
             if key in m.obsm:
                 frames.append(pd.DataFrame(np.asarray(m.obsm[key]), index=new))
+        # the MuData's own columns (not those pulled from a modality as "mod:column")
+        own = [c for c in m.obs.columns if c != SAMPLE_KEY and not any(c.startswith(f"{k}:") for k in m.mod)]
+        global_obs.append(pd.DataFrame({c: m.obs[c].to_numpy() for c in own}, index=new))
         mods = {}
         for name, adata in m.mod.items():
             adata = adata.copy()
@@ -148,10 +157,18 @@ def concat(
         out = md.MuData(joined)
         out.update()
     by_cell = pd.concat(cell_sample)
-    out.obs[SAMPLE_KEY] = pd.Categorical(by_cell.reindex(out.obs_names).astype(str).to_numpy(), categories=categories)
+    out.obs[SAMPLE_KEY] = pd.Categorical(
+        by_cell.reindex(out.obs_names).astype(str).to_numpy(), categories=categories
+    )
     for key, frames in global_obsm.items():
-        if len(frames) == len(mdatas):
+        if len(frames) == len(mdatas) and len({f.shape[1] for f in frames}) == 1:
             out.obsm[key] = pd.concat(frames).reindex(out.obs_names).to_numpy()
+    extra = pd.concat(global_obs).reindex(out.obs_names)
+    for col in extra.columns:
+        values = extra[col]
+        if values.dtype == object and values.dropna().map(lambda v: isinstance(v, str)).all():
+            values = values.astype("category")  # categorical columns of different categories end up here
+        out.obs[col] = values
 
     block: dict = {SAMPLES_KEY: merged_reg}
     latest = [m.uns.get(UNS_KEY, {}).get(LATEST_KEY) for m in mdatas]

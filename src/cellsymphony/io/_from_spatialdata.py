@@ -86,10 +86,14 @@ def from_spatialdata(
     from spatialdata.transformations import get_transformation
 
     if table_key not in sdata.tables:
-        raise ValueError(f"The SpatialData has no table {table_key!r} (it has {list(sdata.tables)}); pass table_key=.")
+        raise ValueError(
+            f"The SpatialData has no table {table_key!r} (it has {list(sdata.tables)}); pass table_key=."
+        )
     table = sdata.tables[table_key]
     if "cell_id" not in table.obs:
-        raise ValueError(f"Table {table_key!r} has no obs['cell_id']; it does not come from spatialdata_io.xenium.")
+        raise ValueError(
+            f"Table {table_key!r} has no obs['cell_id']; it does not come from spatialdata_io.xenium."
+        )
     if "spatial" not in table.obsm:
         raise ValueError(f"Table {table_key!r} has no obsm['spatial'] (cell centroids in micrometres).")
     ids, _ = to_cell_ids(table.obs["cell_id"].to_numpy(), f"table {table_key!r}")
@@ -98,7 +102,11 @@ def from_spatialdata(
 
     attrs = table.uns.get("spatialdata_attrs", {})
     region = attrs.get("region")
-    region = region if isinstance(region, str) else (list(region)[0] if region is not None and len(region) else None)
+    region = (
+        region
+        if isinstance(region, str)
+        else (list(region)[0] if region is not None and len(region) else None)
+    )
     um_to_cs = _um_to_cs(sdata, [region, nucleus_key], coordinate_system, get_transformation)
     if pixel_size is None:
         if um_to_cs is None:
@@ -131,8 +139,9 @@ def from_spatialdata(
     if nucleus_key is not None and nucleus_key in sdata.shapes:
         nucleus, n_nuclei = _nuclei_from_shapes(sdata.shapes[nucleus_key], ids)
 
-    he = _he_from_element(sdata, image_key, he_path, coordinate_system, um_to_cs, pixel_size, he_mpp,
-                          get_transformation)
+    he = _he_from_element(
+        sdata, image_key, he_path, coordinate_system, um_to_cs, pixel_size, he_mpp, get_transformation
+    )
     if sample is None:
         sample = "sample"
         if he["he_path"]:
@@ -215,7 +224,9 @@ def _he_from_element(sdata, image_key, he_path, cs, um_to_cs, pixel_size, he_mpp
             raise ValueError(f"Several H&E image elements {names}; pass image_key=.")
         if not names:
             if he_path is not None:
-                raise ValueError("he_path was given but the SpatialData has no H&E image element; pass image_key=.")
+                raise ValueError(
+                    "he_path was given but the SpatialData has no H&E image element; pass image_key=."
+                )
             return _nothing_he()
         image_key = names[0]
     if image_key not in sdata.images:
@@ -248,8 +259,12 @@ def _he_from_element(sdata, image_key, he_path, cs, um_to_cs, pixel_size, he_mpp
                 f"{str(he.path)!r} is {he.shapes[0][1]} x {he.shapes[0][0]} pixels but the image element {image_key!r} "
                 f"is {hw[1]} x {hw[0]}: pass the file the element was read from as he_path=."
             )
-        return {"he_path": str(he.path.resolve()), "he_shape": he.shapes[0], "he_mpp": float(he.mpp),
-                "alignment": alignment}
+        return {
+            "he_path": str(he.path.resolve()),
+            "he_shape": he.shapes[0],
+            "he_mpp": float(he.mpp),
+            "alignment": alignment,
+        }
 
 
 def _level0(element) -> Any:

@@ -75,7 +75,9 @@ class HEImage:
         if not path.exists():
             raise FileNotFoundError(f"H&E image {str(path)!r} does not exist; check the path.")
         if path.is_dir():
-            raise ValueError(f"H&E image {str(path)!r} is a folder; pass the image file (.ome.tif, .svs or .tif).")
+            raise ValueError(
+                f"H&E image {str(path)!r} is a folder; pass the image file (.ome.tif, .svs or .tif)."
+            )
         try:
             tif = tifffile.TiffFile(path)
         except Exception as err:  # tifffile raises several error types for damaged or foreign files
@@ -114,6 +116,11 @@ class HEImage:
             self.tiles_decoded = 0
 
     def _pick_levels(self, tif) -> list:
+        if not len(tif.series):
+            raise ValueError(
+                f"Cannot read H&E image {str(self.path)!r}: the file holds no image (it may be truncated or "
+                "damaged); copy it again."
+            )
         series = [s for s in tif.series if not any(k in (s.name or "").lower() for k in _SKIP_SERIES)]
         series = [s for s in series if _is_image_series(s)]
         if not series:
@@ -135,7 +142,12 @@ class HEImage:
                     continue
                 h, w = lay["shape"]
                 H, W = ref["shape"]
-                if lay["n_channels"] == ref["n_channels"] and h < H and w < W and abs(H / h - W / w) / (W / w) < 0.05:
+                if (
+                    lay["n_channels"] == ref["n_channels"]
+                    and h < H
+                    and w < W
+                    and abs(H / h - W / w) / (W / w) < 0.05
+                ):
                     levels.append((s, 0))
         return levels
 
@@ -192,7 +204,9 @@ class HEImage:
 
     def _check_level(self, level: int) -> None:
         if not isinstance(level, int | np.integer) or not 0 <= level < self.n_levels:
-            raise ValueError(f"level must be an integer in [0, {self.n_levels - 1}] for {self.path.name}, got {level}.")
+            raise ValueError(
+                f"level must be an integer in [0, {self.n_levels - 1}] for {self.path.name}, got {level}."
+            )
 
     # ------------------------------------------------------------------ reading
     def _tile(self, level: int, ty: int, tx: int) -> np.ndarray:
@@ -261,7 +275,9 @@ class HEImage:
                 # overlap of the tile with the requested rectangle, in level pixels
                 oy0, oy1 = max(y0, ty * th), min(y1, ty * th + tile.shape[0])
                 ox0, ox1 = max(x0, tx * tw), min(x1, tx * tw + tile.shape[1])
-                out[oy0 - y : oy1 - y, ox0 - x : ox1 - x] = tile[oy0 - ty * th : oy1 - ty * th, ox0 - tx * tw : ox1 - tx * tw]
+                out[oy0 - y : oy1 - y, ox0 - x : ox1 - x] = tile[
+                    oy0 - ty * th : oy1 - ty * th, ox0 - tx * tw : ox1 - tx * tw
+                ]
         return out
 
     def clear_cache(self) -> None:
@@ -333,8 +349,15 @@ def _layout(axes: str, shape: tuple, path: Path) -> dict:
             f"H&E image {str(path)!r} has {n_channels} channels (axes {axes!r}, shape {shape}); an H&E image "
             "has 3 (RGB) or 4 (RGBA)."
         )
-    return {"y": iy, "x": ix, "c": ic, "fixed": fixed, "shape": (int(shape[iy]), int(shape[ix])),
-            "n_channels": int(n_channels), "tile": None}
+    return {
+        "y": iy,
+        "x": ix,
+        "c": ic,
+        "fixed": fixed,
+        "shape": (int(shape[iy]), int(shape[ix])),
+        "n_channels": int(n_channels),
+        "tile": None,
+    }
 
 
 def _to_rgb8(raw: np.ndarray, lay: dict) -> np.ndarray:

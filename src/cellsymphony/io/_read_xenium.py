@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 
+from .._registration import he_px_per_um
 from .._settings import logger
 from ._build import Section, build
 from ._he import HEImage
@@ -22,6 +24,7 @@ from ._xenium_files import (
     read_experiment,
     read_matrix,
     read_nucleus_centroids,
+    sibling_alignment,
     split_features,
 )
 
@@ -57,12 +60,14 @@ def read_xenium(
     he_alignment
         The 3 x 3 affine mapping H&E level-0 pixels ``(x, y, 1)`` to Xenium morphology pixels: a path to
         10x's ``*_he_imagealignment.csv`` (no header) or an array. ``None``: the folder's
-        ``*he_imagealignment.csv``. Required when an H&E is attached.
+        ``*he_imagealignment.csv``, or the CSV named after the H&E file (``X_he_image.ome.tif`` ->
+        ``X_he_imagealignment.csv``). Required when an H&E is attached.
     sample
         Sample id of this section. Default: ``region_name`` of ``experiment.xenium``, else its ``run_name``,
         else the folder name.
     he_mpp
-        Micrometres per H&E pixel, for images that do not record it.
+        Micrometres per H&E pixel at level 0. Default: the image's own record, else the value implied by the
+        alignment's scale. A recorded value more than 10% away from the alignment's raises a warning.
     nucleus_boundaries
         Read ``nucleus_boundaries.parquet`` (when present) for the nucleus centroids.
 
@@ -117,7 +122,7 @@ def read_xenium(
         )
 
     nuclei = read_nucleus_centroids(folder, ids) if nucleus_boundaries else None
-    he = _attach_he(folder, he_image, he_alignment, he_mpp)
+    he = _attach_he(folder, he_image, he_alignment, he_mpp, pixel_size)
 
     spatial = table[["x_centroid", "y_centroid"]].to_numpy(np.float64)
     obs = table.drop(columns=["x_centroid", "y_centroid"])
@@ -180,7 +185,7 @@ def _nothing_he() -> dict:
     return {"he_path": "", "he_shape": None, "he_mpp": float("nan"), "alignment": None}
 
 
-def _attach_he(folder: Path, he_image, he_alignment, he_mpp) -> dict:
+def _attach_he(folder: Path, he_image, he_alignment, he_mpp, pixel_size: float) -> dict:
     """The Section fields of the H&E to attach (path, level-0 shape, mpp, alignment); empty when none."""
     nothing = _nothing_he()
     if he_image is False:
@@ -196,21 +201,51 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp) -> dict:
                 )
             return nothing
     if he_alignment is None:
-        he_alignment = auto_alignment
+        name = he_image.path if isinstance(he_image, HEImage) else Path(he_image)
+        he_alignment = auto_alignment or sibling_alignment(name)
         if he_alignment is None:
-            name = he_image.path if isinstance(he_image, HEImage) else Path(he_image)
             raise ValueError(
                 f"No alignment found for the H&E image {str(name)!r}: pass he_alignment= (10x's "
                 "*_he_imagealignment.csv, or a 3 x 3 array mapping H&E pixels to Xenium morphology pixels), or "
                 "he_image=False to read without the H&E."
             )
     alignment = read_alignment(he_alignment)
+    # micrometres per H&E pixel implied by the alignment's scale
+    mpp_from_alignment = 1.0 / he_px_per_um(alignment, pixel_size)
     if isinstance(he_image, HEImage):
-        he = he_image
         if he_mpp is not None:
-            raise ValueError("he_mpp cannot be combined with an opened HEImage; pass mpp= to cs.io.read_he instead.")
-        return {"he_path": str(he.path.resolve()), "he_shape": he.shapes[0], "he_mpp": float(he.mpp),
-                "alignment": alignment}
-    with HEImage(he_image, mpp=he_mpp, cache_tiles=0) as he:
-        return {"he_path": str(he.path.resolve()), "he_shape": he.shapes[0], "he_mpp": float(he.mpp),
-                "alignment": alignment}
+            raise ValueError(
+                "he_mpp cannot be combined with an opened HEImage; pass mpp= to cs.io.read_he instead."
+            )
+        he = he_image
+    else:
+        try:
+            he = HEImage(he_image, mpp=he_mpp, cache_tiles=0)
+        except ValueError as err:
+            if he_mpp is not None or "records no pixel size" not in str(err):
+                raise
+            # the file does not say; the alignment does
+            he = HEImage(he_image, mpp=mpp_from_alignment, cache_tiles=0)
+            logger.info(
+                "%s records no pixel size; using %.4g um/px from the alignment",
+                he.path.name,
+                mpp_from_alignment,
+            )
+    out = {
+        "he_path": str(he.path.resolve()),
+        "he_shape": he.shapes[0],
+        "he_mpp": float(he.mpp),
+        "alignment": alignment,
+    }
+    if not isinstance(he_image, HEImage):
+        he.close()
+    ratio = out["he_mpp"] / mpp_from_alignment
+    if not 0.9 < ratio < 1.1:
+        warnings.warn(
+            f"The H&E image {out['he_path']!r} has {out['he_mpp']:.4g} um per pixel but the alignment implies "
+            f"{mpp_from_alignment:.4g} (with the Xenium pixel size {pixel_size}): check that the alignment belongs "
+            "to this image (and he_mpp=, if given).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return out

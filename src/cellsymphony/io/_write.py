@@ -44,7 +44,9 @@ def write(
     import mudata as md
 
     if type(mdata).__name__ != "MuData":
-        raise TypeError(f"cs.io.write writes a MuData, got {type(mdata).__name__}; use AnnData.write_h5ad for AnnData.")
+        raise TypeError(
+            f"cs.io.write writes a MuData, got {type(mdata).__name__}; use AnnData.write_h5ad for AnnData."
+        )
     path = Path(path)
     if path.suffix != ".h5mu":
         raise ValueError(f"{str(path)!r}: the file name must end in .h5mu (a MuData file).")

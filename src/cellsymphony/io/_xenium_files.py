@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,17 @@ def to_cell_ids(values, source: str) -> tuple[np.ndarray, str]:
         return np.char.decode(arr, "utf-8").astype(str), "string"
     if arr.dtype.kind == "U":
         return arr.astype(str), "string"
-    out = np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr.ravel()], dtype=str)
-    if len(arr) and all(isinstance(v, int | np.integer) for v in arr.ravel()):
-        return out, "integer"
+    flat = arr.ravel()
+    kind = pd.api.types.infer_dtype(flat, skipna=False)
+    if kind == "string":
+        return flat.astype(str), "string"
+    if kind == "bytes":
+        return np.char.decode(flat.astype(bytes), "utf-8").astype(str), "string"
+    if kind == "integer":
+        return flat.astype(np.int64).astype(str), "integer"
+    if pd.isna(flat).any():
+        raise ValueError(f"{source}: {int(pd.isna(flat).sum())} cell id(s) are missing; the file is damaged.")
+    out = np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat], dtype=str)
     return out, "string"
 
 
@@ -92,13 +101,23 @@ def read_experiment(folder: Path) -> dict:
     try:
         specs = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"Cannot parse {str(path)!r} as JSON ({err}); copy the file again from the run.") from None
+        raise ValueError(
+            f"Cannot parse {str(path)!r} as JSON ({err}); copy the file again from the run."
+        ) from None
     if not isinstance(specs, dict):
         raise ValueError(f"{str(path)!r} does not hold a JSON object; copy the file again from the run.")
     return specs
 
 
 def pixel_size_of(specs: dict, source: str) -> float:
+    """Micrometres per morphology pixel (``pixel_size`` of experiment.xenium)."""
+    if "pixel_size" not in specs:
+        warnings.warn(
+            f"{source} records no pixel_size; assuming {DEFAULT_PIXEL_SIZE} um per morphology pixel (all Xenium "
+            "instruments so far).",
+            UserWarning,
+            stacklevel=3,
+        )
     value = specs.get("pixel_size", DEFAULT_PIXEL_SIZE)
     try:
         value = float(value)
@@ -209,9 +228,8 @@ def read_matrix(path: Path) -> tuple[sparse.csr_matrix, pd.DataFrame, np.ndarray
 
 def _int_array(a, name: str, path: Path) -> np.ndarray:
     a = np.asarray(a)
-    if a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-            raise ValueError(f"{str(path)!r}: {name} holds non-integer values; the file is damaged.")
+    if a.dtype.kind == "f" and (not np.all(np.isfinite(a)) or not np.all(a == np.round(a))):
+        raise ValueError(f"{str(path)!r}: {name} holds non-integer values; the file is damaged.")
     return a.astype(np.int64)
 
 
@@ -221,7 +239,9 @@ def _read_h5(path: Path):
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise ValueError(f"Cannot open {str(path)!r} as HDF5 ({err}); copy it again from the Xenium output.") from None
+        raise ValueError(
+            f"Cannot open {str(path)!r} as HDF5 ({err}); copy it again from the Xenium output."
+        ) from None
     with f:
         if "matrix" not in f:
             raise ValueError(f"{str(path)!r} has no 'matrix' group; it is not a 10x cell-feature matrix.")
@@ -229,7 +249,9 @@ def _read_h5(path: Path):
         need = ["data", "indices", "indptr", "shape", "barcodes", "features"]
         missing = [k for k in need if k not in g]
         if missing:
-            raise ValueError(f"{str(path)!r} lacks matrix/{missing}; it is not a complete 10x cell-feature matrix.")
+            raise ValueError(
+                f"{str(path)!r} lacks matrix/{missing}; it is not a complete 10x cell-feature matrix."
+            )
         fg = g["features"]
         if "name" not in fg or "id" not in fg:
             raise ValueError(f"{str(path)!r} lacks matrix/features/name or id.")
@@ -242,7 +264,9 @@ def _read_h5(path: Path):
             {
                 "id": fg["id"][()],
                 "name": names,
-                "feature_type": fg["feature_type"][()] if "feature_type" in fg else [GENE_EXPRESSION] * len(names),
+                "feature_type": fg["feature_type"][()]
+                if "feature_type" in fg
+                else [GENE_EXPRESSION] * len(names),
             }
         )
         ids, _ = to_cell_ids(g["barcodes"][()], str(path))
@@ -265,7 +289,9 @@ def _read_mex(folder: Path):
     from scipy.io import mmread
 
     if not folder.is_dir():
-        raise ValueError(f"{str(folder)!r} is not a folder of matrix.mtx.gz, features.tsv.gz and barcodes.tsv.gz.")
+        raise ValueError(
+            f"{str(folder)!r} is not a folder of matrix.mtx.gz, features.tsv.gz and barcodes.tsv.gz."
+        )
 
     def pick(stem: str) -> Path:
         for name in (f"{stem}.gz", stem):
@@ -297,7 +323,9 @@ def _read_zarr(path: Path):
     try:
         root = zarr.open_group(store, mode="r")
         if "cell_features" not in root:
-            raise ValueError(f"{str(path)!r} has no 'cell_features' group; it is not a Xenium cell-feature zarr.")
+            raise ValueError(
+                f"{str(path)!r} has no 'cell_features' group; it is not a Xenium cell-feature zarr."
+            )
         g = root["cell_features"]
         attrs = dict(g.attrs)
         names = attrs.get("feature_keys") or attrs.get("feature_names")
@@ -437,17 +465,26 @@ def read_nucleus_centroids(folder: Path, cell_ids: np.ndarray) -> tuple[np.ndarr
     n_nuclei = np.zeros(n, dtype=np.int64)
     if len(df) == 0:
         return centroid, n_nuclei
-    ids, _ = to_cell_ids(df["cell_id"].to_numpy(), str(path))
-    df = pd.DataFrame({"cell_id": ids, "vertex_x": df["vertex_x"].to_numpy(), "vertex_y": df["vertex_y"].to_numpy(),
-                       **({"label_id": df["label_id"].to_numpy()} if "label_id" in df.columns else {})})
+    # convert each distinct id once (the file has one row per vertex)
+    codes, uniques = pd.factorize(df["cell_id"], sort=False)
+    unique_ids, _ = to_cell_ids(np.asarray(uniques), str(path))
+    df = pd.DataFrame(
+        {
+            "cell_id": codes,
+            "vertex_x": df["vertex_x"].to_numpy(),
+            "vertex_y": df["vertex_y"].to_numpy(),
+            **({"label_id": df["label_id"].to_numpy()} if "label_id" in df.columns else {}),
+        }
+    )
     keys = ["cell_id", "label_id"] if "label_id" in df.columns else ["cell_id"]
     stats = polygon_stats(df, keys)
     counts = stats.groupby("cell_id", sort=False).size()
     largest = stats.sort_values("area", ascending=False, kind="stable").drop_duplicates("cell_id")
-    pos = pd.Index(cell_ids).get_indexer(largest["cell_id"].to_numpy())
+    index = pd.Index(cell_ids)
+    pos = index.get_indexer(unique_ids[largest["cell_id"].to_numpy()])
     keep = pos >= 0
     centroid[pos[keep]] = largest[["cx", "cy"]].to_numpy()[keep]
-    cpos = pd.Index(cell_ids).get_indexer(counts.index.to_numpy())
+    cpos = index.get_indexer(unique_ids[counts.index.to_numpy()])
     n_nuclei[cpos[cpos >= 0]] = counts.to_numpy()[cpos >= 0]
     return centroid, n_nuclei
 
@@ -476,6 +513,18 @@ def find_he_files(folder: Path) -> tuple[Path | None, Path | None]:
     return image, alignment
 
 
+def sibling_alignment(image: Path) -> Path | None:
+    """The alignment CSV named after an H&E image (10x: ``X_he_image.ome.tif`` -> ``X_he_imagealignment.csv``)."""
+    name = image.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs"):
+        if name.lower().endswith(suffix):
+            candidate = image.with_name(name[: -len(suffix)] + "alignment.csv")
+            if candidate.is_file():
+                return candidate
+            break
+    return None
+
+
 def read_alignment(source) -> np.ndarray:
     """A 3 x 3 alignment from a 10x ``*_he_imagealignment.csv`` or an array, validated."""
     from .._registration import check_alignment
@@ -490,7 +539,9 @@ def read_alignment(source) -> np.ndarray:
         try:
             m = pd.read_csv(path, header=None, sep=None, engine="python").to_numpy()
         except Exception as err:
-            raise ValueError(f"Cannot read alignment file {str(path)!r} ({type(err).__name__}: {err}).") from None
+            raise ValueError(
+                f"Cannot read alignment file {str(path)!r} ({type(err).__name__}: {err})."
+            ) from None
         try:
             m = m.astype(np.float64)
         except (TypeError, ValueError):

@@ -127,3 +127,16 @@ def tissue(folder: str, n_cells: int = 40, seed: int = 0, axes: str = "YXS"):
         draw_disc(img, p, r / HE_MPP, (70 + rng.integers(0, 40), 40, 120 + rng.integers(0, 40)))
     path = write_he(Path(folder) / f"tissue_{axes}.ome.tif", img, axes=axes)
     return path, align, xy
+
+
+def one_torch_thread():
+    """Generator for an autouse fixture: one torch thread (the tiny models gain nothing from more, and
+    on a shared 2-core machine extra threads only spin), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -116,7 +116,7 @@ def embed_morphology(
         {mdata} H&E-only slides: :func:`cellsymphony.io.read_he_cells`.
     model
         ``"uni2-h"``, ``"uni"``, ``"tiny"`` (untrained, for tests), ``"handcrafted"`` (nucleus
-        morphometrics, stain and texture statistics; no weights; cell mode only), any timm model
+        morphometrics, stain and texture statistics of the central 32 um; no weights; cell mode only), any timm model
         name, or an ``nn.Module`` (see :func:`cellsymphony.models.load_morphology_encoder`).
     weights
         Checkpoint file or folder (``pytorch_model.bin`` / ``*.safetensors``); ``None`` looks in
@@ -200,6 +200,9 @@ def embed_morphology(
             raise ValueError(f"layer must be in [-{n_layers}, {n_layers - 1}] for {encoder.name!r}, got {layer}.")
         if mode == "tile" and encoder.patch_size and size % encoder.patch_size:
             raise ValueError(f"size={size} is not a multiple of the encoder's patch size {encoder.patch_size}.")
+    if handcrafted:
+        # its features use only the central window: read no more than that
+        size = min(size, 2 * int(np.ceil(encoder.window_um / mpp / 2)))
     key = key_added or encoder.key
     checksum = encoder.weights_checksum
     if checksum == "module" and cache_dir is not None:

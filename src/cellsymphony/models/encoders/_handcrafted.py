@@ -71,7 +71,10 @@ class HandcraftedEncoder:
         from skimage.color import rgb2hed
         from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
         from skimage.filters import threshold_otsu
+        from skimage.feature import peak_local_max
         from skimage.measure import label, regionprops
+        from skimage.morphology import remove_small_objects
+        from skimage.segmentation import watershed
 
         h_img, w_img = patch.shape[:2]
         half = max(4, int(round(self.window_um / self.mpp / 2)))
@@ -80,41 +83,55 @@ class HandcraftedEncoder:
         hed = rgb2hed(win)
         hema, eosin = hed[..., 0], hed[..., 1]
 
-        # nucleus: the hematoxylin-positive object at (or nearest to) the centre
+        # nucleus: the hematoxylin-positive object at (or nearest to) the centre; touching nuclei
+        # are split by a watershed on the distance transform
         morph = np.zeros(12)
-        if np.ptp(hema) > 1e-6:
-            thr = threshold_otsu(hema)
-            mask = ndimage.binary_opening(hema > thr, iterations=1)
-            mask = ndimage.binary_fill_holes(mask)
-            lab = label(mask)
+        smooth = ndimage.gaussian_filter(hema, sigma=max(0.5, 0.5 / self.mpp))
+        pick, lab = 0, None
+        if np.ptp(smooth) > 1e-6:
+            # threshold halfway between the background and the stain at the centre, so pale
+            # (vesicular) nuclei are found as well as dark ones; Otsu when the centre is not stained
             c = (min(cy, half), min(cx, half))
-            pick = lab[c]
-            if pick == 0 and lab.max() > 0:
-                dist, (iy, ix) = ndimage.distance_transform_edt(lab == 0, return_indices=True)
-                if dist[c] * self.mpp <= self.search_um:
-                    pick = lab[iy[c], ix[c]]
-            if pick:
-                region = regionprops((lab == pick).astype(np.uint8), intensity_image=hema)[0]
-                nuc = lab == pick
-                ring = ndimage.binary_dilation(nuc, iterations=max(1, int(round(2.0 / self.mpp)))) & ~nuc
-                area = region.area * self.mpp**2
-                perim = max(region.perimeter, 1.0) * self.mpp
-                morph = np.array(
-                    [
-                        1.0,
-                        area,
-                        perim,
-                        region.axis_major_length * self.mpp,
-                        region.axis_minor_length * self.mpp,
-                        region.eccentricity,
-                        region.solidity,
-                        region.extent,
-                        min(1.0, 4 * np.pi * area / perim**2),
-                        float(hema[nuc].mean()),
-                        float(hema[nuc].std()),
-                        float(eosin[ring].mean()) if ring.any() else 0.0,
-                    ]
-                )
+            r = max(1, int(round(1.5 / self.mpp)))
+            core = float(np.median(smooth[max(0, c[0] - r) : c[0] + r + 1, max(0, c[1] - r) : c[1] + r + 1]))
+            background = float(np.percentile(smooth, 30))
+            thr = (core + background) / 2 if core > background else threshold_otsu(smooth)
+            mask = ndimage.binary_fill_holes(smooth > thr)
+            mask = remove_small_objects(mask, min_size=max(4, int(3.0 / self.mpp**2)))
+            if mask.any():
+                dist = ndimage.distance_transform_edt(mask)
+                comps = label(mask)
+                peaks = peak_local_max(dist, min_distance=max(2, int(round(2.0 / self.mpp))), labels=comps, exclude_border=False)
+                markers = np.zeros_like(comps)
+                markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+                lab = watershed(-dist, markers, mask=mask) if len(peaks) else comps
+                pick = lab[c]
+                if pick == 0 and lab.max() > 0:
+                    d, (iy, ix) = ndimage.distance_transform_edt(lab == 0, return_indices=True)
+                    if d[c] * self.mpp <= self.search_um:
+                        pick = lab[iy[c], ix[c]]
+        if pick:
+            region = regionprops((lab == pick).astype(np.uint8), intensity_image=hema)[0]
+            nuc = lab == pick
+            ring = ndimage.binary_dilation(nuc, iterations=max(1, int(round(2.0 / self.mpp)))) & ~nuc
+            area = region.area * self.mpp**2
+            perim = max(region.perimeter, 1.0) * self.mpp
+            morph = np.array(
+                [
+                    1.0,
+                    area,
+                    perim,
+                    region.axis_major_length * self.mpp,
+                    region.axis_minor_length * self.mpp,
+                    region.eccentricity,
+                    region.solidity,
+                    region.extent,
+                    min(1.0, 4 * np.pi * area / perim**2),
+                    float(hema[nuc].mean()),
+                    float(hema[nuc].std()),
+                    float(eosin[ring].mean()) if ring.any() else 0.0,
+                ]
+            )
         stain = []
         for ch in (hema, eosin):
             p10, p50, p90 = np.percentile(ch, [10, 50, 90])

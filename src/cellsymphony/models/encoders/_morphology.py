@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._weights import file_checksum, find_weight_file, hf_cached_file, load_state_dict, load_strict
+from ._weights import file_checksum, find_weight_file, hf_cached_file, hub_reachable, load_state_dict, load_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -366,6 +366,30 @@ def wrap_module(module: nn.Module, *, name: str | None = None, mean=IMAGENET_MEA
     return enc
 
 
+def _timm_pretrained(model: str) -> nn.Module:
+    """timm's pretrained weights from the local Hugging Face cache, else the hub when it is reachable."""
+    import huggingface_hub.constants as hc
+    import timm
+
+    errors = []
+    for offline in (True, False):
+        if not offline and not hub_reachable():
+            errors.append("the Hugging Face hub is not reachable")
+            break
+        saved = hc.HF_HUB_OFFLINE
+        hc.HF_HUB_OFFLINE = offline
+        try:
+            return timm.create_model(model, pretrained=True, num_classes=0)
+        except Exception as err:  # noqa: BLE001 - not cached / offline / no pretrained tag
+            errors.append(f"{type(err).__name__}: {str(err)[:200]}")
+        finally:
+            hc.HF_HUB_OFFLINE = saved
+    raise ValueError(
+        f"Could not get timm's pretrained weights for {model!r} ({'; '.join(errors)}). "
+        "Pass weights='/path/to/checkpoint' (pytorch_model.bin or .safetensors), or weights='random'."
+    )
+
+
 def load_morphology_encoder(
     model: str | nn.Module = "uni2-h",
     *,
@@ -434,19 +458,13 @@ def load_morphology_encoder(
             weights_path=str(path or ""), key=spec.key, untrained=untrained,
         )
         return enc.to(device) if device else enc
-    if model not in timm.list_models() and not timm.is_model(model):
+    if not timm.is_model(model):
         raise ValueError(
             f"Unknown morphology model {model!r}. Known names: {known_models()}; or any timm model name "
             "(timm.list_models()), or an nn.Module."
         )
     if weights is None:
-        try:
-            net = timm.create_model(model, pretrained=True, num_classes=0)
-        except Exception as err:  # noqa: BLE001 - offline / no pretrained tag
-            raise ValueError(
-                f"Could not get timm's pretrained weights for {model!r} ({type(err).__name__}: {err}). "
-                "Pass weights='/path/to/checkpoint' (pytorch_model.bin or .safetensors), or weights='random'."
-            ) from None
+        net = _timm_pretrained(model)
         checksum = "timm-pretrained"
         path = None
     else:

@@ -115,6 +115,20 @@ def load_strict(module, sd: dict, *, source: str) -> None:
     module.load_state_dict(sd, strict=True)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (a fast check, so offline runs fail at once
+    instead of after the hub client's retries)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def hf_cached_file(repo_id: str, *, allow_download: bool) -> Path | None:
     """A checkpoint of ``repo_id`` from the local Hugging Face cache (or the hub when allowed), else None.
 
@@ -127,7 +141,7 @@ def hf_cached_file(repo_id: str, *, allow_download: bool) -> Path | None:
         return None
     # the MahmoodLab models are gated: a download needs a token of an account granted access, so
     # without one we do not spend the hub client's retries on a request that must fail
-    online = allow_download and get_token() is not None and not os.environ.get("HF_HUB_OFFLINE")
+    online = allow_download and get_token() is not None and hub_reachable()
     modes = [True, False] if online else [True]
     for local_only in modes:
         for filename in WEIGHT_FILES[:2]:

@@ -596,3 +596,29 @@ def test_scan_counts_and_embed_rows_block(ckpt):
     whole = embed_rows(model, X, ids, col2tok, batch_size=4)
     part = embed_rows(model, X[10:20], ids[10:20], col2tok, batch_size=3, bucketed=False)
     np.testing.assert_allclose(part, whole[10:20], atol=1e-5)
+
+
+def test_embed_rows_with_dataloader_workers(ckpt):
+    """Tokenising in DataLoader worker processes gives the same embeddings."""
+    model = _load(ckpt)
+    X = _counts(40, seed=5)
+    col2tok = np.array([model.vocab.get(g, -1) for g in PANEL])
+    ids = [f"cell{i}" for i in range(40)]
+    a = embed_rows(model, X, ids, col2tok, batch_size=8)
+    b = embed_rows(model, X, ids, col2tok, batch_size=8, num_workers=2)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_embed_rows_streams_from_backed_matrix(ckpt, tmp_path):
+    """Rows can be read batch by batch from an on-disk (backed) CSR matrix."""
+    model = _load(ckpt)
+    a = _mudata(30, seed=6)["rna"]
+    a.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    assert not sp.issparse(backed.X)  # an h5 dataset, not a matrix in memory
+    col2tok = np.array([model.vocab.get(g, -1) for g in PANEL])
+    ids = list(a.obs_names)
+    np.testing.assert_array_equal(
+        embed_rows(model, backed.X, ids, col2tok, batch_size=4), embed_rows(model, a.X, ids, col2tok, batch_size=4)
+    )
+    backed.file.close()

@@ -171,6 +171,7 @@ def embed_expression(
         seed=seed,
         device=device,
         bucketed=True,
+        num_workers=settings.num_workers,
         progress=settings.progress,
     )
 

@@ -198,8 +198,8 @@ class ScGPTEncoder(nn.Module):
 
     def _embed(self, genes: Tensor, values: Tensor, src_key_padding_mask: Tensor | None):
         x = self.encoder(genes) + self.value_encoder(values)
-        mask = None
-        if src_key_padding_mask is not None and bool(src_key_padding_mask.any()):
+        mask = None  # (no .any() test here: it would synchronise a CUDA stream; pass None when unpadded)
+        if src_key_padding_mask is not None:
             mask = (~src_key_padding_mask.bool())[:, None, None, :]
         return x, mask
 

@@ -169,6 +169,37 @@ def batch_order(lengths: np.ndarray, batch_size: int, *, bucketed: bool = True) 
     return [cells[i : i + batch_size] for i in range(0, len(cells), batch_size)]
 
 
+class BatchTokens:
+    """Map-style dataset: item ``b`` is batch ``b`` tokenised and padded, read from X when asked for
+    (so a ``torch.utils.data.DataLoader`` with workers can prepare batches while the model runs)."""
+
+    def __init__(self, X, batches, seeds, col2tok, *, cls_id, pad_id, pad_value, max_length):
+        self.X, self.batches, self.seeds, self.col2tok = X, batches, seeds, col2tok
+        self.cls_id, self.pad_id, self.pad_value, self.max_length = cls_id, pad_id, pad_value, max_length
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int):
+        idx = np.sort(self.batches[b])
+        block = _row_block(self.X, idx)
+        cells = []
+        for i, row in enumerate(idx):
+            tokens, counts = cell_genes(block, self.col2tok, i)
+            cells.append(
+                tokenize_cell(
+                    tokens,
+                    counts,
+                    np.random.default_rng(self.seeds[row]),
+                    cls_id=self.cls_id,
+                    pad_value=self.pad_value,
+                    max_length=self.max_length,
+                )
+            )
+        genes, values, mask = collate(cells, pad_id=self.pad_id, pad_value=self.pad_value)
+        return idx, genes, values, mask, bool(mask.any())
+
+
 def embed_rows(
     model,
     X,
@@ -181,13 +212,15 @@ def embed_rows(
     seed: int = 0,
     device: str = "cpu",
     bucketed: bool = True,
+    num_workers: int = 0,
     progress: bool = False,
 ) -> np.ndarray:
     """Embed a block of rows with a loaded :class:`~cellsymphony.models.ScGPTEncoder`.
 
     The unit of work of :func:`cellsymphony.pp.embed_expression` (and of a future dask scale-out: each
     worker gets the model, a block of rows and their cell ids, and returns the block's embeddings). Rows
-    are streamed from ``X`` (CSR, dense or an anndata backed dataset) one batch at a time.
+    are streamed from ``X`` (CSR, dense or an anndata backed dataset) one batch at a time, tokenised in
+    ``num_workers`` DataLoader workers (0: in this process) while the device runs the previous batches.
 
     Returns a (n_rows, d_model) float32 array, L2-normalised rows, NaN rows for cells without any
     non-zero vocabulary gene.
@@ -203,43 +236,43 @@ def embed_rows(
         raise ValueError(f"{len(cell_ids)} cell ids for {n} rows.")
     if lengths is None:
         lengths, _ = scan_counts(X, col2tok)
-    seeds = cell_seeds(seed, cell_ids)
     out = np.full((n, model.d_model), np.nan, dtype=np.float32)
     dev = torch.device(device)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if dev.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
+    cuda = dev.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     batches = batch_order(lengths, batch_size, bucketed=bucketed)
+    data = BatchTokens(
+        X,
+        batches,
+        cell_seeds(seed, cell_ids),
+        col2tok,
+        cls_id=model.cls_token_id,
+        pad_id=model.pad_token_id,
+        pad_value=model.pad_value,
+        max_length=max_length,
+    )
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=cuda
+    )
+    pending: list = []
+
+    def flush():  # one device->host copy per group of batches, so the device is not synchronised each batch
+        for idx, emb in pending:
+            out[idx] = emb.cpu().numpy()
+        pending.clear()
+
     pbar = tqdm(total=int(sum(len(b) for b in batches)), unit="cell", desc="scGPT", disable=not progress)
     with torch.inference_mode(), autocast:
-        for batch in batches:
-            idx = np.sort(batch)
-            block = _row_block(X, idx)
-            cells = []
-            for i, row in enumerate(idx):
-                tokens, counts = cell_genes(block, col2tok, i)
-                rng = np.random.default_rng(seeds[row])
-                cells.append(
-                    tokenize_cell(
-                        tokens,
-                        counts,
-                        rng,
-                        cls_id=model.cls_token_id,
-                        pad_value=model.pad_value,
-                        max_length=max_length,
-                    )
-                )
-            genes, values, mask = collate(cells, pad_id=model.pad_token_id, pad_value=model.pad_value)
+        for idx, genes, values, mask, padded in loader:
             emb = model.encode_cls(
-                torch.from_numpy(genes).to(dev, non_blocking=True),
-                torch.from_numpy(values).to(dev, non_blocking=True),
-                torch.from_numpy(mask).to(dev, non_blocking=True),
-            )
-            emb = emb.float()
-            emb = emb / emb.norm(dim=1, keepdim=True)
-            out[idx] = emb.cpu().numpy()
+                torch.as_tensor(genes).to(dev, non_blocking=True),
+                torch.as_tensor(values).to(dev, non_blocking=True),
+                torch.as_tensor(mask).to(dev, non_blocking=True) if padded else None,
+            ).float()
+            pending.append((np.asarray(idx), emb / emb.norm(dim=1, keepdim=True)))
+            if len(pending) >= 32:
+                flush()
             pbar.update(len(idx))
+        flush()
     pbar.close()
     return out

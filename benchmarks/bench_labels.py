@@ -8,7 +8,10 @@ Run: ``python -m benchmarks.bench_labels``. Prints three tables:
 2. ``cs.pp.transfer_nucleus_labels`` with a known registration error (shift in um) injected into H&E
    nuclei (0.3 um localisation noise, 10 % missed, 5 % duplicated): the QC it reports and what
    ``refine="shift"`` leaves.
-3. Matching time against the number of cells.
+3. Both label sources on the synthetic tissue (``cs.datasets.synthetic()``, 4,000 cells): SingleR
+   against the bundle's reference (coarse and fine labels, all or 100 reference cells per label) and the
+   bundle's simulated H&E classifier, scored against the true labels.
+4. Matching time against the number of cells.
 """
 
 from __future__ import annotations
@@ -117,6 +120,40 @@ def qc_rows() -> list[dict]:
     return rows
 
 
+def synthetic_rows() -> tuple[list[dict], list[dict]]:
+    from pathlib import Path
+
+    mdata = cs.datasets.synthetic()
+    ((sample, reg),) = mdata.uns["cellsymphony"]["samples"].items()
+    folder = Path(reg["xenium_path"])
+    truth = pd.read_parquet(folder / "truth.parquet")
+    truth["cell_id"] = truth["cell_id"].astype(str)
+    truth = truth.set_index("cell_id").reindex(mdata.obs_names)
+    ref = ad.read_h5ad(folder / "reference.h5ad")
+    rows = []
+    for key in ("cell_type", "cell_type_fine"):
+        for per_label in (None, 100):
+            t0 = time.perf_counter()
+            cs.pp.annotate_singler(mdata, ref, ref_label_key=key, ref_max_per_label=per_label, key_added="sr")
+            secs = time.perf_counter() - t0
+            obs = mdata["rna"].obs
+            ok = obs["sr"].astype(str).to_numpy() == truth[key].to_numpy()
+            conf = obs["sr_confident"].to_numpy()
+            rows.append({"labels": key, "ref cells per label": per_label or "all", "agreement": float(ok.mean()),
+                         "kept": float(conf.mean()), "agreement kept": float(ok[conf].mean()), "seconds": secs})
+    he_class = {"fibroblast": "fibroblast", "T cell": "lymphocyte", "B cell": "lymphocyte", "tumour epithelium": "tumour",
+                "normal epithelium": "other", "macrophage": "other", "endothelial": "other"}
+    cs.pp.transfer_nucleus_labels(mdata, folder / "he_nuclei.csv")
+    st = mdata.uns["he_label"]["samples"][sample]
+    lab = mdata.obs["he_label"]
+    m = lab.notna().to_numpy()
+    he = [{"cells matched": st["match_rate_cells"], "nuclei matched": st["match_rate_nuclei"],
+           "agreement with truth": float((lab[m].astype(str).to_numpy() == truth["cell_type"].map(he_class).to_numpy()[m]).mean()),
+           "median um": st["median_um"], "p95 um": st["p95_um"],
+           "mean offset um": f"({st['mean_offset_um'][0]:+.2f}, {st['mean_offset_um'][1]:+.2f})"}]
+    return rows, he
+
+
 def time_rows() -> list[dict]:
     rows = []
     for n_side in (100, 200, 320):
@@ -133,4 +170,7 @@ if __name__ == "__main__":
     warnings.simplefilter("ignore", FutureWarning)
     print_table(singler_rows(), "SingleR on pbmc68k_reduced halves (5 seeds)")
     print_table(qc_rows(), "Registration QC against an injected shift (refine='shift')")
+    sr, he = synthetic_rows()
+    print_table(sr, "SingleR on the synthetic tissue (truth: the simulated cell types)")
+    print_table(he, "H&E classifier labels on the synthetic tissue")
     print_table(time_rows(), "transfer_nucleus_labels time")

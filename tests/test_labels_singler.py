@@ -166,3 +166,14 @@ def test_cells_without_detected_genes_are_pruned():
     assert not conf[:3].any() and conf[3:].all()
     assert query.uns["singler"]["n_empty"] == 3
     assert query.obs["singler_pruned"].iloc[:3].isna().all()
+
+
+def test_reference_subsampling_is_seeded():
+    ref, query = pbmc_halves()
+    a = cs.pp.annotate_singler(query, ref, ref_label_key="bulk_labels", ref_max_per_label=10, seed=3, copy=True)
+    b = cs.pp.annotate_singler(query, ref, ref_label_key="bulk_labels", ref_max_per_label=10, seed=3, copy=True)
+    per_label = ref.obs["bulk_labels"].value_counts()
+    assert a.uns["singler"]["params"]["n_ref_cells"] == int(np.minimum(per_label, 10).sum())
+    pd.testing.assert_series_equal(a.obs["singler"], b.obs["singler"])
+    with pytest.raises(ValueError, match="ref_max_per_label=0"):
+        cs.pp.annotate_singler(query, ref, ref_label_key="bulk_labels", ref_max_per_label=0)

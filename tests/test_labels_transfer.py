@@ -127,6 +127,7 @@ def test_qc_measures_known_shift_and_refinement_recovers_it(tissue, tmp_path, ca
     cs.pp.transfer_nucleus_labels(mdata, nuclei, refine="shift")
     stats = mdata.uns["he_label"]["samples"]["s1"]
     ref = stats["refinement"]
+    assert ref["applied"]
     np.testing.assert_allclose(ref["correction_um"][:2, 2], -shift, atol=0.1)
     np.testing.assert_allclose(ref["qc_before"]["mean_offset_um"], -shift, atol=0.15)
     assert stats["median_um"] < 0.6 and stats["registration_ok"]
@@ -176,8 +177,12 @@ def test_wrong_space_warns_with_rate_and_suggestion(tissue):
     assert out.uns["he_label"]["samples"]["s1"]["match_rate"] < 0.2
     # micrometre input is matched directly
     um = he_px_to_um(nuclei[["x", "y"]].to_numpy(), true_alignment(), PIXEL_SIZE)
-    out = cs.pp.transfer_nucleus_labels(mdata, nuclei.assign(x=um[:, 0], y=um[:, 1]), space="um", copy=True)
+    in_um = nuclei.assign(x=um[:, 0], y=um[:, 1])
+    out = cs.pp.transfer_nucleus_labels(mdata, in_um, space="um", copy=True)
     assert out.uns["he_label"]["samples"]["s1"]["match_rate"] > 0.85
+    # and the other way round: micrometres read as H&E pixels
+    with pytest.warns(UserWarning, match=r"look like space='um' \(with space='um' 9\d% would match"):
+        cs.pp.transfer_nucleus_labels(mdata, in_um, copy=True)
 
 
 def test_nuclei_files_csv_geojson_hovernet(tissue, tmp_path):

@@ -52,7 +52,8 @@ def _input_kind(x, what: str, arg: str) -> str:
     if v.size and v.min() < 0:
         raise ValueError(
             f"{what} has negative values (scaled or centred data, e.g. after sc.pp.scale); SingleR needs "
-            f"counts or log-normalised values: pass {arg}= naming a layer with those."
+            f"counts or log-normalised values: pass {arg}= naming a layer with those (or, for a scanpy object "
+            "whose .raw holds them, pass adata.raw.to_adata())."
         )
     sample = v[: 200_000]
     if np.all(sample == np.round(sample)):
@@ -60,21 +61,29 @@ def _input_kind(x, what: str, arg: str) -> str:
     return "log" if v.max() <= 30 else "linear"
 
 
-def _log_normalise(x, kind: str) -> np.ndarray:
-    """cells x genes -> dense float64 log1p of size-factor-normalised counts (size factors centred at 1)."""
+def _log_normalise(x, kind: str, cols: np.ndarray) -> np.ndarray:
+    """cells x genes -> dense float64 cells x ``cols``: log1p of size-factor-normalised counts.
+
+    Library sizes are taken over all genes and centred at one (as scuttle's ``logNormCounts``, in
+    natural log); only the selected columns are densified, so a whole-transcriptome atlas stays sparse.
+    """
+    if sparse.issparse(x):
+        x = sparse.csr_matrix(x)
+        lib = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+        sub = x[:, cols].toarray().astype(np.float64)
+    else:
+        x = np.asarray(x)
+        lib = x.sum(axis=1, dtype=np.float64)
+        sub = x[:, cols].astype(np.float64)
     if kind == "log":
-        return x.toarray().astype(np.float64) if sparse.issparse(x) else np.asarray(x, dtype=np.float64)
-    x = sparse.csr_matrix(x, dtype=np.float64) if sparse.issparse(x) else np.asarray(x, dtype=np.float64)
+        return sub
     if kind == "linear":
-        return np.log1p(x.toarray() if sparse.issparse(x) else x)
-    lib = np.asarray(x.sum(axis=1)).ravel()
+        return np.log1p(sub)
     positive = lib > 0
     sf = np.ones_like(lib)
     if positive.any():
         sf[positive] = lib[positive] / lib[positive].mean()
-    scaled = sparse.diags(1.0 / sf) @ x if sparse.issparse(x) else x / sf[:, None]
-    dense = scaled.toarray() if sparse.issparse(scaled) else scaled
-    return np.log1p(dense)
+    return np.log1p(sub / sf[:, None])
 
 
 def prune_scores(
@@ -138,7 +147,8 @@ def annotate_singler(
     min_diff_med: float = 0.0,
     min_diff_next: float = 0.0,
     min_genes: int = 20,
-    aggregate: bool = False,
+    ref_max_per_label: int | None = None,
+    seed: int = 0,
     num_threads: int = 1,
     copy: bool = False,
 ) -> MuData | AnnData | None:
@@ -195,9 +205,12 @@ def annotate_singler(
         Minimum fine-tuning margin (best minus next-best score) of a kept cell (R's default 0).
     min_genes
         Fewest genes the panel and the reference must share; fewer raise an error.
-    aggregate
-        Aggregate the reference into pseudo-bulk profiles per label first (``singler``'s option
-        for references of many thousands of cells; faster, slightly less sensitive).
+    ref_max_per_label
+        Use at most this many reference cells per label (a seeded random subset); classification
+        time grows with the reference size, so this keeps atlases of many thousands of cells fast.
+        ``None`` uses every cell.
+    seed
+        {seed}
     num_threads
         Threads used by ``singler``.
     copy
@@ -239,14 +252,26 @@ def annotate_singler(
     has_label = ref_labels.notna().to_numpy()
     if has_label.sum() == 0:
         raise ValueError(f"reference.obs[{ref_label_key!r}] has no labels (all missing).")
-    ref_labels = ref_labels[has_label].astype(str).to_numpy()
+    if ref_max_per_label is not None and ref_max_per_label < 1:
+        raise ValueError(f"ref_max_per_label={ref_max_per_label} must be a positive number of cells (or None).")
+    ref_labels_all = ref_labels.astype(object).where(ref_labels.notna(), None).to_numpy()
+    use = has_label.copy()
+    if ref_max_per_label is not None:
+        rng = np.random.default_rng(seed)
+        use[:] = False
+        for lab in pd.unique(ref_labels_all[has_label]):
+            idx = np.flatnonzero(has_label & (ref_labels_all == lab))
+            if idx.size > ref_max_per_label:
+                idx = np.sort(rng.choice(idx, ref_max_per_label, replace=False))
+            use[idx] = True
+    ref_labels = np.asarray([str(v) for v in ref_labels_all[use]], dtype=object)
     uniq = np.unique(ref_labels)
     if uniq.size < 2:
         raise ValueError(f"reference.obs[{ref_label_key!r}] has a single label ({uniq[0]!r}); SingleR needs two or more.")
 
     qx = _matrix(adata, layer, f"The {mod!r} modality", "layer")
     rx = _matrix(reference, ref_layer, "The reference", "ref_layer")
-    rx = rx[has_label]
+    rx = rx[use]
     q_names = pd.Index(adata.var_names.astype(str))
     r_names = pd.Index(reference.var_names.astype(str))
     q_first = ~q_names.duplicated()
@@ -270,8 +295,8 @@ def annotate_singler(
     # --- normalise each side over all its genes, then keep the shared genes (genes x cells for singler)
     q_idx = np.flatnonzero(q_first)[q_names[q_first].get_indexer(shared)]
     r_idx = np.flatnonzero(r_first)[r_names[r_first].get_indexer(shared)]
-    q_log = _log_normalise(qx, q_kind)[:, q_idx]
-    r_log = _log_normalise(rx, r_kind)[:, r_idx]
+    q_log = _log_normalise(qx, q_kind, q_idx)
+    r_log = _log_normalise(rx, r_kind, r_idx)
     genes = list(shared)
 
     built = singler.train_single(
@@ -280,7 +305,6 @@ def annotate_singler(
         genes,
         test_features=genes,
         check_missing=False,
-        aggregate=aggregate,
         num_threads=num_threads,
     )
     res = singler.classify_single(
@@ -327,7 +351,8 @@ def annotate_singler(
             min_diff_med=float(min_diff_med),
             min_diff_next=float(min_diff_next),
             min_genes=int(min_genes),
-            aggregate=bool(aggregate),
+            ref_max_per_label=ref_max_per_label,
+            seed=int(seed),
             n_ref_cells=int(len(ref_labels)),
             n_ref_labels=int(len(labels)),
             n_genes_used=int(len(genes)),

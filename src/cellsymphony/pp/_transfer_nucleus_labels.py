@@ -211,8 +211,9 @@ def transfer_nucleus_labels(
       (``n_cells``, ``n_nuclei``, ``n_matched``, ``match_rate_cells``, ``match_rate_nuclei``), the
       registration QC (``median_um``, ``p95_um``, ``mean_offset_um``, ``median_offset_um``,
       ``offset_sd_um``, ``registration_ok``), ``"label_counts"`` (DataFrame) and, after a refinement,
-      ``"refinement"`` (``kind``, ``correction_um``, ``alignment_before``, ``alignment_after``,
-      ``n_iterations`` and the ``qc_before``);
+      ``"refinement"`` (``applied``, ``kind``, ``correction_um``, ``alignment_before``,
+      ``alignment_after``, ``n_iterations`` and the ``qc_before``; a refinement that gives fewer
+      matches at a larger median distance is not applied, with a warning);
     - with ``refine``, ``mdata.uns["cellsymphony"]["samples"][sample]["alignment"]`` is replaced.
     """
     check_choice("space", space, SPACES)
@@ -290,7 +291,8 @@ def transfer_nucleus_labels(
             f"transfer_nucleus_labels: only {qc['n_matched']} of {min(n_cells, n_nuc)} possible nuclei matched a cell "
             f"within {max_distance_um} um (match rate {qc['match_rate']:.1%}) with space={space!r}. "
             + (f"The coordinates look like space={better[0]!r} ({hint})." if better else
-               f"Check space= ({hint or 'no other space available'}), sample= and the registration.")
+               f"Check space= ({hint or 'no other space available'}), sample=, the registration, and that H&E "
+               "coordinates are level-0 pixels (not those of a downsampled level).")
         )
         warnings.warn(msg, UserWarning, stacklevel=2)
         logger.warning(msg)
@@ -320,12 +322,26 @@ def transfer_nucleus_labels(
         before = np.asarray(reg[REG_ALIGNMENT], dtype=np.float64).copy()
         after = np.linalg.inv(scale) @ total @ scale @ before
         check_alignment(after, "refined alignment")
-        reg[REG_ALIGNMENT] = after
-        nuc_um = he_px_to_um(nuc_raw, after, ps)
+        new_um = he_px_to_um(nuc_raw, after, ps)
+        new = _mutual_nearest(cells_xy, new_um, max_distance_um)
+        new_qc = _qc(cells_xy, new_um, *new[:2], n_cells, n_nuc)
         qc_before = qc
-        ci, ni, dist = _mutual_nearest(cells_xy, nuc_um, max_distance_um)
-        qc = _qc(cells_xy, nuc_um, ci, ni, n_cells, n_nuc)
+        improved = new_qc["n_matched"] >= need and not (
+            new_qc["median_um"] > qc["median_um"] and new_qc["n_matched"] <= qc["n_matched"]
+        )
+        if improved:
+            reg[REG_ALIGNMENT] = after
+            nuc_um, (ci, ni, dist), qc = new_um, new, new_qc
+        else:
+            total, after = np.eye(3), before
+            msg = (
+                f"transfer_nucleus_labels: refine={refine!r} did not improve the match of sample {sample_id!r} "
+                "(fewer matches and a larger median distance); the registration is left unchanged."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            logger.warning(msg)
         refinement = {
+            "applied": bool(improved),
             "kind": refine,
             "correction_um": total,
             "alignment_before": before,
@@ -334,10 +350,11 @@ def transfer_nucleus_labels(
             "qc_before": qc_before,
         }
         logger.info(
-            "transfer_nucleus_labels: refined the %s registration of sample %r (%s, %d iterations): median match "
-            "distance %.2f -> %.2f um; the registry alignment is updated, recompute morphology embeddings "
-            "(cs.pp.embed_morphology).",
-            refine, sample_id, refine, iterations, qc_before["median_um"], qc["median_um"],
+            "transfer_nucleus_labels: refined the registration of sample %r (%s, %d iterations): median match "
+            "distance %.2f -> %.2f um%s",
+            sample_id, refine, iterations, qc_before["median_um"], qc["median_um"],
+            "; the registry alignment is updated, recompute morphology embeddings (cs.pp.embed_morphology)."
+            if improved else "; not applied.",
         )
 
     qc["registration_ok"] = bool(qc["n_matched"] > 0 and qc["median_um"] <= qc_warn_um)

@@ -347,7 +347,7 @@ def test_train_deterministic_and_label_lookup():
     np.testing.assert_array_equal(a.history["train_loss"], b.history["train_loss"])
 
 
-def test_two_factor_evidence():
+def test_two_factor_evidence(tmp_path):
     """Gene embedding carries factor A, morphology factor B, the label is (A, B): only models reading
     both can separate the four classes; each single-modality model is stuck near 50 % accuracy."""
     mdata = make_mdata(800, seed=1)
@@ -372,6 +372,10 @@ def test_two_factor_evidence():
     assert (table["n_test"] == 160).all()
     assert mdata.uns["cmp"]["table"] is table
     assert "cs_pred" not in mdata.obs  # a getter writes nothing else
+    mdata.write(tmp_path / "cmp.h5mu")
+    back = md.read_h5mu(tmp_path / "cmp.h5mu").uns["cmp"]
+    pd.testing.assert_frame_equal(back["table"], table, check_dtype=False, check_names=False)
+    assert list(back["params"]["archs"]) == ["unimodal", "dual", "multi_input", "morphology"]
 
 
 def test_spatial_token_uses_section_relative_position(tmp_path):
@@ -430,6 +434,10 @@ def test_save_load_predict(tmp_path):
     assert "cs_pred" in other.obs
     assert "cs_pred_split" not in other.obs
     assert list(other.uns["cs_pred"]["classes"]) == list(CLASSES)
+    other.write(tmp_path / "other.h5mu")
+    back = md.read_h5mu(tmp_path / "other.h5mu")
+    assert back.obs["cs_pred"].astype(str).tolist() == p2.astype(str).tolist()
+    assert back.uns["cs_pred"]["model"]["arch"] == "multi_input"
 
     # wrong dimensions
     bad = make_mdata(50, seed=6, morph_dim=30)
@@ -494,3 +502,56 @@ def test_singleton_label_warns_and_trains():
     assert mdata.obs["cs_pred_split"].iloc[0] == TRAIN
     per_class = mdata.uns["cs_pred"]["metrics"]["per_class"]
     assert per_class.loc["Rare", "support"] == 0
+
+
+def test_anndata_of_one_modality():
+    """Single-modality architectures accept the AnnData of that modality."""
+    mdata = make_mdata(200)
+    rna = mdata["rna"].copy()
+    rna.obs["cell_type"] = mdata.obs["cell_type"].to_numpy()
+    rna.uns["cellsymphony"] = {"latest": {"rna": "X_scgpt"}}
+    model = cs.tl.train_classifier(rna, "cell_type", arch="spatial", epochs=1, **TINY)
+    assert rna.obs["cs_pred"].notna().all()
+    assert rna.obsm["cs_pred_proba"].shape == (200, 4)
+    assert (model.predict(rna, key_added=None).astype(str) == rna.obs["cs_pred"].astype(str)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_training_and_cpu_predict(tmp_path):
+    """Training on CUDA (bf16 autocast) learns the two-factor labels; the saved model predicts on the CPU."""
+    mdata = make_mdata(800, seed=1)
+    model = cs.tl.train_classifier(mdata, "cell_type", arch="multi_input", device="cuda", **FAST)
+    assert mdata.uns["cs_pred"]["params"]["device"].startswith("cuda")
+    assert mdata.uns["cs_pred"]["metrics"]["macro_f1"] > 0.8
+    model.save(tmp_path / "m")
+    cpu = cs.models.CellTypeClassifier.load(tmp_path / "m").predict(mdata, key_added=None, device="cpu")
+    agree = (cpu.astype(str) == mdata.obs["cs_pred"].astype(str)).mean()
+    assert agree > 0.97  # bf16 on the GPU vs float32 on the CPU: a few borderline cells may differ
+
+
+def test_compare_uses_common_cells_and_given_split():
+    """Cells lacking an input of any compared method are left out for all of them (here every Tumor cell
+    lacks its morphology embedding), and a per-cell split array is used as given."""
+    mdata = make_mdata(300)
+    tumor = (mdata.obs["cell_type"] == "Tumor").to_numpy()
+    mdata["morphology"].obsm["X_uni2"][tumor] = np.nan
+    table = cs.tl.compare_classifiers(mdata, "cell_type", archs=("unimodal", "dual"), baselines=(), epochs=1, **TINY)
+    assert [c for c in table.columns if c.endswith(" F1") and c != "macro F1" and c != "weighted F1"] == [
+        "Bcell F1",
+        "Stroma F1",
+        "Tcell F1",
+    ]
+    assert table["n_test"].nunique() == 1
+    assert ((table.filter(like=" P") >= 0) & (table.filter(like=" P") <= 1)).all().all()
+
+    split = np.where(np.arange(mdata.n_obs) % 4 == 0, TEST, TRAIN).astype(object)
+    split[:20] = UNUSED
+    model = cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", split=split, epochs=1, **TINY)
+    assert model.classes == list(CLASSES)  # unimodal does not need the morphology embedding
+    got = mdata.obs["cs_pred_split"].astype(str).to_numpy()
+    np.testing.assert_array_equal(got, split.astype(str))
+    assert mdata.uns["cs_pred"]["exclusions"]["outside the given split"] == 20
+    assert mdata.uns["cs_pred"]["params"]["split"] == "custom"
+    with pytest.raises(ValueError, match="only 'train', 'test' and 'unused'"):
+        cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", split=np.full(mdata.n_obs, "x"), **TINY)

@@ -160,10 +160,9 @@ def compare_classifiers(
     test_rows = np.flatnonzero(split_arr == TEST)
     if len(test_rows) == 0:
         raise ValueError("The split leaves no test cells to compare the classifiers on.")
-    code = {c: i for i, c in enumerate(classes)}
     y_all = np.full(len(labels), -1, dtype=np.int64)
     lab_rows = np.flatnonzero(pd.notna(labels))
-    y_all[lab_rows] = [code[lab] for lab in labels[lab_rows]]
+    y_all[lab_rows] = pd.Categorical(labels[lab_rows], categories=classes).codes
     test_samples_arr = inputs.samples[test_rows].astype(str)
     logger.info(
         "comparing %s on %d training / %d test cells; left out: %s",
@@ -193,8 +192,8 @@ def compare_classifiers(
             device=device,
             key_added=None,
         )
-        # the model's own classes equal ``classes``: same usable cells, same labels
-        pred = model._fit_proba[test_rows].argmax(axis=1)
+        names = np.asarray(model.classes, dtype=object)[model._fit_proba[test_rows].argmax(axis=1)]
+        pred = pd.Categorical(names, categories=classes).codes.astype(np.int64)
         rows += _rows_of(arch, y_all[test_rows], pred, test_samples_arr, classes)
     for base in baselines:
         pred = _logistic(inputs, y_all, train_rows, test_rows, class_weight, seed)

@@ -42,6 +42,18 @@ def _autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def make_adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel where the torch build supports it for ``device`` (CPU: about 2-3x
+    faster steps for the 20 M-parameter paper-size model), else the default implementation."""
+    params = list(params)
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def _rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]
@@ -208,6 +220,11 @@ class CellTypeClassifier:
 
         inputs = gather_inputs(mdata, self.tokens, gene_rep, morph_rep)
         labels, exclusions = usable_labels(mdata, label_key, exclude, confident_key, inputs.available)
+        if not isinstance(split, str):
+            split_arr = split_from_array(split, mdata.n_obs, labels)
+            outside = pd.notna(labels) & (split_arr == UNUSED)
+            exclusions["outside the given split"] = int(outside.sum())
+            labels = np.where(outside, None, labels)
         classes = sorted(set(labels[pd.notna(labels)]))
         if len(classes) < 2:
             raise ValueError(
@@ -226,8 +243,6 @@ class CellTypeClassifier:
                 block_size=block_size,
                 test_samples=test_samples,
             )
-        else:
-            split_arr = split_from_array(split, mdata.n_obs, labels)
         train_rows = np.flatnonzero(split_arr == TRAIN)
         test_rows = np.flatnonzero(split_arr == TEST)
         if len(train_rows) == 0:
@@ -240,10 +255,9 @@ class CellTypeClassifier:
         self.gene_rep, self.morph_rep = inputs.gene_rep, inputs.morph_rep
         self.gene_dim = None if inputs.gene is None else int(inputs.gene.shape[1])
         self.morph_dim = None if inputs.morph is None else int(inputs.morph.shape[1])
-        code = {c: i for i, c in enumerate(classes)}
         y_all = np.full(mdata.n_obs, -1, dtype=np.int64)
         lab_rows = np.flatnonzero(pd.notna(labels))
-        y_all[lab_rows] = [code[lab] for lab in labels[lab_rows]]
+        y_all[lab_rows] = pd.Categorical(labels[lab_rows], categories=classes).codes
 
         n_left = sum(exclusions.values())
         logger.info(
@@ -332,7 +346,7 @@ class CellTypeClassifier:
         y_train = torch.as_tensor(y_all[train_rows], device=dev)
         y_test = y_all[test_rows]
         w = torch.as_tensor(weights, dtype=torch.float32, device=dev)
-        opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = make_adamw(module.parameters(), lr, weight_decay, dev)
         gen = torch.Generator().manual_seed(int(seed))
         n = len(train_rows)
         hist = {k: np.full(epochs, np.nan) for k in ("train_loss", "test_loss", "test_macro_f1", "test_accuracy")}
@@ -448,6 +462,14 @@ class CellTypeClassifier:
         inputs = self._predict_inputs(mdata, gene_rep, morph_rep)
         dev = torch.device(resolve_device(device))
         avail = np.flatnonzero(inputs.available)
+        if len(avail) < mdata.n_obs:
+            logger.info(
+                "%d of %d cells lack an input of the %r classifier (%s): no prediction for them",
+                mdata.n_obs - len(avail),
+                mdata.n_obs,
+                self.arch,
+                ", ".join(f"{k}: {v}" for k, v in inputs.missing.items()),
+            )
         proba = np.full((mdata.n_obs, len(self.classes)), np.nan, dtype=np.float32)
         proba[avail] = self._proba(self._tensors(inputs, avail, dev), dev, batch_size or PREDICT_BATCH)
         return pd.DataFrame(proba, index=mdata.obs_names, columns=pd.Index(self.classes))

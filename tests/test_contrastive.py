@@ -19,6 +19,15 @@ cs.settings.progress = False
 KEY = "X_cs_contrastive"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small networks: one thread is as fast, and far faster than two on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @functools.cache
 def _paired_arrays(n: int, seed: int, n_gene: int = 32, n_morph: int = 48, k: int = 8, noise: float = 0.3):
     """Two noisy, differently non-linear views of one k-dimensional latent per cell."""

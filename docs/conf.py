@@ -38,6 +38,7 @@ napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = True
 napoleon_use_param = True
+napoleon_use_ivar = True  # "Attributes" as fields, not directives that duplicate the documented properties
 typehints_defaults = "comma"
 typehints_use_signature = False
 always_document_param_types = False

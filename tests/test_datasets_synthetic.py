@@ -300,6 +300,25 @@ def test_marker_enrichment(matrix, truth):
     assert r_epi > 0.85 and r_epi > r_tb
 
 
+def test_niche_programmes(matrix, truth):
+    """The same type differs by compartment: exhausted T cells and SPP1+ macrophages inside tumour nests."""
+    X, names, ftype, _ = matrix
+    gx = X[:, ftype == "Gene Expression"].astype(np.float64)
+    genes = list(names[ftype == "Gene Expression"])
+    lib = np.asarray(gx.sum(axis=1)).ravel()
+    N = (sp.diags(100.0 / np.maximum(lib, 1)) @ gx).tocsc()
+    types, comp = truth.cell_type.astype(str).to_numpy(), truth.compartment.astype(str).to_numpy()
+
+    def mean(gene, mask):
+        return np.asarray(N[:, genes.index(gene)].todense()).ravel()[mask].mean()
+
+    t_in, t_out = (types == "T cell") & (comp == "tumour nest"), (types == "T cell") & (comp != "tumour nest")
+    assert t_in.sum() > 10 and t_out.sum() > 10
+    assert mean("PDCD1", t_in) > 2 * mean("PDCD1", t_out)
+    m_in, m_out = (types == "macrophage") & (comp == "tumour nest"), (types == "macrophage") & (comp != "tumour nest")
+    assert mean("SPP1", m_in) > 2 * mean("SPP1", m_out)
+
+
 def test_counts_realistic(matrix, truth):
     X, names, ftype, _ = matrix
     gx = X[:, ftype == "Gene Expression"]

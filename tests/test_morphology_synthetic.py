@@ -51,7 +51,10 @@ def test_patches_are_centred_on_rendered_nuclei(bundle):
 
 
 def test_handcrafted_follows_the_truth(bundle):
-    mdata, truth = bundle
+    full, truth = bundle
+    mdata = full[:250].copy()  # enough cells for the rank correlations, half the time
+    mdata.uns["cellsymphony"] = full.uns["cellsymphony"]
+    truth = truth.iloc[:250]
     cs.pp.embed_morphology(mdata, model="handcrafted")
     x = mdata["morphology"].obsm["X_handcrafted"]
     names = list(mdata["morphology"].uns["X_handcrafted"]["feature_names"])

@@ -29,7 +29,9 @@ def make(n: int, n_gene: int, n_morph: int, seed: int = 0) -> md.MuData:
     names = [f"c{i}" for i in range(n)]
     mods = {}
     for mod, key, d in (("rna", "X_scgpt", n_gene), ("morphology", "X_uni2", n_morph)):
-        a = ad.AnnData(np.zeros((n, 0), np.float32), obsm={key: rng.standard_normal((n, d), dtype=np.float32)})
+        a = ad.AnnData(
+            np.zeros((n, 0), np.float32), obsm={key: rng.standard_normal((n, d), dtype=np.float32)}
+        )
         a.obs_names = names
         mods[mod] = a
     mdata = md.MuData(mods)
@@ -60,7 +62,9 @@ def main() -> None:
     )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    ContrastiveAligner().fit(make(512, 16, 16), epochs=1, device=args.device)  # warm-up: thread pools, kernels
+    ContrastiveAligner().fit(
+        make(512, 16, 16), epochs=1, device=args.device
+    )  # warm-up: thread pools, kernels
     for n_gene, n_morph in ((512, 512), (512, 1536), (1536, 1536)):
         mdata = make(args.cells, n_gene, n_morph)
         aligner = ContrastiveAligner()

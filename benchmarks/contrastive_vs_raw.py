@@ -56,11 +56,17 @@ def tissue(n: int, seed: int) -> md.MuData:
     x_morph = np.abs(latent @ w_m) + stain + 1.0 * rng.normal(size=(n, 96))
     names = [f"cell_{i}" for i in range(n)]
     obs = pd.DataFrame({"sample": pd.Categorical(["s1"] * n)}, index=names)
-    rna = ad.AnnData(np.zeros((n, 0), np.float32), obs=obs.copy(), obsm={"spatial": xy, "X_scgpt": x_gene.astype(np.float32)})
+    rna = ad.AnnData(
+        np.zeros((n, 0), np.float32),
+        obs=obs.copy(),
+        obsm={"spatial": xy, "X_scgpt": x_gene.astype(np.float32)},
+    )
     rna.obs["cell_type"] = pd.Categorical(np.array(TYPES)[ctype], categories=TYPES)
     rna.obs["region"] = pd.Categorical(np.array(list(REGIONS))[region])
     morph = ad.AnnData(
-        np.zeros((n, 0), np.float32), obs=obs.copy(), obsm={"spatial": xy.copy(), "X_uni2": x_morph.astype(np.float32)}
+        np.zeros((n, 0), np.float32),
+        obs=obs.copy(),
+        obsm={"spatial": xy.copy(), "X_uni2": x_morph.astype(np.float32)},
     )
     mdata = md.MuData({"rna": rna, "morphology": morph})
     mdata.uns["cellsymphony"] = {"latest": {"rna": "X_scgpt", "morphology": "X_uni2"}}
@@ -97,7 +103,9 @@ def main() -> None:
     mdata = tissue(args.cells, args.seed)
     cs.tl.align_contrastive(mdata, seed=args.seed)
     ret = mdata.uns["X_cs_contrastive"]["retrieval"]
-    print(f"# constructed tissue, {args.cells} cells, seed {args.seed}; held-out retrieval ({int(ret['n_cells'].iloc[0])} cells):")
+    print(
+        f"# constructed tissue, {args.cells} cells, seed {args.seed}; held-out retrieval ({int(ret['n_cells'].iloc[0])} cells):"
+    )
     print(ret[["rna_to_morphology", "morphology_to_rna", "chance"]].round(4).to_markdown())
     rows = {}
     for name, rep in (("raw morphology (X_uni2)", "X_uni2"), ("contrastive projection", "X_cs_contrastive")):

@@ -56,7 +56,9 @@ def paired_mudata(n: int = 1000, seed: int = 0, *, rna_cells=None, morph_cells=N
             obsm={rep: x[rows].copy(), "spatial": xy[rows].copy(), "nucleus_centroid": xy[rows].copy()},
         )
 
-    mdata = md.MuData({"rna": modality(rna_cells, "X_scgpt", xg), "morphology": modality(morph_cells, "X_uni2", xm)})
+    mdata = md.MuData(
+        {"rna": modality(rna_cells, "X_scgpt", xg), "morphology": modality(morph_cells, "X_uni2", xm)}
+    )
     mdata.uns["cellsymphony"] = {"latest": {"rna": "X_scgpt", "morphology": "X_uni2"}}
     return mdata
 
@@ -147,8 +149,10 @@ def test_align_contrastive_retrieval_far_above_chance():
         assert z.shape == (1000, 128)
         np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
     params = uns["params"]
-    assert params["gene_rep"] == "X_scgpt" and params["morph_rep"] == "X_uni2"
-    assert params["batch_size"] == 128 and params["epochs"] == 20
+    assert params["gene_rep"] == "X_scgpt"
+    assert params["morph_rep"] == "X_uni2"
+    assert params["batch_size"] == 128
+    assert params["epochs"] == 20
     assert set(uns["test_obs_names"]) == set(aligner.test_obs_names)
     # a held-out cell's own partner is, on average, far closer than other cells
     zr, zm = mdata["rna"].obsm[KEY], mdata["morphology"].obsm[KEY]
@@ -220,9 +224,11 @@ def test_partial_overlap_and_nan_rows():
     mdata["morphology"].obsm["X_uni2"][[300, 320], 1] = np.nan  # cells 350, 370: morphology only
     cs.tl.align_contrastive(mdata, epochs=2, batch_size=64)
     counts = mdata.uns[KEY]["n_cells"]
-    assert counts["n_rna"] == 350 and counts["n_morphology"] == 350
+    assert counts["n_rna"] == 350
+    assert counts["n_morphology"] == 350
     assert counts["n_paired"] == 300
-    assert counts["n_nan_rna"] == 5 and counts["n_nan_morphology"] == 3
+    assert counts["n_nan_rna"] == 5
+    assert counts["n_nan_morphology"] == 3
     assert counts["n_used"] == 295
     assert counts["n_train"] + counts["n_test"] == 295
     zr, zm = mdata["rna"].obsm[KEY], mdata["morphology"].obsm[KEY]
@@ -230,7 +236,8 @@ def test_partial_overlap_and_nan_rows():
     nan_m = np.flatnonzero(np.isnan(zm).any(axis=1))
     np.testing.assert_array_equal(nan_r, [10, 60, 61, 62, 63, 64])
     np.testing.assert_array_equal(nan_m, [12, 13, 14, 300, 320])
-    assert np.isnan(zr[nan_r]).all() and np.isfinite(np.delete(zr, nan_r, axis=0)).all()
+    assert np.isnan(zr[nan_r]).all()
+    assert np.isfinite(np.delete(zr, nan_r, axis=0)).all()
 
 
 def test_empty_overlap_is_an_error():
@@ -262,3 +269,15 @@ def test_missing_inputs_name_the_function_to_run():
         cs.tl.align_contrastive(mdata, gene_rep="X_scgpt", morph_rep="X_uni2", test_size=1.0)
     with pytest.raises(ValueError, match="batch_size"):
         cs.tl.align_contrastive(mdata, gene_rep="X_scgpt", morph_rep="X_uni2", batch_size=1)
+
+
+def test_no_held_out_cells_gives_nan_figures():
+    mdata = paired_mudata(200)
+    cs.tl.align_contrastive(mdata, epochs=2, batch_size=64, test_size=0)
+    uns = mdata.uns[KEY]
+    assert uns["n_cells"]["n_test"] == 0
+    assert uns["n_cells"]["n_train"] == 200
+    assert uns["history"]["test_loss"].isna().all()
+    assert uns["history"]["train_loss"].notna().all()
+    assert uns["retrieval"][["rna_to_morphology", "chance"]].isna().all().all()
+    assert np.isfinite(mdata["morphology"].obsm[KEY]).all()

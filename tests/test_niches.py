@@ -66,20 +66,26 @@ def test_niches_recover_clusters_and_write_both_places(tmp_path):
     assert cs.tl.niches(mdata, n_neighbors=15, resolution=0.5, umap=True) is None
     lab = mdata["morphology"].obs["cs_niche"]
     assert isinstance(lab.dtype, pd.CategoricalDtype)
-    assert lab.isna().sum() == 2 and lab.iloc[[0, 5]].isna().all()
+    assert lab.isna().sum() == 2
+    assert lab.iloc[[0, 5]].isna().all()
     # section 1 has niches by construction (section 2's projections were shuffled in space)
     first = slice(0, n // 2)
     truth = mdata["rna"].obs["truth"].to_numpy()[first]
     ok = lab.iloc[first].notna().to_numpy()
     assert adjusted_rand_score(truth[ok], lab.iloc[first].to_numpy()[ok]) > 0.95
-    assert "cs_niche" in mdata.obs and "morphology:cs_niche" in mdata.obs
+    assert "cs_niche" in mdata.obs
+    assert "morphology:cs_niche" in mdata.obs
     pd.testing.assert_series_equal(
         mdata.obs["cs_niche"].astype(str), lab.reindex(mdata.obs_names).astype(str), check_names=False
     )
     umap = mdata["morphology"].obsm["cs_niche_umap"]
-    assert umap.shape == (n, 2) and np.isnan(umap[[0, 5]]).all() and np.isfinite(np.delete(umap, [0, 5], 0)).all()
+    assert umap.shape == (n, 2)
+    assert np.isnan(umap[[0, 5]]).all()
+    assert np.isfinite(np.delete(umap, [0, 5], 0)).all()
     uns = mdata["morphology"].uns["cs_niche"]
-    assert uns["n_excluded"] == 2 and uns["params"]["use_rep"] == KEY and uns["n_niches"] == lab.cat.categories.size
+    assert uns["n_excluded"] == 2
+    assert uns["params"]["use_rep"] == KEY
+    assert uns["n_niches"] == lab.cat.categories.size
     mdata.write(tmp_path / "n.h5mu")
     back = md.read_h5mu(tmp_path / "n.h5mu")
     pd.testing.assert_series_equal(back.obs["cs_niche"].astype(str), mdata.obs["cs_niche"].astype(str))
@@ -89,7 +95,9 @@ def test_niches_recover_clusters_and_write_both_places(tmp_path):
 def test_niches_copy_anndata_and_errors():
     mdata = tissue_mudata()
     out = cs.tl.niches(mdata, copy=True, key_added="nx")
-    assert "nx" not in mdata["morphology"].obs and "nx" in out["morphology"].obs and "nx" in out.obs
+    assert "nx" not in mdata["morphology"].obs
+    assert "nx" in out["morphology"].obs
+    assert "nx" in out.obs
     adata = mdata["morphology"].copy()
     cs.tl.niches(adata, key_added="nx")
     assert adata.obs["nx"].notna().all()
@@ -136,7 +144,9 @@ def test_cluster_enrichment_hand_checked_fisher(tmp_path):
     # stored flat and h5ad-safe
     adata.write_h5ad(tmp_path / "e.h5ad")
     back = ad.read_h5ad(tmp_path / "e.h5ad")
-    pd.testing.assert_frame_equal(back.uns["enr"].reset_index(drop=True), df, check_dtype=False, check_index_type=False)
+    pd.testing.assert_frame_equal(
+        back.uns["enr"].reset_index(drop=True), df, check_dtype=False, check_index_type=False
+    )
 
 
 def test_cluster_enrichment_on_mudata_finds_columns_and_writes_h5mu(tmp_path):
@@ -147,7 +157,8 @@ def test_cluster_enrichment_on_mudata_finds_columns_and_writes_h5mu(tmp_path):
     n_niches = mdata.obs["cs_niche"].cat.categories.size
     assert len(df) == n_niches * 16
     assert (df.groupby("cluster")["count"].sum() == df.groupby("cluster")["n_cluster"].first()).all()
-    assert df["qval"].between(0, 1).all() and (df["qval"] >= df["pval"] - 1e-12).all()
+    assert df["qval"].between(0, 1).all()
+    assert (df["qval"] >= df["pval"] - 1e-12).all()
     # every niche is significantly enriched for some true block
     assert (df.groupby("cluster")["qval"].min() < 1e-10).all()
     mdata.write(tmp_path / "e.h5mu")
@@ -165,17 +176,21 @@ def test_spatial_coherence_blocky_vs_shuffled(tmp_path):
     blocky = cs.tl.spatial_coherence(mdata, "truth", n_neighs=6, n_perms=200, key_added="coh")
     shuffled = cs.tl.spatial_coherence(mdata, "shuffled", n_neighs=6, n_perms=200)
     assert list(blocky.columns) == ["n_cells", "n_edges", "observed", "null_mean", "null_sd", "z", "pval"]
-    assert blocky.index[-1] == "overall" and len(blocky) == 17
+    assert blocky.index[-1] == "overall"
+    assert len(blocky) == 17
     o = blocky.loc["overall"]
-    assert o["n_cells"] == mdata.n_obs and o["n_edges"] == 6 * mdata.n_obs
+    assert o["n_cells"] == mdata.n_obs
+    assert o["n_edges"] == 6 * mdata.n_obs
     # 10x10 blocks on a lattice: most neighbours share the block; the null is about 1/16
     assert o["observed"] > 0.8
     assert o["null_mean"] == pytest.approx(1 / 16, abs=0.02)
-    assert o["z"] > 20 and o["pval"] == pytest.approx(1 / 201)
+    assert o["z"] > 20
+    assert o["pval"] == pytest.approx(1 / 201)
     assert (blocky["observed"].iloc[:-1] > 0.7).all()
     s = shuffled.loc["overall"]
     assert abs(s["observed"] - s["null_mean"]) < 4 * s["null_sd"]
-    assert s["pval"] > 0.001 and abs(s["z"]) < 4
+    assert s["pval"] > 0.001
+    assert abs(s["z"]) < 4
     # the second section is a shifted copy 5 um away: a pooled graph would join the two sections
     # and halve the coherence; the per-sample graph keeps the coherence of a single section
     one = mdata[mdata.obs["rna:sample"] == "s1"].copy()

@@ -70,7 +70,9 @@ def cluster_enrichment(
     cl = clusters[ok].astype(str) if not isinstance(clusters.dtype, pd.CategoricalDtype) else clusters[ok]
     lb = labels[ok].astype(str) if not isinstance(labels.dtype, pd.CategoricalDtype) else labels[ok]
     table = pd.crosstab(
-        pd.Categorical(cl).remove_unused_categories(), pd.Categorical(lb).remove_unused_categories(), dropna=False
+        pd.Categorical(cl).remove_unused_categories(),
+        pd.Categorical(lb).remove_unused_categories(),
+        dropna=False,
     )
     counts = table.to_numpy().astype(np.int64)
     n = int(counts.sum())
@@ -87,7 +89,9 @@ def cluster_enrichment(
             p = fisher_exact(tab, alternative="greater").pvalue
             expected = float(n_cluster[i, 0] * n_label[0, j] / n)
             lor = np.log2(
-                (a[i, j] + PSEUDOCOUNT) * (d[i, j] + PSEUDOCOUNT) / ((b[i, j] + PSEUDOCOUNT) * (c[i, j] + PSEUDOCOUNT))
+                (a[i, j] + PSEUDOCOUNT)
+                * (d[i, j] + PSEUDOCOUNT)
+                / ((b[i, j] + PSEUDOCOUNT) * (c[i, j] + PSEUDOCOUNT))
             )
             rows.append(
                 {

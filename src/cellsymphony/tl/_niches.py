@@ -81,7 +81,9 @@ def niches(
             if use_rep == CONTRASTIVE_KEY
             else "pass one of its keys"
         )
-        raise ValueError(f"{use_rep!r} is not in the {mod!r} modality's .obsm (it has {sorted(adata.obsm)}): {hint}.")
+        raise ValueError(
+            f"{use_rep!r} is not in the {mod!r} modality's .obsm (it has {sorted(adata.obsm)}): {hint}."
+        )
     x = adata.obsm[use_rep]
     x = np.asarray(x.to_numpy() if isinstance(x, pd.DataFrame) else x, dtype=np.float32)
     ok = np.isfinite(x).all(axis=1)
@@ -120,7 +122,12 @@ def niches(
         adata.obsm[f"{key_added}_umap"] = umap_xy
     adata.uns[key_added] = {
         "params": params_record(
-            use_rep=use_rep, mod=mod, n_neighbors=n_neighbors, resolution=resolution, method=method, umap=umap,
+            use_rep=use_rep,
+            mod=mod,
+            n_neighbors=n_neighbors,
+            resolution=resolution,
+            method=method,
+            umap=umap,
             seed=seed,
         ),  # fmt: skip
         "n_niches": n_niches,
@@ -132,6 +139,10 @@ def niches(
         mdata.obs[key_added] = pd.Categorical(joint, categories=cats)
     where = f"the {mod!r} modality and the MuData" if is_mudata(mdata) else "the AnnData"
     logger.info(
-        "added .obs[%r] (%d niches, %d cells left out for NaN rows) to %s", key_added, n_niches, int((~ok).sum()), where
+        "added .obs[%r] (%d niches, %d cells left out for NaN rows) to %s",
+        key_added,
+        n_niches,
+        int((~ok).sum()),
+        where,
     )
     return mdata if copy else None

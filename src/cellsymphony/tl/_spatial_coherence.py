@@ -24,9 +24,13 @@ def _coordinates(mdata: MuData | AnnData) -> np.ndarray:
         xy = mdata.obsm[SPATIAL_KEY]
         return np.asarray(xy.to_numpy() if isinstance(xy, pd.DataFrame) else xy, dtype=np.float64)[:, :2]
     if not is_mudata(mdata):
-        raise ValueError("The AnnData has no .obsm['spatial'] (cell centroids in micrometres); read it with cs.io.read_xenium.")
+        raise ValueError(
+            "The AnnData has no .obsm['spatial'] (cell centroids in micrometres); read it with cs.io.read_xenium."
+        )
     xy = np.full((mdata.n_obs, 2), np.nan)
-    order = [m for m in (MOD_MORPH, MOD_RNA) if m in mdata.mod] + [m for m in mdata.mod if m not in (MOD_MORPH, MOD_RNA)]
+    order = [m for m in (MOD_MORPH, MOD_RNA) if m in mdata.mod] + [
+        m for m in mdata.mod if m not in (MOD_MORPH, MOD_RNA)
+    ]
     found = False
     for mod in order:
         ad = mdata.mod[mod]
@@ -38,7 +42,9 @@ def _coordinates(mdata: MuData | AnnData) -> np.ndarray:
         fill = (idx >= 0) & np.isnan(xy).any(axis=1)
         xy[fill] = src[idx[fill]]
     if not found:
-        raise ValueError("No modality has .obsm['spatial'] (cell centroids in micrometres); read the data with cs.io.read_xenium.")
+        raise ValueError(
+            "No modality has .obsm['spatial'] (cell centroids in micrometres); read the data with cs.io.read_xenium."
+        )
     return xy
 
 

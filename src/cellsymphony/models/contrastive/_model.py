@@ -91,7 +91,9 @@ def _take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def retrieval_recall(z_a: torch.Tensor, z_b: torch.Tensor, ks=RECALL_KS, chunk: int = 4096) -> dict[int, float]:
+def retrieval_recall(
+    z_a: torch.Tensor, z_b: torch.Tensor, ks=RECALL_KS, chunk: int = 4096
+) -> dict[int, float]:
     """Recall@k of retrieving row ``i`` of ``z_b`` from row ``i`` of ``z_a`` by cosine similarity.
 
     The rank of the true partner is the number of candidates scoring strictly higher; computed in
@@ -484,7 +486,9 @@ class ContrastiveAligner:
             rep, x = get_rep(mdata, modality, rep)
         else:
             if rep is None:
-                raise ValueError(f"Pass rep=: the AnnData has none of the trained key (it has {sorted(adata.obsm)}).")
+                raise ValueError(
+                    f"Pass rep=: the AnnData has none of the trained key (it has {sorted(adata.obsm)})."
+                )
             rep = resolve_rep(adata, modality, rep)
             x = np.asarray(adata.obsm[rep], dtype=np.float32)
         out = self.transform_array(x, modality, batch_size=batch_size)

@@ -40,10 +40,11 @@ CONTRASTIVE_KEY = "X_cs_contrastive"
 NICHE_KEY = "cs_niche"
 SINGLER_KEY = "singler"
 
+# H&E-only slides (cs.io.read_he_cells): class of each detected nucleus from the detection tool
+NUCLEUS_CLASS_KEY = "nucleus_class"
+
 # cell labels (cs.pp.transfer_nucleus_labels, cs.pp.import_labels, cs.pp.harmonize_labels)
 HE_LABEL_KEY = "he_label"
 IMPORTED_LABEL_KEY = "imported_label"
 HARMONIZED_LABEL_KEY = "label_coarse"
 AMBIGUOUS_LABEL = "ambiguous"
-# H&E-only slides (cs.io.read_he_cells): class of each detected nucleus from the detection tool
-NUCLEUS_CLASS_KEY = "nucleus_class"

@@ -91,8 +91,8 @@ def read_xenium(
     Every modality (and the MuData) has ``obsm["spatial"]`` (cell centroid, micrometres) and
     ``obsm["nucleus_centroid"]`` (centroid of the cell's largest nucleus polygon; the cell centroid where
     there is none). ``obs_names`` are the cell ids as strings. ``mdata.obs["sample"]`` and
-    ``mdata.uns["cellsymphony"]["samples"][sample]`` = ``{"he_path", "alignment", "pixel_size", "he_mpp",
-    "xenium_path"}`` (``he_path`` ``""`` and NaN alignment / ``he_mpp`` without an H&E).
+    ``mdata.uns["cellsymphony"]["samples"][sample]`` with ``he_path``, ``alignment``, ``pixel_size``,
+    ``he_mpp`` and ``xenium_path`` (``he_path`` ``""`` and NaN alignment / ``he_mpp`` without an H&E).
 
     Examples
     --------

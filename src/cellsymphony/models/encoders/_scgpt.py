@@ -147,6 +147,8 @@ class ScGPTEncoder(nn.Module):
     max_value
         Values are clamped at this before the value encoder (512 in scGPT).
 
+    Notes
+    -----
     Attributes set by :func:`load_scgpt`: ``vocab`` (gene -> token id), ``args`` (args.json),
     ``pad_token_id``, ``cls_token_id``, ``pad_value``, ``model_dir``, ``untrained``.
     """

@@ -41,10 +41,10 @@ def print_table(rows: list[dict], title: str | None = None) -> str:
     lines = []
     if title:
         lines.append(f"\n### {title}\n")
-    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
+    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=False)) + " |")
     lines.append("| " + " | ".join("-" * w for w in widths) + " |")
     for row in cells:
-        lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+        lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + " |")
     text = "\n".join(lines)
     print(text, flush=True)
     return text

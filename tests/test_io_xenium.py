@@ -219,7 +219,7 @@ def test_he_not_covering_cells_warns_and_flags(tmp_path):
 
 def test_inverted_alignment_is_pointed_out(tmp_path):
     b = make_bundle(tmp_path / "x")
-    with pytest.warns(UserWarning) as rec:
+    with pytest.warns(UserWarning, match="does not cover") as rec:
         mdata = cs.io.read_xenium(b.path, he_alignment=np.linalg.inv(b.alignment))
     messages = " ".join(str(w.message) for w in rec)
     assert "The inverse of the alignment would place them inside" in messages

@@ -10,13 +10,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from morphology_helpers import HE_MPP, PIXEL_SIZE, draw_disc, make_mudata, rotated_alignment, tissue, write_he, one_torch_thread
+from morphology_helpers import (
+    HE_MPP,
+    PIXEL_SIZE,
+    draw_disc,
+    make_mudata,
+    one_torch_thread,
+    rotated_alignment,
+    tissue,
+    write_he,
+)
 
 import cellsymphony as cs
 from cellsymphony._registration import he_px_to_um
 from cellsymphony.pp import _embed_morphology as em
 from cellsymphony.pp._patch_geometry import tile_assignment, token_pool_weights
 from cellsymphony.pp._patch_source import PatchSource
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

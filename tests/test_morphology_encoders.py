@@ -7,9 +7,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from morphology_helpers import one_torch_thread
+from torch import nn
 
 import cellsymphony as cs
 from cellsymphony.models.encoders._morphology import PRESETS, default_key, known_models, resolve_weights

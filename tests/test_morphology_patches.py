@@ -8,8 +8,8 @@ from morphology_helpers import HE_MPP, PIXEL_SIZE, draw_disc, make_mudata, rotat
 
 import cellsymphony as cs
 from cellsymphony._registration import he_px_to_um, um_to_he_px
-from cellsymphony.pp._patch_source import PatchSource
 from cellsymphony.pp._patch_geometry import spatial_order
+from cellsymphony.pp._patch_source import PatchSource
 
 MARKERS = {  # colour -> offset from the cell (micrometres, x right, y down)
     "red": ((255, 0, 0), (20.0, 0.0)),

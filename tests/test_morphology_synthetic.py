@@ -8,9 +8,8 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import spearmanr
-
 from morphology_helpers import one_torch_thread
+from scipy.stats import spearmanr
 
 import cellsymphony as cs
 

@@ -270,7 +270,7 @@ class HERenderer:
         # cytoplasm first (macrophages' abundant pink cytoplasm; a little around every epithelial cell)
         mac = np.flatnonzero(cells.cell_type.to_numpy() == "macrophage")
         sub = cells.iloc[mac]
-        for rows, cols, ci, q, *_ in splat(sub, cx[mac], cy[mac], px2um, self.shape, grow_um=sub.cyto.to_numpy()):
+        for rows, cols, _ci, q, *_ in splat(sub, cx[mac], cy[mac], px2um, self.shape, grow_um=sub.cyto.to_numpy()):
             self.cyto[rows, cols] = 0.35 * np.clip((1 - q) / 0.25, 0, 1)
         dark = cells.dark.to_numpy().astype(np.float32)
         ves = cells.vesicular.to_numpy().astype(np.float32)

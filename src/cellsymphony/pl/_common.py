@@ -104,7 +104,7 @@ def uns_entry(mdata: Any, key: str, producer: str) -> Any:
     if key in mdata.uns:
         return mdata.uns[key]
     mods = getattr(mdata, "mod", {})
-    for mod, adata in mods.items():
+    for _mod, adata in mods.items():
         if key in adata.uns:
             return adata.uns[key]
     raise ValueError(

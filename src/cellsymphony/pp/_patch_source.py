@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._constants import NUCLEUS_KEY, REG_ALIGNMENT, REG_HE_MPP, REG_HE_PATH, REG_PIXEL_SIZE, SAMPLE_KEY, SPATIAL_KEY
+from .._constants import (
+    NUCLEUS_KEY,
+    REG_ALIGNMENT,
+    REG_HE_MPP,
+    REG_HE_PATH,
+    REG_PIXEL_SIZE,
+    SAMPLE_KEY,
+    SPATIAL_KEY,
+)
 from .._registration import check_alignment
 from .._validate import samples_registry
 from ._patch_geometry import he_um_per_px, patch_to_um, spatial_order, um_to_level

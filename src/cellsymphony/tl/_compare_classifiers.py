@@ -123,7 +123,14 @@ def compare_classifiers(
     """
     from .._utils import params_record
     from .._validate import check_choice
-    from ..models.classifier._data import TEST, TRAIN, gather_inputs, make_split, section_coordinates, usable_labels
+    from ..models.classifier._data import (
+        TEST,
+        TRAIN,
+        gather_inputs,
+        make_split,
+        section_coordinates,
+        usable_labels,
+    )
     from ..models.classifier._model import CellTypeClassifier
     from ..models.classifier._module import ARCHS, arch_tokens
 

@@ -69,9 +69,8 @@ class HandcraftedEncoder:
     def _one(self, patch: np.ndarray) -> np.ndarray:
         from scipy import ndimage
         from skimage.color import rgb2hed
-        from skimage.feature import graycomatrix, graycoprops, local_binary_pattern
+        from skimage.feature import graycomatrix, graycoprops, local_binary_pattern, peak_local_max
         from skimage.filters import threshold_otsu
-        from skimage.feature import peak_local_max
         from skimage.measure import label, regionprops
         from skimage.morphology import remove_small_objects
         from skimage.segmentation import watershed

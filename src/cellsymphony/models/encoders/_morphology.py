@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._weights import file_checksum, find_weight_file, hf_cached_file, hub_reachable, load_state_dict, load_strict
+from ._weights import (
+    file_checksum,
+    find_weight_file,
+    hf_cached_file,
+    hub_reachable,
+    load_state_dict,
+    load_strict,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -243,10 +250,7 @@ class MorphologyEncoder(nn.Module):
         if x.shape[-1] == 3 and x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)
         x = x.to(self.mean.device, non_blocking=True)
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255.0)
-        else:
-            x = x.float()
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         return (x - self.mean) / self.std
 
     def forward_tokens(self, x: torch.Tensor, layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,10 +267,7 @@ class MorphologyEncoder(nn.Module):
         if not 0 <= layer < n_blocks:
             raise ValueError(f"layer must be in [-{n_blocks}, {n_blocks - 1}] for {self.name!r}, got {layer}.")
         if layer == n_blocks - 1:
-            if hasattr(m, "forward_features"):
-                out = m.forward_features(x)
-            else:
-                out = m(x)
+            out = m.forward_features(x) if hasattr(m, "forward_features") else m(x)
         else:
             if not (hasattr(m, "blocks") and hasattr(m, "_pos_embed")):
                 raise ValueError(f"layer={layer}: intermediate layers need a timm VisionTransformer.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -26,121 +25,12 @@ from .._constants import (
     UNS_KEY,
 )
 from .._settings import logger
+from ._nuclei import read_nuclei
 
 if TYPE_CHECKING:
     from mudata import MuData
 
     from ._he import HEImage
-
-# (x, y, units) column pairs written by common tools, tried when the given names are absent
-_KNOWN_XY = [
-    ("x", "y", "px"),
-    ("centroid_x", "centroid_y", "px"),
-    ("Centroid X px", "Centroid Y px", "px"),  # QuPath, pixel export
-    ("Centroid X µm", "Centroid Y µm", "um"),  # QuPath measurement export
-    ("Centroid X um", "Centroid Y um", "um"),
-    ("X", "Y", "px"),
-    ("x_centroid", "y_centroid", "px"),
-]
-_CLASS_COLUMNS = ("class", "Class", "type", "cell_type", "label", "Classification", "classification", "name")
-_ID_COLUMNS = ("cell_id", "id", "object_id", "Object ID", "nucleus_id")
-_AREA_COLUMNS = {"area": "px", "Nucleus: Area µm^2": "um", "Nucleus: Area": "um", "nucleus_area": "px"}
-
-
-def _polygon_area_centroid(ring) -> tuple[float, float, float]:
-    """Area and centroid (shoelace) of a closed or open polygon ring ``[[x, y], ...]``."""
-    p = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
-    if len(p) < 3:
-        c = p.mean(axis=0) if len(p) else np.array([np.nan, np.nan])
-        return 0.0, float(c[0]), float(c[1])
-    x, y = p[:, 0], p[:, 1]
-    x1, y1 = np.roll(x, -1), np.roll(y, -1)
-    cross = x * y1 - x1 * y
-    a = cross.sum() / 2.0
-    if abs(a) < 1e-12:
-        c = p.mean(axis=0)
-        return 0.0, float(c[0]), float(c[1])
-    cx = ((x + x1) * cross).sum() / (6 * a)
-    cy = ((y + y1) * cross).sum() / (6 * a)
-    return abs(a), float(cx), float(cy)
-
-
-def _class_name(props: dict):
-    cls = props.get("classification", props.get("class", props.get("type")))
-    if isinstance(cls, dict):
-        cls = cls.get("name")
-    return None if cls is None else str(cls)
-
-
-def _from_geojson(obj, source: str) -> pd.DataFrame:
-    """Nuclei from GeoJSON (QuPath, CellViT, StarDist exports) or a HoVer-Net ``{"nuc": ...}`` json."""
-    if isinstance(obj, dict) and "nuc" in obj:  # HoVer-Net json output
-        recs = []
-        for key, nuc in obj["nuc"].items():
-            cx, cy = nuc["centroid"][:2]
-            area = _polygon_area_centroid(nuc["contour"])[0] if nuc.get("contour") else np.nan
-            t = nuc.get("type")
-            recs.append({"cell_id": str(key), "x": float(cx), "y": float(cy), "area": area,
-                         "class": None if t is None else str(t)})
-        return pd.DataFrame.from_records(recs)
-    if isinstance(obj, dict) and obj.get("type") == "FeatureCollection":
-        features = obj.get("features", [])
-    elif isinstance(obj, dict) and obj.get("type") == "Feature":
-        features = [obj]
-    elif isinstance(obj, list):
-        features = obj
-    else:
-        raise ValueError(
-            f"{source}: not a GeoJSON FeatureCollection / list of Features, nor a HoVer-Net json with 'nuc'."
-        )
-    recs = []
-    for k, feat in enumerate(features):
-        geom = (feat or {}).get("geometry") or {}
-        props = feat.get("properties") or {}
-        cls = _class_name(props)
-        fid = feat.get("id", props.get("id", props.get("cell_id")))
-        gtype, coords = geom.get("type"), geom.get("coordinates")
-        parts: list[tuple[float, float, float]] = []
-        if gtype == "Point":
-            parts = [(np.nan, float(coords[0]), float(coords[1]))]
-        elif gtype == "MultiPoint":
-            parts = [(np.nan, float(c[0]), float(c[1])) for c in coords]
-        elif gtype == "Polygon":
-            parts = [_polygon_area_centroid(coords[0])]
-        elif gtype == "MultiPolygon":
-            parts = [_polygon_area_centroid(poly[0]) for poly in coords]
-            # one QuPath object split into pieces stays one nucleus (its largest piece)
-            if str(props.get("objectType", "")).lower() in {"detection", "cell"} and parts:
-                parts = [max(parts, key=lambda t: t[0])]
-        else:
-            continue
-        for j, (area, cx, cy) in enumerate(parts):
-            cid = f"{fid}" if fid is not None and len(parts) == 1 else f"{fid if fid is not None else k}_{j}"
-            recs.append({"cell_id": cid, "x": cx, "y": cy, "area": area, "class": cls})
-    if not recs:
-        raise ValueError(f"{source}: the GeoJSON holds no Point / Polygon nucleus features.")
-    return pd.DataFrame.from_records(recs)
-
-
-def _read_table(nuclei, source: str) -> pd.DataFrame:
-    if isinstance(nuclei, pd.DataFrame):
-        return nuclei.copy()
-    path = Path(nuclei)
-    if not path.exists():
-        raise ValueError(f"Nucleus table {str(path)!r} does not exist.")
-    name = path.name.lower()
-    try:
-        if name.endswith((".geojson", ".json")):
-            with open(path) as fh:
-                return _from_geojson(json.load(fh), source)
-        if name.endswith(".parquet"):
-            return pd.read_parquet(path)
-        sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".txt")) else ","
-        return pd.read_csv(path, sep=sep)
-    except (OSError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        if isinstance(err, ValueError) and str(err).startswith(source):
-            raise
-        raise ValueError(f"Cannot read the nucleus table {str(path)!r}: {err}") from None
 
 
 def read_he_cells(
@@ -184,8 +74,8 @@ def read_he_cells(
     id_key
         Column of cell ids (default: ``cell_id`` / ``id`` / ``Object ID`` when present, else ``cell_<i>``).
     class_key
-        Column of nucleus classes kept as ``obs["nucleus_class"]`` (default: ``class`` / ``type`` /
-        ``Classification`` when present).
+        Column (or GeoJSON property) of nucleus classes kept as ``obs["nucleus_class"]`` (default:
+        ``class`` / ``type`` / ``Classification`` when present).
 
     Returns
     -------
@@ -211,55 +101,27 @@ def read_he_cells(
     finally:
         if he is not he_image:
             he.close()
-    source = str(nuclei) if not isinstance(nuclei, pd.DataFrame) else "nuclei DataFrame"
-    df = _read_table(nuclei, source)
-    if len(df) == 0:
-        raise ValueError(f"{source}: no nuclei.")
-    cols = list(df.columns)
-    if x in df.columns and y in df.columns:
-        xc, yc, unit = x, y, units
-    else:
-        hit = None
-        if (x, y) == ("x", "y"):
-            hit = next(((a, b, u) for a, b, u in _KNOWN_XY if a in df.columns and b in df.columns), None)
-        if hit is None:
-            raise ValueError(
-                f"{source}: no centroid columns {x!r} / {y!r} (columns: {cols[:20]}). Pass x= and y= naming "
-                "the centroid columns (and units='um' for micrometres)."
-            )
-        xc, yc, unit = hit
-    xy = df[[xc, yc]].to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(xy).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{source}: {int(bad.sum())} nuclei have missing or non-numeric centroids in {xc!r}/{yc!r}.")
-    xy_um = xy if unit == "um" else xy * he_mpp
-
-    idk = id_key or next((c for c in _ID_COLUMNS if c in df.columns), None)
-    if id_key is not None and id_key not in df.columns:
-        raise ValueError(f"{source}: id_key={id_key!r} is not a column ({cols[:20]}).")
-    ids = df[idk].astype(str).to_numpy() if idk else np.array([f"cell_{i}" for i in range(len(df))])
+    table = read_nuclei(nuclei, x=x, y=y, label=class_key, id_key=id_key, units=units, guess_columns=True,
+                        label_arg="class_key")
+    source, idk = table.attrs["source"], table.attrs["id_column"]
+    xy = table[["x", "y"]].to_numpy(dtype=np.float64)
+    xy_um = xy if table.attrs["units"] == "um" else xy * he_mpp
+    ids = table["cell_id"].to_numpy()
     if len(set(ids)) != len(ids):
         raise ValueError(f"{source}: the ids in {idk!r} are not unique; pass id_key= another column or none.")
     sample = sample or Path(he_path).name.split(".")[0]
 
+    n = len(table)
     obs = pd.DataFrame(index=pd.Index(ids, name="cell_id"))
-    area = np.full(len(df), np.nan)
-    for col, u in _AREA_COLUMNS.items():
-        if col in df.columns:
-            area = df[col].to_numpy(dtype=np.float64) * (he_mpp**2 if u == "px" else 1.0)
-            break
-    obs["cell_area"] = np.full(len(df), np.nan)
-    obs["nucleus_area"] = area
-    ck = class_key or next((c for c in _CLASS_COLUMNS if c in df.columns), None)
-    if class_key is not None and class_key not in df.columns:
-        raise ValueError(f"{source}: class_key={class_key!r} is not a column ({cols[:20]}).")
-    if ck is not None and df[ck].notna().any():
-        obs[NUCLEUS_CLASS_KEY] = pd.Categorical(df[ck].astype("string").fillna("unknown").to_numpy())
+    obs["cell_area"] = np.full(n, np.nan)
+    obs["nucleus_area"] = table["area"].to_numpy(np.float64) * (he_mpp**2 if table.attrs["area_units"] == "px" else 1.0)
+    if table["class"].notna().any():
+        obs[NUCLEUS_CLASS_KEY] = pd.Categorical(table["class"].astype("string").fillna("unknown").to_numpy())
     px = xy_um / he_mpp
     inside = (px[:, 0] >= -0.5) & (px[:, 0] < width - 0.5) & (px[:, 1] >= -0.5) & (px[:, 1] < height - 0.5)
     obs[IN_IMAGE_KEY] = inside
-    obs[SAMPLE_KEY] = pd.Categorical([sample] * len(df))
-    adata = ad.AnnData(X=np.zeros((len(df), 0), dtype=np.float32), obs=obs)
+    obs[SAMPLE_KEY] = pd.Categorical([sample] * n)
+    adata = ad.AnnData(X=np.zeros((n, 0), dtype=np.float32), obs=obs)
     adata.obsm[SPATIAL_KEY] = xy_um.copy()
     adata.obsm[NUCLEUS_KEY] = xy_um.copy()
     mdata = md.MuData({MOD_MORPH: adata})
@@ -275,6 +137,6 @@ def read_he_cells(
         }
     }
     if (~inside).any():
-        logger.warning("read_he_cells: %d of %d nuclei lie outside the H&E image (in_image False).", int((~inside).sum()), len(df))
-    logger.info("read_he_cells: %d nuclei on %s (sample %r, %.4g um/px)", len(df), Path(he_path).name, sample, he_mpp)
+        logger.warning("read_he_cells: %d of %d nuclei lie outside the H&E image (in_image False).", int((~inside).sum()), n)
+    logger.info("read_he_cells: %d nuclei on %s (sample %r, %.4g um/px)", n, Path(he_path).name, sample, he_mpp)
     return mdata

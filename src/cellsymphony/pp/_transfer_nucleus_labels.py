@@ -22,7 +22,7 @@ from .._registration import check_alignment, he_px_to_um
 from .._settings import logger
 from .._utils import params_record
 from .._validate import check_choice, is_mudata, samples_registry
-from ._nuclei_table import read_nuclei
+from ..io._nuclei import read_nuclei
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -174,10 +174,11 @@ def transfer_nucleus_labels(
     mdata
         {mdata}
     nuclei
-        Labelled nucleus centroids: a DataFrame, or the path of a CSV/TSV with columns ``x``, ``y``,
-        ``label`` (and optionally ``probability``), of a GeoJSON export (QuPath / CellViT: Point,
-        Polygon, MultiPoint or MultiPolygon features, one nucleus per point or polygon, class in the
-        ``label`` property or ``classification`` ``{{"name": ...}}``), or of a HoVer-Net JSON
+        Labelled nucleus centroids: a DataFrame, or the path of a CSV / TSV / parquet table with columns
+        ``x``, ``y``, ``label`` (and optionally ``probability``), of a GeoJSON export (QuPath / CellViT:
+        Point, Polygon, MultiPoint or MultiPolygon features, one nucleus per point or polygon but one per
+        QuPath detection, class in the ``label`` property or ``classification`` ``{{"name": ...}}``,
+        probability in ``probability`` / ``score`` ...), or of a HoVer-Net JSON
         (``{{"nuc": {{id: {{"centroid", "type", "type_prob"}}}}}}``, classes are the type numbers).
     x, y
         Coordinate columns (for GeoJSON / HoVer-Net files the geometry is used).
@@ -225,7 +226,7 @@ def transfer_nucleus_labels(
             )
     if not max_distance_um > 0:
         raise ValueError(f"max_distance_um={max_distance_um} must be positive.")
-    table = read_nuclei(nuclei, x=x, y=y, label=label)
+    table = read_nuclei(nuclei, x=x, y=y, label=label, drop_invalid=True)
 
     data = mdata.copy() if copy else mdata
     obs_names = pd.Index(data.obs_names)
@@ -369,7 +370,7 @@ def transfer_nucleus_labels(
         logger.warning(msg)
 
     # --- write
-    labels = table["label"].to_numpy(dtype=object)
+    labels = table["class"].to_numpy(dtype=object)
     labels = np.asarray([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in labels], dtype=object)
     rows = cell_idx[ci]
     col = pd.Series(None, index=obs_names, dtype=object)
@@ -384,7 +385,7 @@ def transfer_nucleus_labels(
     classes = sorted({str(v) for v in col.dropna()})
     data.obs[key_added] = pd.Categorical(col.to_numpy(), categories=classes)
     data.obs[f"{key_added}_distance"] = dcol.to_numpy()
-    if "probability" in table:
+    if table["probability"].notna().any():
         pkey = f"{key_added}_probability"
         pcol = pd.Series(np.nan, index=obs_names, dtype=np.float64)
         if pkey in data.obs:

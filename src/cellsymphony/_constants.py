@@ -45,3 +45,6 @@ HE_LABEL_KEY = "he_label"
 IMPORTED_LABEL_KEY = "imported_label"
 HARMONIZED_LABEL_KEY = "label_coarse"
 AMBIGUOUS_LABEL = "ambiguous"
+
+# H&E-only slides (cs.io.read_he_cells): class of each detected nucleus from the detection tool
+NUCLEUS_CLASS_KEY = "nucleus_class"

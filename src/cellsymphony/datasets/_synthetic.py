@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 PIXEL_SIZE = 0.2125  # um per Xenium morphology pixel
 GENERATOR_VERSION = 1  # bump when the generated data change, to invalidate caches
+LAST_TIMINGS: dict[str, float] = {}  # seconds per stage of the last synthetic_xenium call (for benchmarks)
 _SW = {"string": "xenium-2.0.0.10", "integer": "Xenium-1.0.2"}
 
 # mean transcripts per cell (panel genes) by type; Xenium panels give tens to hundreds per cell
@@ -136,8 +137,11 @@ def _write_cells_zarr(path: Path, nuc, cell, ids_prefix, id_style, summary: pd.D
             cid = ids_prefix.astype(np.uint32)
         root.create_array("cell_id", data=cid, chunks=(min(n_cells, 100_000),) + cid.shape[1:])
         masks = root.create_group("masks", attributes={"0": "nucleus", "1": "cell"})
+        from numcodecs import Blosc
+
+        lz4 = Blosc(cname="lz4", clevel=5, shuffle=Blosc.BITSHUFFLE)
         for k, m in (("0", nuc), ("1", cell)):
-            masks.create_array(k, data=m, chunks=(min(4096, m.shape[0]), min(4096, m.shape[1])))
+            masks.create_array(k, data=m, chunks=(min(4096, m.shape[0]), min(4096, m.shape[1])), compressors=lz4)
         root.create_array("cell_summary", data=summary.to_numpy(np.float64),
                           chunks=(min(n_cells, 100_000), summary.shape[1]),
                           attributes={"column_names": list(summary.columns)})
@@ -154,20 +158,23 @@ def _write_cells_zarr(path: Path, nuc, cell, ids_prefix, id_style, summary: pd.D
         store.close()
 
 
-def _boundaries(ids, vx, vy, id_style) -> pd.DataFrame:
+def _boundaries(ids, vx, vy, id_style):
+    import pyarrow as pa
+
     n, nv = vx.shape
     # close each polygon (Xenium repeats the first vertex)
     vx = np.concatenate([vx, vx[:, :1]], axis=1)
     vy = np.concatenate([vy, vy[:, :1]], axis=1)
-    df = pd.DataFrame({"cell_id": np.repeat(ids, nv + 1), "vertex_x": vx.ravel().astype(np.float32),
-                       "vertex_y": vy.ravel().astype(np.float32)})
+    code = np.repeat(np.arange(n), nv + 1)
+    cols = {"cell_id": _ids_array(ids, code, id_style), "vertex_x": pa.array(vx.ravel().astype(np.float32)),
+            "vertex_y": pa.array(vy.ravel().astype(np.float32))}
     if id_style == "string":
-        df["label_id"] = np.repeat(np.arange(1, n + 1, dtype=np.int32), nv + 1)
-    return df
+        cols["label_id"] = pa.array((code + 1).astype(np.int32))
+    return pa.table(cols)
 
 
 def _transcripts(counts, ctrl, ctrl_names, genes, cells, ids, id_style, nuc_area, cell_area, width, height,
-                 rng) -> pd.DataFrame:
+                 rng):
     """One row per detected molecule: the matrix counts (qv >= 20), plus low-quality and unassigned ones."""
     import scipy.sparse as sp
 
@@ -193,33 +200,53 @@ def _transcripts(counts, ctrl, ctrl_names, genes, cells, ids, id_style, nuc_area
     low_cell = rng.integers(0, counts.shape[0], k_low)
     x_extra = np.concatenate([cells.x.to_numpy()[low_cell] + rng.normal(0, 3, k_low), rng.uniform(0, width, k_un)])
     y_extra = np.concatenate([cells.y.to_numpy()[low_cell] + rng.normal(0, 3, k_low), rng.uniform(0, height, k_un)])
-    unassigned = "UNASSIGNED" if id_style == "string" else -1
-    ids = np.asarray(ids)
-    cid = np.concatenate([ids[cell_of], ids[low_cell], np.full(k_un, unassigned, dtype=ids.dtype)])
-    df = pd.DataFrame({
-        "transcript_id": np.arange(m + k_low + k_un, dtype=np.uint64) + np.uint64(281474976710656),
-        "cell_id": cid,
-        "overlaps_nucleus": np.concatenate([nuclear, np.zeros(k_low + k_un, bool)]).astype(np.uint8),
-        "feature_name": pd.Categorical(np.concatenate([names[feat], names[fx]])),
-        "x_location": np.concatenate([x, x_extra]).astype(np.float32),
-        "y_location": np.concatenate([y, y_extra]).astype(np.float32),
-        "z_location": rng.uniform(8, 22, m + k_low + k_un).astype(np.float32),
-        "qv": np.concatenate([qv, rng.uniform(5, 19.9, k_low), rng.uniform(20, 40, k_un)]).astype(np.float32),
-        "nucleus_distance": np.concatenate([np.where(nuclear, 0.0, rr - r_n), rng.uniform(0, 5, k_low),
-                                            rng.uniform(5, 30, k_un)]).astype(np.float32),
-    })
-    df["fov_name"] = _fov_names(df.x_location.to_numpy(), df.y_location.to_numpy())
-    df = df.sort_values(["fov_name", "y_location"], kind="stable").reset_index(drop=True)
-    return df
+    import pyarrow as pa
+
+    total = m + k_low + k_un
+    cell_code = np.concatenate([cell_of, low_cell, np.full(k_un, len(ids))])
+    fx_all = np.clip(np.concatenate([x, x_extra]), 0, width).astype(np.float32)
+    fy_all = np.clip(np.concatenate([y, y_extra]), 0, height).astype(np.float32)
+    fov_codes, fov_labels = _fov_codes(fx_all, fy_all)
+    order = np.lexsort((fy_all, fov_codes))
+    cols = {
+        "transcript_id": pa.array(np.arange(total, dtype=np.uint64) + np.uint64(281474976710656)),
+        "cell_id": _ids_array(ids, cell_code[order], id_style),
+        "overlaps_nucleus": pa.array(np.concatenate([nuclear, np.zeros(k_low + k_un, bool)]).astype(np.uint8)[order]),
+        "feature_name": _dict_strings(np.concatenate([feat, fx])[order], names),
+        "x_location": pa.array(fx_all[order]),
+        "y_location": pa.array(fy_all[order]),
+        "z_location": pa.array(rng.uniform(8, 22, total).astype(np.float32)),
+        "qv": pa.array(np.concatenate([qv, rng.uniform(5, 19.9, k_low), rng.uniform(20, 40, k_un)])
+                       .astype(np.float32)[order]),
+        "fov_name": _dict_strings(fov_codes[order], fov_labels),
+        "nucleus_distance": pa.array(np.concatenate([np.where(nuclear, 0.0, rr - r_n), rng.uniform(0, 5, k_low),
+                                                     rng.uniform(5, 30, k_un)]).astype(np.float32)[order]),
+    }
+    return pa.table(cols)
 
 
-def _fov_names(x, y):
+def _dict_strings(codes: np.ndarray, labels):
+    """A plain string column built in C++ from integer codes into ``labels`` (no Python string objects)."""
+    import pyarrow as pa
+
+    return pa.DictionaryArray.from_arrays(pa.array(np.asarray(codes, np.int32)),
+                                          pa.array([str(v) for v in labels], pa.string())).cast(pa.string())
+
+
+def _ids_array(ids: np.ndarray, codes: np.ndarray, id_style: str):
+    """Cell-id column for ``codes`` into ``ids``; code ``len(ids)`` means unassigned."""
+    import pyarrow as pa
+
+    if id_style == "string":
+        return _dict_strings(codes, list(ids) + ["UNASSIGNED"])
+    return pa.array(np.append(np.asarray(ids, np.int32), np.int32(-1))[codes])
+
+
+def _fov_codes(x, y):
     r = np.clip((y // 560).astype(int), 0, 25)
     c = np.clip((x // 560).astype(int), 0, 98) + 1
-    codes = r * 100 + c
-    uniq, inv = np.unique(codes, return_inverse=True)
-    labels = [f"{chr(65 + u // 100)}{u % 100}" for u in uniq]
-    return pd.Categorical.from_codes(inv, categories=labels)
+    uniq, inv = np.unique(r * 100 + c, return_inverse=True)
+    return inv, [f"{chr(65 + u // 100)}{u % 100}" for u in uniq]
 
 
 # ----------------------------------------------------------------------------------------------- H&E classifier
@@ -400,9 +427,21 @@ def synthetic_xenium(
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    LAST_TIMINGS.clear()
+    last = [t0]
+
+    cpu = [time.process_time()]
+
+    def _mark(stage):
+        now, now_cpu = time.perf_counter(), time.process_time()
+        LAST_TIMINGS[stage] = now - last[0]
+        LAST_TIMINGS[stage + "_cpu"] = now_cpu - cpu[0]
+        last[0], cpu[0] = now, now_cpu
+
     rng = np.random.default_rng(seed)
     genes, profiles, theta = _model(seed)
 
+    _mark('setup')
     # ---- tissue and cell order (Xenium sorts cells by id, which follows the imaging order)
     tissue = _tissue.make_tissue(n_cells, rng)
     c = tissue.cells
@@ -415,13 +454,17 @@ def synthetic_xenium(
         prefix = np.arange(1, n_cells + 1, dtype=np.uint32)
         ids = prefix.astype(np.int32)
 
+    _mark('tissue')
     # ---- segmentation at Xenium resolution
     nuc, cell = _render.morphology_masks(tissue, PIXEL_SIZE)
-    nuc_area, nuc_cent = _render.mask_stats(nuc, n_cells, PIXEL_SIZE)
-    cell_area, cell_cent = _render.mask_stats(cell, n_cells, PIXEL_SIZE)
+    nuc_area = _render.label_areas(nuc, n_cells, PIXEL_SIZE)
+    cell_area = _render.label_areas(cell, n_cells, PIXEL_SIZE)
+    cell_cent, tiny = _render.mask_centroids(cell, n_cells, PIXEL_SIZE)
+    cell_cent[tiny] = c[["x", "y"]].to_numpy()[tiny]
     nvx, nvy = _tissue.nucleus_polygons(c)
     cvx, cvy = _tissue.cell_polygons(c)
 
+    _mark('masks')
     # ---- expression
     types = c.cell_type.to_numpy()
     fine = c.cell_type_fine.to_numpy()
@@ -442,6 +485,7 @@ def synthetic_xenium(
         cols = np.flatnonzero(ct == kind)
         return np.asarray(ctrl[:, cols].sum(axis=1)).ravel().astype(np.int32)
 
+    _mark('expression')
     # ---- cells table (Xenium columns)
     cells_df = pd.DataFrame({
         "cell_id": ids,
@@ -470,9 +514,11 @@ def synthetic_xenium(
     _write_h5(path / "cell_feature_matrix.h5", sp.hstack([counts, ctrl], format="csr"), ids, feat_names,
               feat_ids, feat_types, _SW[id_style])
 
+    import pyarrow.parquet as pq
+
     for fname, (vx, vy) in (("nucleus_boundaries.parquet", (nvx, nvy)), ("cell_boundaries.parquet", (cvx, cvy))):
         with atomic_path(path / fname) as tmp:
-            _boundaries(ids, vx, vy, id_style).to_parquet(tmp, index=False)
+            pq.write_table(_boundaries(ids, vx, vy, id_style), tmp, compression="zstd")
 
     summary = pd.DataFrame({
         "cell_centroid_x": cell_cent[:, 0], "cell_centroid_y": cell_cent[:, 1], "cell_area": cell_area,
@@ -482,6 +528,7 @@ def synthetic_xenium(
     _write_cells_zarr(path / "cells.zarr.zip", nuc, cell, prefix, id_style, summary,
                       {"0": (nvx, nvy), "1": (cvx, cvy)}, n_cells)
 
+    _mark('tables_zarr')
     # ---- DAPI morphology image
     dapi = _render.dapi_image(nuc, 900.0 + 1300.0 * c.dark.to_numpy(), rng)
     del cell
@@ -499,6 +546,7 @@ def synthetic_xenium(
             shutil.copyfile(path / "morphology_focus.ome.tif", path / "morphology_mip.ome.tif")
     del dapi, levels, nuc
 
+    _mark('dapi')
     # ---- H&E: similarity transform H&E pixel -> morphology pixel (rotation, scale, shift)
     ang = np.deg2rad(rng.uniform(4.0, 11.0) * rng.choice([-1, 1]))
     s = he_mpp / PIXEL_SIZE
@@ -522,6 +570,7 @@ def synthetic_xenium(
     with atomic_path(path / f"{name}_he_imagealignment.csv") as tmp:
         np.savetxt(tmp, align, delimiter=",", fmt="%.10g")
 
+    _mark('he')
     # ---- truth and label sources
     truth = pd.DataFrame({
         "cell_id": ids,
@@ -546,16 +595,18 @@ def synthetic_xenium(
         with atomic_path(path / "reference.h5ad") as tmp:
             ref.write_h5ad(tmp)
 
+    _mark('truth_reference')
     if transcripts:
         tr = _transcripts(counts, ctrl, ctrl_names, genes, c, ids, id_style, nuc_area, cell_area,
                           tissue.width_um, tissue.height_um, rng)
         with atomic_path(path / "transcripts.parquet") as tmp:
-            tr.to_parquet(tmp, index=False, compression="zstd")
-        n_tx = len(tr)
+            pq.write_table(tr, tmp, compression="zstd")
+        n_tx = tr.num_rows
         del tr
     else:
         n_tx = int(tx.sum())
 
+    _mark('transcripts')
     area_mm2 = tissue.width_um * tissue.height_um / 1e6
     spec = {
         "major_version": 5 if id_style == "string" else 1,

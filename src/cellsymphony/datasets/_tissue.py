@@ -31,19 +31,19 @@ MIX = {
 # nucleus shape per type: semi-major axis (um, log-normal), elongation (major/minor), boundary irregularity,
 # hematoxylin density (relative; higher = darker), vesicular chromatin, cytoplasm radius beyond nucleus (um)
 SHAPE = {
-    "tumour epithelium": dict(a=5.6, a_sd=0.17, el=1.35, el_sd=0.18, irr=0.10, dark=0.62, dark_sd=0.12,
+    "tumour epithelium": dict(a=5.6, a_sd=0.21, el=1.35, el_sd=0.18, irr=0.10, dark=0.62, dark_sd=0.12,
                               vesicular=1.0, cyto=4.0),
-    "normal epithelium": dict(a=3.7, a_sd=0.08, el=1.25, el_sd=0.08, irr=0.02, dark=0.95, dark_sd=0.07,
+    "normal epithelium": dict(a=4.1, a_sd=0.08, el=1.2, el_sd=0.08, irr=0.0, dark=0.95, dark_sd=0.07,
                               vesicular=0.0, cyto=3.0),
-    "fibroblast": dict(a=6.4, a_sd=0.12, el=3.6, el_sd=0.45, irr=0.02, dark=1.05, dark_sd=0.08,
+    "fibroblast": dict(a=6.4, a_sd=0.12, el=3.6, el_sd=0.45, irr=0.0, dark=1.05, dark_sd=0.08,
                        vesicular=0.0, cyto=1.0),
-    "T cell": dict(a=3.0, a_sd=0.07, el=1.10, el_sd=0.05, irr=0.015, dark=1.45, dark_sd=0.08,
+    "T cell": dict(a=2.95, a_sd=0.07, el=1.10, el_sd=0.05, irr=0.0, dark=1.45, dark_sd=0.08,
                    vesicular=0.0, cyto=0.8),
-    "B cell": dict(a=3.1, a_sd=0.07, el=1.10, el_sd=0.05, irr=0.015, dark=1.42, dark_sd=0.08,
+    "B cell": dict(a=3.0, a_sd=0.07, el=1.10, el_sd=0.05, irr=0.0, dark=1.42, dark_sd=0.08,
                    vesicular=0.0, cyto=0.9),
     "macrophage": dict(a=4.5, a_sd=0.10, el=1.55, el_sd=0.15, irr=0.07, dark=0.55, dark_sd=0.08,
                        vesicular=0.6, cyto=6.5),
-    "endothelial": dict(a=5.5, a_sd=0.10, el=3.1, el_sd=0.35, irr=0.02, dark=0.9, dark_sd=0.08,
+    "endothelial": dict(a=6.2, a_sd=0.10, el=2.8, el_sd=0.3, irr=0.0, dark=0.9, dark_sd=0.08,
                         vesicular=0.0, cyto=0.8),
 }
 EXPANSION_UM = 5.0  # Xenium nucleus-expansion distance
@@ -67,7 +67,6 @@ def _smooth_noise(shape, sigma, rng) -> np.ndarray:
 
 def _compartments(width: float, height: float, rng: np.random.Generator):
     ny, nx = int(np.ceil(height / RASTER_UM)), int(np.ceil(width / RASTER_UM))
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32) * RASTER_UM
     raster = np.full((ny, nx), STROMA, np.uint8)
     # tumour nests: thresholded two-scale smooth noise, about 40 % of the area
     field = _smooth_noise((ny, nx), 70 / RASTER_UM, rng) + 0.35 * _smooth_noise((ny, nx), 18 / RASTER_UM, rng)
@@ -76,6 +75,7 @@ def _compartments(width: float, height: float, rng: np.random.Generator):
     stroma_far = ndi.distance_transform_edt(raster != TUMOUR) * RASTER_UM
 
     def free_spot(min_dist, radius):
+        radius = min(radius, 0.45 * min(width, height))
         for _ in range(200):
             cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
             iy, ix = int(cy / RASTER_UM), int(cx / RASTER_UM)
@@ -89,8 +89,9 @@ def _compartments(width: float, height: float, rng: np.random.Generator):
         spot = free_spot(r * 0.6, r)
         if spot is None:
             continue
-        d = np.hypot((xx - spot[0]) / r, (yy - spot[1]) / (r * rng.uniform(0.7, 1.0)))
-        raster[(d < 1.0) & (raster == STROMA)] = LYMPHOID
+        win, (wy, wx) = _window(raster, spot, r)
+        d = np.hypot((wx - spot[0]) / r, (wy - spot[1]) / (r * rng.uniform(0.7, 1.0)))
+        win[(d < 1.0) & (win == STROMA)] = LYMPHOID
     # normal ducts: lumen surrounded by a two-layer epithelium
     ducts = []
     for _ in range(max(1, int(round(2.0 * area_mm2)))):
@@ -98,9 +99,10 @@ def _compartments(width: float, height: float, rng: np.random.Generator):
         spot = free_spot(r_l + 20, r_l + 20)
         if spot is None:
             continue
-        d = np.hypot(xx - spot[0], yy - spot[1])
-        raster[(d < r_l + 14) & (raster == STROMA)] = DUCT
-        raster[d < r_l] = DUCT_LUMEN
+        win, (wy, wx) = _window(raster, spot, r_l + 14)
+        d = np.hypot(wx - spot[0], wy - spot[1])
+        win[(d < r_l + 14) & (win == STROMA)] = DUCT
+        win[d < r_l] = DUCT_LUMEN
         ducts.append((spot[0], spot[1], r_l))
     # vessels: small lumens lined by endothelium, in stroma and at nest borders
     vessels = []
@@ -109,13 +111,24 @@ def _compartments(width: float, height: float, rng: np.random.Generator):
         spot = free_spot(3, r_v + 4)
         if spot is None:
             continue
-        d = np.hypot(xx - spot[0], yy - spot[1])
-        if np.any(raster[d < r_v + 3] == VESSEL_LUMEN):
+        win, (wy, wx) = _window(raster, spot, r_v + 3)
+        d = np.hypot(wx - spot[0], wy - spot[1])
+        if np.any(win[d < r_v + 3] == VESSEL_LUMEN):
             continue
-        raster[d < r_v] = VESSEL_LUMEN
+        win[d < r_v] = VESSEL_LUMEN
         vessels.append((spot[0], spot[1], r_v))
     orientation = (np.pi * (0.5 + 0.5 * np.tanh(_smooth_noise((ny, nx), 50 / RASTER_UM, rng)))).astype(np.float32)
     return raster, orientation, ducts, vessels
+
+
+def _window(raster, centre, radius):
+    """A writable view of the raster around ``centre`` (um) and the um coordinates of its pixels."""
+    r0 = max(0, int((centre[1] - radius) / RASTER_UM) - 1)
+    r1 = min(raster.shape[0], int((centre[1] + radius) / RASTER_UM) + 2)
+    c0 = max(0, int((centre[0] - radius) / RASTER_UM) - 1)
+    c1 = min(raster.shape[1], int((centre[0] + radius) / RASTER_UM) + 2)
+    yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float32) * RASTER_UM
+    return raster[r0:r1, c0:c1], (yy, xx)
 
 
 def _lookup(raster, x, y):
@@ -233,7 +246,7 @@ def _nuclei(cells: pd.DataFrame, orientation: np.ndarray, rng: np.random.Generat
     basal = layer == "basal"
     fine[basal] = "Basal/myoepithelial cell"
     # myoepithelial nuclei are flatter, along the duct
-    cols["b"][basal] = cols["a"][basal] / 2.0
+    cols["b"][basal] = cols["a"][basal] / 1.7
     out = cells.drop(columns=["tangent", "layer"]).assign(**cols)
     out["cell_type_fine"] = fine
     return out

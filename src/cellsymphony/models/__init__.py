@@ -12,6 +12,9 @@ import importlib
 _LAZY: dict[str, str] = {
     "CellTypeClassifier": ".classifier._model",
     "CellClassifierModule": ".classifier._module",
+    "MorphologyEncoder": ".encoders._morphology",
+    "load_morphology_encoder": ".encoders._morphology",
+    "HandcraftedEncoder": ".encoders._handcrafted",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,1 @@
+"""Morphology and expression encoders and their weight loading (imported lazily: these modules import torch)."""

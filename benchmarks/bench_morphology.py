@@ -1,0 +1,233 @@
+"""Morphology benchmarks: patch extraction vs the tile-decode floor, cell vs tile mode, tile/cell
+agreement by stride, and peak memory at two dataset sizes. Prints markdown tables.
+
+    PYTHONPATH=src python benchmarks/bench_morphology.py [--cells 2000] [--uni-cells 8] [--skip-uni]
+
+Everything runs on the synthetic tissue of ``cs.datasets.synthetic`` (about 4,500 cells/mm^2, an H&E
+at 0.2738 um/px with a rotated registration). UNI2-h is built with random weights (timing only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+
+warnings.filterwarnings("ignore")
+
+
+def _table(title, header, rows):
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+    sys.stdout.flush()
+
+
+def _mdata(n_cells):
+    import cellsymphony as cs
+
+    cs.settings.progress = False
+    return cs.datasets.synthetic(n_cells=n_cells, seed=0)
+
+
+def bench_patches(m):
+    import cellsymphony as cs
+    from cellsymphony.pp._patch_source import cell_centres, ordered, sample_sources
+
+    mod = m["morphology"]
+    xy = cell_centres(mod)
+    [(src, pos)] = sample_sources(m, mod, np.arange(mod.n_obs), None)
+    level = src.level_for(0.5)
+    he = cs.io.read_he(src.he_path, cache_tiles=0)
+    th, tw = he.tile_shape(level)
+    h, w = he.shapes[level]
+    t = time.perf_counter()
+    for ty in range(0, h, th):
+        for tx in range(0, w, tw):
+            he.read_region(tx, ty, tw, th, level=level)
+    floor = time.perf_counter() - t
+    n_tiles = he.tiles_decoded
+    he.close()
+    src.close()
+    order = ordered(xy, 224, 0.5)
+    t = time.perf_counter()
+    for k in range(0, len(order), 64):
+        src.read(xy[order[k : k + 64]], size=224, mpp=0.5, level=level)
+    took = time.perf_counter() - t
+    decoded = src.he.tiles_decoded
+    src.close()
+    t = time.perf_counter()
+    cs.pp.cell_patches(m, size=224, mpp=0.5)
+    took_api = time.perf_counter() - t
+    n = mod.n_obs
+    _table(
+        f"Patch extraction ({n} cells, 224 px at 0.5 um/px, slide level {level}: {w} x {h} px, {n_tiles} tiles of {tw} x {th})",
+        ["what", "seconds", "cells/s", "tiles decoded", "x floor"],
+        [
+            ["decode every tile once (floor)", f"{floor:.2f}", "", n_tiles, "1.0"],
+            ["patches, spatial order + tile cache", f"{took:.2f}", f"{n / took:.0f}", decoded, f"{took / floor:.1f}"],
+            ["cs.pp.cell_patches (same, public API)", f"{took_api:.2f}", f"{n / took_api:.0f}", "", f"{took_api / floor:.1f}"],
+        ],
+    )
+
+
+def _embed_time(m, **kw):
+    import cellsymphony as cs
+
+    t = time.perf_counter()
+    cs.pp.embed_morphology(m, **kw)
+    return time.perf_counter() - t
+
+
+def _window(m, n):
+    """The ~n cells nearest the centre of the section (a compact region)."""
+    xy = m["morphology"].obsm["nucleus_centroid"]
+    c = np.median(xy, axis=0)
+    idx = np.argsort(((xy - c) ** 2).sum(1))[:n]
+    sub = m[np.sort(idx)].copy()
+    sub.uns["cellsymphony"] = m.uns["cellsymphony"]
+    return sub
+
+
+def _n_tiles(m, stride):
+    from cellsymphony.pp._patch_geometry import tile_assignment
+
+    ij, _ = tile_assignment(m["morphology"].obsm["nucleus_centroid"], size=224, mpp=0.5, stride=stride)
+    return len(np.unique(ij, axis=0))
+
+
+def bench_modes(m, uni_cells, skip_uni):
+    import torch
+
+    import cellsymphony as cs
+
+    rows = []
+    n = m.n_obs
+    enc = cs.models.load_morphology_encoder("tiny")
+    tc = _embed_time(m, model=enc, mode="cell", key_added="c")
+    tt = _embed_time(m, model=enc, mode="tile", key_added="t")
+    nt = _n_tiles(m, 112)
+    rows.append(["tiny", n, n, f"{n / tc:.1f}", nt, f"{n / tt:.1f}", f"{tc / tt:.1f}", f"{n / nt:.1f}"])
+    if not skip_uni:
+        uni = cs.models.load_morphology_encoder("uni2-h", weights="random")
+        cell_sub = _window(m, uni_cells)
+        tc = _embed_time(cell_sub, model=uni, mode="cell", batch_size=4, key_added="c")
+        tile_sub = _window(m, 4 * uni_cells)
+        nt = _n_tiles(tile_sub, 112)
+        tt = _embed_time(tile_sub, model=uni, mode="tile", batch_size=4, key_added="t")
+        rows.append(
+            ["uni2-h (random weights)", n, uni_cells, f"{uni_cells / tc:.2f}", nt, f"{4 * uni_cells / tt:.2f}",
+             f"{(4 * uni_cells / tt) / (uni_cells / tc):.1f}", f"{4 * uni_cells / nt:.1f}"]
+        )
+        del uni
+    _table(
+        f"Cell vs tile mode (CPU, {torch.get_num_threads()} threads; tile stride 112 px = 56 um; tile-mode UNI2-h on a compact window of 4x the cell-mode cells)",
+        ["encoder", "section cells", "cells (cell mode)", "cells/s cell mode", "tiles", "cells/s tile mode",
+         "tile / cell speed-up", "cells per encoder pass (tile)"],
+        rows,
+    )
+
+
+def bench_agreement(m, model="tiny", weights=None, n_cells=None):
+    import cellsymphony as cs
+
+    enc = cs.models.load_morphology_encoder(model, weights=weights)
+    if n_cells is not None and n_cells < m.n_obs:
+        m = _window(m, n_cells)
+    cs.pp.embed_morphology(m, model=enc, mode="cell", key_added="cell")
+    a = m["morphology"].obsm["cell"]
+    ok = np.isfinite(a).all(1)
+    mu_a = a[ok].mean(0)
+    rows = []
+    for stride in (56, 112, 168, 224):
+        cs.pp.embed_morphology(m, model=enc, mode="tile", tile_stride=stride, key_added="tile")
+        b = m["morphology"].obsm["tile"]
+        cos = (a[ok] * b[ok]).sum(1) / np.linalg.norm(a[ok], axis=1) / np.linalg.norm(b[ok], axis=1)
+        ac, bc = a[ok] - mu_a, b[ok] - b[ok].mean(0)
+        ccos = (ac * bc).sum(1) / np.linalg.norm(ac, axis=1) / np.linalg.norm(bc, axis=1)
+        rows.append([stride, f"{stride * 0.5:.0f}", f"{(224 - stride) / 2 * 0.5:.0f}", _n_tiles(m, stride),
+                     f"{np.median(cos):.3f}", f"{np.median(ccos):.3f}", f"{np.percentile(ccos, 10):.3f}"])
+    _table(
+        f"Tile vs cell mode agreement per cell ({m.n_obs} cells, {enc.name}, weights {enc.weights_checksum[:15]})",
+        ["stride px", "stride um", "min context um", "tiles", "median cosine", "median centred cosine", "10th pct centred"],
+        rows,
+    )
+
+
+_MEM_CHILD = r"""
+import json, os, sys, threading, time, warnings
+warnings.filterwarnings("ignore")
+import numpy as np, cellsymphony as cs
+cs.settings.progress = False
+n = int(sys.argv[1])
+m = cs.datasets.synthetic(n_cells=n, seed=0)
+enc = cs.models.load_morphology_encoder("tiny")
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+warm = m[:50].copy(); warm.uns["cellsymphony"] = m.uns["cellsymphony"]
+cs.pp.embed_morphology(warm, model=enc, key_added="warm", batch_size=32)  # imports, first allocations
+del warm
+base = rss(); peak = [base]; stop = [False]
+def watch():
+    while not stop[0]:
+        peak[0] = max(peak[0], rss()); time.sleep(0.005)
+t = threading.Thread(target=watch); t.start()
+t0 = time.perf_counter()
+cs.pp.embed_morphology(m, model=enc, key_added="X", batch_size=32)
+took = time.perf_counter() - t0
+stop[0] = True; t.join()
+print(json.dumps({"n": n, "base_mb": base / 2**20, "peak_extra_mb": (peak[0] - base) / 2**20,
+                  "output_mb": m["morphology"].obsm["X"].nbytes / 2**20, "seconds": took}))
+"""
+
+
+def bench_memory(sizes):
+    rows = []
+    for n in sizes:
+        env = dict(os.environ)
+        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(n)], capture_output=True, text=True, env=env, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append([r["n"], f"{r['output_mb']:.2f}", f"{r['peak_extra_mb']:.0f}", f"{r['base_mb']:.0f}", f"{r['seconds']:.1f}"])
+    _table(
+        "Peak memory of embed_morphology (tiny, cell mode, batch 32; resident set above the level before the call)",
+        ["cells", "output MB", "peak extra MB", "process MB before", "seconds"],
+        rows,
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cells", type=int, default=2000)
+    ap.add_argument("--uni-cells", type=int, default=8)
+    ap.add_argument("--skip-uni", action="store_true")
+    ap.add_argument("--only", choices=["patches", "modes", "agreement", "memory"], default=None)
+    ap.add_argument("--agreement-model", default="tiny", help="encoder for the agreement table, e.g. uni2-h")
+    ap.add_argument("--weights", default=None, help="its checkpoint (the agreement is only meaningful with trained weights)")
+    ap.add_argument("--agreement-cells", type=int, default=None, help="use the N cells of a central window")
+    args = ap.parse_args()
+    import torch
+
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    m = _mdata(args.cells)
+    if args.only in (None, "patches"):
+        bench_patches(m)
+    if args.only in (None, "modes"):
+        bench_modes(m, args.uni_cells, args.skip_uni)
+    if args.only in (None, "agreement"):
+        bench_agreement(_mdata(args.cells), args.agreement_model, args.weights, args.agreement_cells)
+    if args.only in (None, "memory"):
+        bench_memory([args.cells // 4, args.cells])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The streaming engine behind ``embed_morphology``: plans, batches, DataLoader decoding, pooling.
+
+A *plan* splits the cells of one sample into chunks (the unit of the resumable cache and of a
+later scale-out) and each chunk into batches. A batch lists the patches to encode (their centres in
+micrometres) and, for each cell it serves, the patch it uses and the nucleus position in that patch.
+Cell mode: one patch per cell, centred on the nucleus. Tile mode: one patch per tile of a single
+global grid (so any subset of cells gives the same tiles), each cell pooled from the tile whose
+centre is nearest.
+
+:func:`embed_cells` is the self-contained per-chunk function: give it an encoder, a
+:class:`~cellsymphony.pp._patch_source.PatchSource` and cell coordinates, get the embedding rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._patch_geometry import spatial_order, tile_assignment, token_pool_weights
+
+
+@dataclass
+class Batch:
+    """Patches to encode and the cells they serve."""
+
+    centres: np.ndarray  # (b, 2) patch centres, micrometres
+    rows: np.ndarray  # (k,) positions of the served cells in the caller's cell list
+    owner: np.ndarray  # (k,) index of each cell's patch in this batch
+    pos_px: np.ndarray  # (k, 2) nucleus position in its patch, patch pixels
+
+
+@dataclass
+class Chunk:
+    """A group of batches whose cells are cached together."""
+
+    index: int
+    rows: np.ndarray  # all cell positions of the chunk, in output order of the chunk file
+    batches: list
+
+
+def plan(
+    xy_um: np.ndarray,
+    *,
+    mode: str,
+    size: int,
+    mpp: float,
+    batch_size: int,
+    chunk_size: int,
+    tile_stride: int | None = None,
+) -> list[Chunk]:
+    """Split cells (rows of ``xy_um``, all finite) into spatially compact chunks of batches."""
+    xy = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2)
+    n = len(xy)
+    chunks: list[Chunk] = []
+    if n == 0:
+        return chunks
+    centre = np.full((1, 2), size / 2.0)
+    if mode == "cell":
+        order = spatial_order(xy, band=size * mpp)
+        for c, start in enumerate(range(0, n, chunk_size)):
+            rows = order[start : start + chunk_size]
+            batches = []
+            for b in range(0, len(rows), batch_size):
+                r = rows[b : b + batch_size]
+                batches.append(Batch(xy[r], r, np.arange(len(r)), np.repeat(centre, len(r), axis=0)))
+            chunks.append(Chunk(c, rows, batches))
+        return chunks
+    stride = int(tile_stride)
+    ij, pos = tile_assignment(xy, size=size, mpp=mpp, stride=stride)
+    tiles, inverse = np.unique(ij, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    step = stride * mpp
+    tile_xy = tiles * step
+    tile_order = spatial_order(tile_xy, band=size * mpp)
+    cells_of = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[cells_of], np.arange(len(tiles) + 1))
+    members = [cells_of[bounds[t] : bounds[t + 1]] for t in range(len(tiles))]
+    current: list[int] = []
+    count = 0
+
+    def close(tlist):
+        batches, all_rows = [], []
+        for b in range(0, len(tlist), batch_size):
+            tb = tlist[b : b + batch_size]
+            rows = np.concatenate([members[t] for t in tb])
+            owner = np.concatenate([np.full(len(members[t]), k) for k, t in enumerate(tb)])
+            batches.append(Batch(tile_xy[tb], rows, owner, pos[rows]))
+            all_rows.append(rows)
+        chunks.append(Chunk(len(chunks), np.concatenate(all_rows), batches))
+
+    for t in tile_order:
+        current.append(int(t))
+        count += len(members[t])
+        if count >= chunk_size:
+            close(current)
+            current, count = [], 0
+    if current:
+        close(current)
+    return chunks
+
+
+class _PatchBatches:
+    """Map-style dataset: item ``i`` is ``(i, uint8 patches of batch i)``; workers open the slide once."""
+
+    def __init__(self, source, batches, size: int, mpp: float, level: int):
+        self.source, self.batches, self.size, self.mpp, self.level = source, batches, size, mpp, level
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        patches = self.source.read(self.batches[i].centres, size=self.size, mpp=self.mpp, level=self.level)
+        return i, torch.from_numpy(patches)
+
+
+def _worker_init(_):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _autocast(device: str):
+    import contextlib
+
+    import torch
+
+    if device.startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def pool_tokens(prefix, grid, batch: Batch, *, pool: str, radius_px: float | None, size: int):
+    """Per-cell features ``(k, D)`` float32 (numpy) from a batch's tokens."""
+    import torch
+
+    b, rows, cols, dim = grid.shape if grid.ndim == 4 else (prefix.shape[0], 0, 0, prefix.shape[-1])
+    owner = torch.as_tensor(batch.owner, device=prefix.device, dtype=torch.long)
+    if pool == "cls":
+        feat = prefix[:, 0] if prefix.shape[1] else grid.float().mean(dim=(1, 2))
+        return feat.float()[owner].cpu().numpy()
+    if rows * cols == 0:
+        raise ValueError("This encoder returns only a global feature: use pool='cls'.")
+    flat = grid.reshape(b, rows * cols, dim).float()
+    if pool == "mean":
+        return flat.mean(dim=1)[owner].cpu().numpy()
+    w = token_pool_weights(batch.pos_px, (rows, cols), stride=size / cols, radius_px=radius_px)
+    w = torch.as_tensor(w, dtype=torch.float32, device=flat.device)
+    out = torch.empty(len(owner), dim, dtype=torch.float32, device=flat.device)
+    for o in np.unique(batch.owner):
+        sel = torch.as_tensor(np.flatnonzero(batch.owner == o), device=flat.device)
+        out[sel] = w[sel] @ flat[int(o)]
+    return out.cpu().numpy()
+
+
+def run_batches(
+    encoder,
+    source,
+    batches: list,
+    *,
+    size: int,
+    mpp: float,
+    pool: str,
+    radius_px: float | None,
+    layer: int,
+    device: str,
+    num_workers: int,
+    progress=None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Encode batches in order, decoding in DataLoader workers; yield ``(batch index, (k, D) features)``."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    if not batches:
+        return
+    level = source.level_for(mpp)
+    data = _PatchBatches(source, batches, size, mpp, level)
+    if num_workers > 0:
+        source.close()  # each worker opens its own handle
+    loader = DataLoader(
+        data,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        pin_memory=device.startswith("cuda"),
+        prefetch_factor=2 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    handcrafted = not isinstance(encoder, torch.nn.Module)
+    for i, patches in loader:
+        batch = batches[i]
+        if handcrafted:
+            feats = encoder(patches.numpy())[batch.owner]
+        else:
+            with torch.inference_mode(), _autocast(device):
+                prefix, grid = encoder.forward_tokens(patches.to(device, non_blocking=True), layer=layer)
+                feats = pool_tokens(prefix, grid, batch, pool=pool, radius_px=radius_px, size=size)
+        if progress is not None:
+            progress.update(len(batch.rows))
+        yield i, np.asarray(feats, dtype=np.float32)
+
+
+def embed_cells(
+    encoder,
+    source,
+    xy_um: np.ndarray,
+    *,
+    mode: str = "cell",
+    pool: str = "nucleus",
+    pool_radius_um: float | None = None,
+    layer: int = -1,
+    size: int = 224,
+    mpp: float = 0.5,
+    tile_stride: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Embeddings ``(n, D)`` float32 of the cells at ``xy_um`` (one self-contained chunk of work).
+
+    Rows of cells whose centre is not finite are NaN. The tile grid is global, so any partition of
+    the cells into calls gives the same rows (to float tolerance) as one call.
+    """
+    xy = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2)
+    ok = np.flatnonzero(np.isfinite(xy).all(axis=1))
+    out = np.full((len(xy), int(encoder.embed_dim)), np.nan, dtype=np.float32)
+    chunks = plan(
+        xy[ok], mode=mode, size=size, mpp=mpp, batch_size=batch_size, chunk_size=max(len(ok), 1), tile_stride=tile_stride
+    )
+    batches = [b for c in chunks for b in c.batches]
+    radius = None if pool_radius_um is None else pool_radius_um / mpp
+    for i, feats in run_batches(
+        encoder, source, batches, size=size, mpp=mpp, pool=pool, radius_px=radius, layer=layer, device=device,
+        num_workers=num_workers,
+    ):
+        out[ok[batches[i].rows]] = feats
+    return out

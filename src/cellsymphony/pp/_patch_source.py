@@ -1,0 +1,246 @@
+"""Reading registered H&E patches in the Xenium frame: one picklable source per sample.
+
+:class:`PatchSource` carries only paths and numbers (no open file), so it can be shipped to
+DataLoader workers or dask workers; each process opens the slide once, on first use, and keeps
+its tile cache for the rest of its life.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .._constants import NUCLEUS_KEY, REG_ALIGNMENT, REG_HE_MPP, REG_HE_PATH, REG_PIXEL_SIZE, SAMPLE_KEY, SPATIAL_KEY
+from .._registration import check_alignment
+from .._validate import samples_registry
+from ._patch_geometry import he_um_per_px, patch_to_um, spatial_order, um_to_level
+
+
+@dataclass
+class PatchSource:
+    """Where one sample's patches come from: the H&E file and its registration to the Xenium frame."""
+
+    he_path: str
+    alignment: np.ndarray
+    pixel_size: float
+    he_mpp: float | None = None
+    sample: str = ""
+    cache_tiles: int = 512
+    _he: object = field(default=None, init=False, repr=False, compare=False)
+    _pid: int = field(default=-1, init=False, repr=False, compare=False)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_he"], state["_pid"] = None, -1
+        return state
+
+    @property
+    def he(self):
+        """The opened :class:`HEImage` (opened once per process)."""
+        if self._he is None or self._pid != os.getpid():
+            from ..io import read_he
+
+            self._he = read_he(self.he_path, mpp=self.he_mpp, cache_tiles=self.cache_tiles)
+            self._pid = os.getpid()
+        return self._he
+
+    def close(self) -> None:
+        """Close the slide (it reopens on next use)."""
+        if self._he is not None and self._pid == os.getpid():
+            self._he.close()
+        self._he, self._pid = None, -1
+
+    @property
+    def um_per_px(self) -> float:
+        """Micrometres per H&E level-0 pixel from the registration."""
+        return he_um_per_px(self.alignment, self.pixel_size)
+
+    def level_for(self, mpp: float) -> int:
+        """The coarsest pyramid level whose pixels are at or finer than ``mpp`` micrometres."""
+        he = self.he
+        # the registration's scale is the truth for geometry; translate mpp into the image's own units
+        return int(he.best_level(mpp * he.mpp / self.um_per_px * (1 + 1e-6)))
+
+    def in_image(self, xy_um: np.ndarray) -> np.ndarray:
+        """Whether each point (micrometres) falls inside the level-0 image."""
+        xy = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2)
+        m = um_to_level(self.alignment, self.pixel_size, 1.0)
+        px = xy @ m[:2, :2].T + m[:2, 2]
+        h, w = self.he.shapes[0]
+        ok = np.isfinite(px).all(axis=1)
+        return ok & (px[:, 0] >= -0.5) & (px[:, 0] < w - 0.5) & (px[:, 1] >= -0.5) & (px[:, 1] < h - 0.5)
+
+    def read(self, xy_um: np.ndarray, *, size: int = 224, mpp: float = 0.5, level: int | None = None) -> np.ndarray:
+        """Patches ``(n, size, size, 3)`` uint8 centred on ``xy_um``, in the Xenium orientation.
+
+        Each patch is read from ``level`` (default: the finest needed), low-pass filtered in proportion
+        to the downsampling and resampled with a bilinear affine warp; white outside the image.
+        """
+        xy = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2)
+        if level is None:
+            level = self.level_for(mpp)
+        he = self.he
+        ds = float(he.downsamples[level])
+        to_level = um_to_level(self.alignment, self.pixel_size, ds)
+        out = np.full((len(xy), size, size, 3), 255, dtype=np.uint8)
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one small warp per patch: extra threads only add overhead
+        try:
+            for i, (cx, cy) in enumerate(xy):
+                if not (np.isfinite(cx) and np.isfinite(cy)):
+                    continue
+                shift = np.array([[1.0, 0, cx], [0, 1.0, cy], [0, 0, 1.0]])
+                out[i] = _warp_patch(he, level, to_level @ shift @ patch_to_um(size, mpp), size)
+        finally:
+            torch.set_num_threads(threads)
+        return out
+
+
+def _read_level(he, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+    """A region of ``level`` in that level's pixels (white outside the image)."""
+    return np.asarray(he.read_region(x0, y0, w, h, level=level))
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian low-pass of an (h, w, 3) float32 image (edges replicated), as
+    ``scipy.ndimage.gaussian_filter(..., truncate=4)`` but as a few shifted sums (much faster here)."""
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k = (k / k.sum()).astype(np.float32)
+    h, w = img.shape[:2]
+    p = np.pad(img, ((radius, radius), (0, 0), (0, 0)), mode="edge")
+    out = k[0] * p[0:h]
+    for i in range(1, 2 * radius + 1):
+        out += k[i] * p[i : i + h]
+    p = np.pad(out, ((0, 0), (radius, radius), (0, 0)), mode="edge")
+    out = k[0] * p[:, 0:w]
+    for i in range(1, 2 * radius + 1):
+        out += k[i] * p[:, i : i + w]
+    return out
+
+
+def _warp_patch(he, level: int, affine: np.ndarray, size: int) -> np.ndarray:
+    """Resample one patch: ``affine`` maps patch pixel (u, v, 1) to continuous level pixels.
+
+    Antialiasing: a Gaussian low-pass of sigma ``(s - 1) / 2`` level pixels for a downsampling by ``s``
+    (separable, edges replicated), then bilinear sampling (torch ``grid_sample``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    lin = affine[:2, :2]
+    scale = math.sqrt(abs(np.linalg.det(lin)))  # level pixels per output pixel
+    sigma = max(0.0, (scale - 1.0) / 2.0)
+    corners = np.array([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]], dtype=np.float64)
+    pts = corners @ lin.T + affine[:2, 2]
+    margin = int(math.ceil(4 * sigma)) + 2
+    x0 = int(math.floor(pts[:, 0].min())) - margin
+    y0 = int(math.floor(pts[:, 1].min())) - margin
+    x1 = int(math.ceil(pts[:, 0].max())) + margin + 1
+    y1 = int(math.ceil(pts[:, 1].max())) + margin + 1
+    region = _read_level(he, level, x0, y0, x1 - x0, y1 - y0)
+    h, w = region.shape[:2]
+    img = region.astype(np.float32)
+    if sigma > 0.05:
+        img = _blur(img, sigma)
+    img = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0)
+    # sampling positions in normalised coordinates (align_corners=True: -1 and 1 are the edge pixel centres)
+    u = torch.arange(size, dtype=torch.float64)
+    cols = lin[0, 0] * u[None, :] + lin[0, 1] * u[:, None] + (affine[0, 2] - x0)
+    rows = lin[1, 0] * u[None, :] + lin[1, 1] * u[:, None] + (affine[1, 2] - y0)
+    grid = torch.stack([cols / (w - 1) * 2 - 1, rows / (h - 1) * 2 - 1], dim=-1).unsqueeze(0).float()
+    out = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def cell_centres(adata) -> np.ndarray:
+    """Nucleus centroid of each cell (micrometres), the cell centroid where there is none."""
+    if SPATIAL_KEY not in adata.obsm and NUCLEUS_KEY not in adata.obsm:
+        raise ValueError(
+            f"The cells have no coordinates (obsm[{NUCLEUS_KEY!r}] / obsm[{SPATIAL_KEY!r}]); "
+            "read them with cs.io.read_xenium or cs.io.read_he_cells."
+        )
+    cell = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64) if SPATIAL_KEY in adata.obsm else None
+    if NUCLEUS_KEY in adata.obsm:
+        nuc = np.array(adata.obsm[NUCLEUS_KEY], dtype=np.float64)
+        if cell is not None:
+            missing = ~np.isfinite(nuc).all(axis=1)
+            nuc[missing] = cell[missing]
+        return nuc[:, :2]
+    return cell[:, :2]
+
+
+def select_cells(adata, cells) -> np.ndarray:
+    """Integer positions of ``cells`` (None = all; a boolean mask, obs names, or integer positions)."""
+    n = adata.n_obs
+    if cells is None:
+        return np.arange(n)
+    arr = np.asarray(cells)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            raise ValueError(f"cells: a boolean mask must have one entry per cell ({n}), got {arr.shape}.")
+        return np.flatnonzero(arr)
+    if arr.dtype.kind in "iu":
+        if arr.size and (arr.min() < -n or arr.max() >= n):
+            raise ValueError(f"cells: integer positions must lie in [0, {n}), got {arr.min()}..{arr.max()}.")
+        return np.where(arr < 0, arr + n, arr).astype(np.int64)
+    idx = adata.obs_names.get_indexer(arr.astype(str))
+    if (idx < 0).any():
+        bad = arr[idx < 0][:5].tolist()
+        raise ValueError(f"cells: {int((idx < 0).sum())} names are not cells of the data, e.g. {bad}.")
+    return idx.astype(np.int64)
+
+
+def sample_sources(mdata, adata, rows: np.ndarray, sample: str | None, *, cache_tiles: int = 512):
+    """Group ``rows`` by sample: ``[(PatchSource, positions)]``, positions indexing ``rows``; clear errors for gaps."""
+    reg = samples_registry(mdata)
+    if not reg and adata is not mdata:
+        reg = samples_registry(adata)
+    if not reg:
+        raise ValueError(
+            "No H&E is registered: mdata.uns['cellsymphony']['samples'] is empty. Read the section with "
+            "cs.io.read_xenium(path, he_image=..., he_alignment=...) or build an H&E-only MuData with "
+            "cs.io.read_he_cells."
+        )
+    allpos = np.arange(len(rows))
+    if sample is not None:
+        groups = {str(sample): allpos}
+    elif SAMPLE_KEY in adata.obs:
+        labels = adata.obs[SAMPLE_KEY].astype(str).to_numpy()[rows]
+        groups = {s: allpos[labels == s] for s in dict.fromkeys(labels.tolist())}
+    elif len(reg) == 1:
+        groups = {next(iter(reg)): allpos}
+    else:
+        raise ValueError(f"The data has {len(reg)} samples but no obs[{SAMPLE_KEY!r}]: pass sample=.")
+    out = []
+    for s, r in groups.items():
+        if s not in reg:
+            raise ValueError(f"Sample {s!r} has no registry entry (known: {sorted(reg)}); pass sample= one of those.")
+        entry = reg[s]
+        path = str(entry.get(REG_HE_PATH, "") or "")
+        if not path:
+            raise ValueError(
+                f"Sample {s!r} has no H&E image registered: read it with "
+                "cs.io.read_xenium(path, he_image='..._he_image.ome.tif', he_alignment='..._he_imagealignment.csv')."
+            )
+        if not os.path.exists(path):
+            raise ValueError(f"Sample {s!r}: the registered H&E {path!r} does not exist (moved?); update its he_path.")
+        if REG_ALIGNMENT not in entry or REG_PIXEL_SIZE not in entry:
+            raise ValueError(f"Sample {s!r}: the registry lacks 'alignment' / 'pixel_size'; read it with cs.io.read_xenium.")
+        align = check_alignment(entry[REG_ALIGNMENT], source=f"sample {s!r}")
+        he_mpp = entry.get(REG_HE_MPP)
+        he_mpp = float(he_mpp) if he_mpp is not None and np.isfinite(float(he_mpp)) and float(he_mpp) > 0 else None
+        src = PatchSource(path, align, float(entry[REG_PIXEL_SIZE]), he_mpp=he_mpp, sample=s, cache_tiles=cache_tiles)
+        out.append((src, r))
+    return out
+
+
+def ordered(xy: np.ndarray, size: int, mpp: float) -> np.ndarray:
+    """Serpentine spatial order with bands one patch high."""
+    return spatial_order(xy, band=size * mpp)

@@ -3,5 +3,12 @@
 from __future__ import annotations
 
 from ._synthetic import synthetic, synthetic_path, synthetic_reference, synthetic_xenium
+from ._tiny_scgpt import tiny_scgpt_checkpoint
 
-__all__: list[str] = ["synthetic", "synthetic_path", "synthetic_reference", "synthetic_xenium"]
+__all__: list[str] = [
+    "synthetic",
+    "synthetic_path",
+    "synthetic_reference",
+    "synthetic_xenium",
+    "tiny_scgpt_checkpoint",
+]

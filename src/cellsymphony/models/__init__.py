@@ -15,6 +15,8 @@ _LAZY: dict[str, str] = {
     "MorphologyEncoder": ".encoders._morphology",
     "load_morphology_encoder": ".encoders._morphology",
     "HandcraftedEncoder": ".encoders._handcrafted",
+    "ScGPTEncoder": ".encoders._scgpt",
+    "load_scgpt": ".encoders._scgpt",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,278 @@
+"""Turning count rows into scGPT inputs, and embedding blocks of rows with a loaded :class:`ScGPTEncoder`.
+
+What ``scgpt.tasks.embed_data(adata, model_dir, gene_col="index")`` of scgpt 0.2.4 does to each cell,
+and what is mirrored here:
+
+1. the genes (columns) are restricted to those in the vocabulary; a cell's tokens are its non-zero
+   genes, in column order, after a ``<cls>`` token whose value is ``pad_value`` (-2);
+2. the raw values of those non-zero genes are binned per cell into 51 bins (``DataCollator`` hard-codes
+   ``n_bins=51``): quantile edges ``np.quantile(row, linspace(0, 1, 50))`` and ``np.digitize`` from both
+   sides, a value equal to several edges drawn uniformly among the bins it spans; values become 1..50;
+3. a cell with more than ``max_length - 1`` genes keeps ``<cls>`` and a random ``max_length - 1`` of them
+   (binning happens before this sampling, on all of the cell's genes);
+4. each batch is padded with ``<pad>`` / ``pad_value`` to its longest cell; ``src_key_padding_mask`` is
+   ``genes == <pad>``; the transformer output at position 0 (``<cls>``) is the embedding, L2-normalised.
+
+The official code draws the random numbers of 2. and 3. from global streams (``np.random.rand``,
+``torch.randperm``), so its output changes with batching and order. Here each cell draws from its own
+generator seeded by the global seed and its cell id (:func:`cellsymphony._utils.cell_seeds`): the
+result of a cell depends on nothing else. The random draws of a cell are: first ``n`` uniforms for the
+tie-breaking of its ``n`` genes, then a permutation for the sampling, if any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+N_BINS = 51
+
+
+def bin_values(row: np.ndarray, rng: np.random.Generator, n_bins: int = N_BINS) -> np.ndarray:
+    """Bin one cell's values as scGPT's ``preprocess.binning`` (+ ``_digitize(side="both")``).
+
+    Zeros stay 0; non-zero values get bins 1..``n_bins - 1`` from per-cell quantile edges; a value equal to
+    several edges gets a bin drawn uniformly among ``right + 1 .. left`` (one uniform per value, drawn
+    from ``rng``). Returns float32 (the collator writes the bins into a float tensor).
+    """
+    row = np.asarray(row, dtype=np.float32)
+    if row.size == 0:
+        return row.copy()
+    if row.max() == 0:
+        return np.zeros_like(row)
+    if row.min() <= 0:
+        nz = np.flatnonzero(row)
+        out = np.zeros(row.shape, dtype=np.float32)
+        out[nz] = _digitize_both(row[nz], rng, n_bins)
+        return out
+    return _digitize_both(row, rng, n_bins).astype(np.float32)
+
+
+def _digitize_both(x: np.ndarray, rng: np.random.Generator, n_bins: int) -> np.ndarray:
+    bins = np.quantile(x, np.linspace(0, 1, n_bins - 1))
+    left = np.digitize(x, bins)
+    right = np.digitize(x, bins, right=True)
+    rands = rng.random(len(x))
+    return np.ceil(rands * (right - left) + left).astype(np.int64)
+
+
+def tokenize_cell(
+    tokens: np.ndarray,
+    counts: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    cls_id: int,
+    pad_value: float,
+    max_length: int,
+    n_bins: int = N_BINS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(<cls> + gene tokens, pad_value + binned values)`` of one cell, at most ``max_length`` long.
+
+    ``tokens`` / ``counts``: the cell's non-zero genes in the vocabulary (token ids, raw values).
+    """
+    values = bin_values(counts, rng, n_bins)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if len(tokens) + 1 > max_length:
+        keep = rng.permutation(len(tokens))[: max_length - 1]
+        tokens, values = tokens[keep], values[keep]
+    genes = np.concatenate([[cls_id], tokens]).astype(np.int64)
+    vals = np.concatenate([[pad_value], values]).astype(np.float32)
+    return genes, vals
+
+
+def collate(
+    cells: Sequence[tuple[np.ndarray, np.ndarray]], *, pad_id: int, pad_value: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad a batch to its longest cell: ``(genes int64, values float32, padding mask bool)``."""
+    length = max(len(g) for g, _ in cells)
+    genes = np.full((len(cells), length), pad_id, dtype=np.int64)
+    values = np.full((len(cells), length), pad_value, dtype=np.float32)
+    for i, (g, v) in enumerate(cells):
+        genes[i, : len(g)] = g
+        values[i, : len(v)] = v
+    return genes, values, genes == pad_id
+
+
+def _as_rows(X):
+    """A matrix that can be read by blocks of rows: CSR, dense ndarray or an anndata backed dataset."""
+    if sp.issparse(X):
+        return X if X.format == "csr" else sp.csr_matrix(X)  # CSC / COO: one sparse copy, never dense
+    if isinstance(X, np.ndarray):
+        return X
+    if hasattr(X, "format") and getattr(X, "format", None) == "csr":  # anndata backed CSR dataset
+        return X
+    return np.asarray(X)
+
+
+def _row_block(X, idx: np.ndarray):
+    """Rows ``idx`` (sorted) of X as CSR or dense."""
+    block = X[idx]
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        block.sort_indices()
+    return block
+
+
+def cell_genes(block, col2tok: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and raw values of row ``i`` of ``block``: non-zero genes in the vocabulary, column order."""
+    if sp.issparse(block):
+        s, e = block.indptr[i], block.indptr[i + 1]
+        cols, data = block.indices[s:e], block.data[s:e]
+    else:
+        row = np.asarray(block[i]).ravel()
+        cols = np.flatnonzero(row)
+        data = row[cols]
+    tok = col2tok[cols]
+    keep = (tok >= 0) & (data != 0)
+    return tok[keep], data[keep]
+
+
+def scan_counts(X, col2tok: np.ndarray, *, chunk_size: int = 16384) -> tuple[np.ndarray, dict]:
+    """One pass over X by chunks of rows: the number of non-zero vocabulary genes of each cell, and a
+    report on the values of those genes (``n_negative``, ``n_noninteger`` with an ``example``)."""
+    X = _as_rows(X)
+    n = X.shape[0]
+    lengths = np.zeros(n, dtype=np.int64)
+    report = {"n_negative": 0, "n_noninteger": 0, "example": None}
+    matched_cols = np.flatnonzero(col2tok >= 0)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        chunk = X[start:stop]
+        if sp.issparse(chunk):
+            chunk = sp.csr_matrix(chunk)
+            rows = np.repeat(np.arange(stop - start), np.diff(chunk.indptr))
+            inv = col2tok[chunk.indices] >= 0
+            vals, rows = chunk.data[inv], rows[inv]
+        else:
+            sub = np.asarray(chunk)[:, matched_cols]
+            rows, cols = np.nonzero(sub)
+            vals = sub[rows, cols]
+        nz = vals != 0
+        lengths[start:stop] = np.bincount(rows[nz], minlength=stop - start)
+        bad_neg = vals < 0
+        bad_int = ~np.isfinite(vals) | (vals != np.round(vals))
+        report["n_negative"] += int(bad_neg.sum())
+        report["n_noninteger"] += int(bad_int.sum())
+        if report["example"] is None and (bad_neg.any() or bad_int.any()):
+            j = int(np.flatnonzero(bad_neg | bad_int)[0])
+            report["example"] = (start + int(rows[j]), float(vals[j]))
+    return lengths, report
+
+
+def batch_order(lengths: np.ndarray, batch_size: int, *, bucketed: bool = True) -> list[np.ndarray]:
+    """Batches of non-empty cells: by increasing number of genes (``bucketed``) or in the given order."""
+    cells = np.flatnonzero(lengths > 0)
+    if bucketed:
+        cells = cells[np.argsort(lengths[cells], kind="stable")]
+    return [cells[i : i + batch_size] for i in range(0, len(cells), batch_size)]
+
+
+class BatchTokens:
+    """Map-style dataset: item ``b`` is batch ``b`` tokenised and padded, read from X when asked for
+    (so a ``torch.utils.data.DataLoader`` with workers can prepare batches while the model runs)."""
+
+    def __init__(self, X, batches, seeds, col2tok, *, cls_id, pad_id, pad_value, max_length):
+        self.X, self.batches, self.seeds, self.col2tok = X, batches, seeds, col2tok
+        self.cls_id, self.pad_id, self.pad_value, self.max_length = cls_id, pad_id, pad_value, max_length
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int):
+        idx = np.sort(self.batches[b])
+        block = _row_block(self.X, idx)
+        cells = []
+        for i, row in enumerate(idx):
+            tokens, counts = cell_genes(block, self.col2tok, i)
+            cells.append(
+                tokenize_cell(
+                    tokens,
+                    counts,
+                    np.random.default_rng(self.seeds[row]),
+                    cls_id=self.cls_id,
+                    pad_value=self.pad_value,
+                    max_length=self.max_length,
+                )
+            )
+        genes, values, mask = collate(cells, pad_id=self.pad_id, pad_value=self.pad_value)
+        return idx, genes, values, mask, bool(mask.any())
+
+
+def embed_rows(
+    model,
+    X,
+    cell_ids: Sequence,
+    col2tok: np.ndarray,
+    *,
+    lengths: np.ndarray | None = None,
+    max_length: int = 1200,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    bucketed: bool = True,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Embed a block of rows with a loaded :class:`~cellsymphony.models.ScGPTEncoder`.
+
+    The unit of work of :func:`cellsymphony.pp.embed_expression` (and of a future dask scale-out: each
+    worker gets the model, a block of rows and their cell ids, and returns the block's embeddings). Rows
+    are streamed from ``X`` (CSR, dense or an anndata backed dataset) one batch at a time, tokenised in
+    ``num_workers`` DataLoader workers (0: in this process) while the device runs the previous batches.
+
+    Returns a (n_rows, d_model) float32 array, L2-normalised rows, NaN rows for cells without any
+    non-zero vocabulary gene.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..._utils import cell_seeds
+
+    X = _as_rows(X)
+    n = X.shape[0]
+    if len(cell_ids) != n:
+        raise ValueError(f"{len(cell_ids)} cell ids for {n} rows.")
+    if lengths is None:
+        lengths, _ = scan_counts(X, col2tok)
+    out = np.full((n, model.d_model), np.nan, dtype=np.float32)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    batches = batch_order(lengths, batch_size, bucketed=bucketed)
+    data = BatchTokens(
+        X,
+        batches,
+        cell_seeds(seed, cell_ids),
+        col2tok,
+        cls_id=model.cls_token_id,
+        pad_id=model.pad_token_id,
+        pad_value=model.pad_value,
+        max_length=max_length,
+    )
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=cuda
+    )
+    pending: list = []
+
+    def flush():  # one device->host copy per group of batches, so the device is not synchronised each batch
+        for idx, emb in pending:
+            out[idx] = emb.cpu().numpy()
+        pending.clear()
+
+    pbar = tqdm(total=int(sum(len(b) for b in batches)), unit="cell", desc="scGPT", disable=not progress)
+    with torch.inference_mode(), autocast:
+        for idx, genes, values, mask, padded in loader:
+            emb = model.encode_cls(
+                torch.as_tensor(genes).to(dev, non_blocking=True),
+                torch.as_tensor(values).to(dev, non_blocking=True),
+                torch.as_tensor(mask).to(dev, non_blocking=True) if padded else None,
+            ).float()
+            pending.append((np.asarray(idx), emb / emb.norm(dim=1, keepdim=True)))
+            if len(pending) >= 32:
+                flush()
+            pbar.update(len(idx))
+        flush()
+    pbar.close()
+    return out

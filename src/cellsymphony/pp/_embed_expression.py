@@ -1,0 +1,214 @@
+"""scGPT cell embeddings of each cell's expression counts."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._constants import MOD_RNA, X_SCGPT
+from .._docs import inject_docs
+from .._settings import logger, resolve_device, settings
+from .._utils import params_record
+from .._validate import get_modality, is_mudata, set_latest
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+
+def _gene_symbols(adata: AnnData, gene_key: str | None) -> np.ndarray:
+    if gene_key is None:
+        return np.asarray(adata.var_names, dtype=str)
+    if gene_key not in adata.var:
+        raise ValueError(
+            f"gene_key={gene_key!r} is not a column of .var (it has {list(adata.var.columns)}); "
+            "pass the column holding gene symbols, or gene_key=None to use var_names."
+        )
+    return np.asarray(adata.var[gene_key].astype(str), dtype=str)
+
+
+@inject_docs()
+def embed_expression(
+    mdata: MuData | AnnData,
+    *,
+    model_dir: str | os.PathLike,
+    mod: str = MOD_RNA,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    max_length: int = 1200,
+    batch_size: int = 64,
+    min_gene_fraction: float = 0.5,
+    device: str | None = None,
+    seed: int = 0,
+    key_added: str = X_SCGPT,
+    copy: bool = False,
+) -> MuData | AnnData | None:
+    """Embed each cell's expression counts with a scGPT model (the ``<cls>`` output, L2-normalised).
+
+    The computation follows ``scgpt.tasks.embed_data(adata, model_dir, gene_col="index")`` of scgpt 0.2.4
+    (see the expression-embedding page of the docs): genes are matched to the vocabulary by symbol;
+    each cell's non-zero matched genes follow a ``<cls>`` token; their raw counts are binned per cell
+    into 51 bins; cells with more than ``max_length - 1`` genes keep a random ``max_length - 1``; the
+    transformer output at ``<cls>`` is L2-normalised. Random draws (tie-breaking in the binning, gene
+    sampling) come from a generator seeded per cell by ``seed`` and the cell id, so the result of a
+    cell does not depend on batching, order or chunking. Cells are batched by similar numbers of genes,
+    each batch padded only to its longest cell; rows are read from the (sparse) matrix batch by batch.
+
+    Parameters
+    ----------
+    mdata
+        {mdata_or_adata}
+    model_dir
+        Folder with scGPT's ``args.json``, ``vocab.json`` and ``best_model.pt`` (e.g. the downloaded
+        whole-human model ``scGPT_human``, or one written by
+        :func:`cellsymphony.datasets.tiny_scgpt_checkpoint`).
+    mod
+        Modality holding the counts (ignored for an AnnData).
+    gene_key
+        Column of ``.var`` with gene symbols; ``None`` uses ``var_names``.
+    layer
+        Layer holding raw counts; ``None`` uses ``.X``.
+    max_length
+        Maximum number of tokens per cell, ``<cls>`` included (1200 in scGPT).
+    batch_size
+        Cells per forward pass.
+    min_gene_fraction
+        Warn when fewer than this fraction of the genes are in the model's vocabulary.
+    device
+        {device}
+    seed
+        {seed}
+    key_added
+        Key of the embedding in ``.obsm`` and of its record in ``.uns``.
+    copy
+        {copy}
+
+    Returns
+    -------
+    Returns ``None``, or a modified copy with ``copy=True``, and writes to the modality ``mod``:
+
+    - ``.obsm[key_added]``: (n_cells, embsize) float32 embedding, NaN rows for cells without any
+      non-zero gene in the vocabulary;
+    - ``.obs[f"{{key_added}}_empty"]``: True for those cells;
+    - ``.uns[key_added]``: ``params`` (arguments, model folder, vocabulary and gene-match figures) and
+      ``unmatched_genes`` (the genes not in the vocabulary);
+
+    and records ``key_added`` as the latest representation of ``mod`` in
+    ``uns["cellsymphony"]["latest"]``.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length={max_length} must be at least 2 (the <cls> token and one gene).")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    if not 0 <= min_gene_fraction <= 1:
+        raise ValueError(f"min_gene_fraction={min_gene_fraction} must lie in [0, 1].")
+    adata = get_modality(mdata, mod)
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(f"layer={layer!r} is not in .layers (it has {list(adata.layers)}).")
+    symbols = _gene_symbols(adata, gene_key)
+    device = resolve_device(device)
+
+    from ..models.encoders._scgpt import load_scgpt
+    from ..models.encoders._scgpt_inputs import embed_rows, scan_counts
+
+    model = load_scgpt(model_dir)
+
+    # gene matching, by symbol, as embed_data does
+    col2tok = np.array([model.vocab.get(g, -1) for g in symbols], dtype=np.int64)
+    matched = col2tok >= 0
+    n_matched, n_total = int(matched.sum()), len(symbols)
+    unmatched = symbols[~matched]
+    logger.info("scGPT: matched %d/%d genes in the vocabulary of size %d", n_matched, n_total, len(model.vocab))
+    if n_matched == 0:
+        where = f"var[{gene_key!r}]" if gene_key else "var_names"
+        raise ValueError(
+            f"None of the {n_total} genes of {where} (e.g. {list(symbols[:5])}) is in the scGPT vocabulary "
+            f"of {model_dir}: scGPT uses gene symbols; pass gene_key= naming a column of symbols."
+        )
+    if n_matched < min_gene_fraction * n_total:
+        warnings.warn(
+            f"Only {n_matched}/{n_total} genes ({n_matched / n_total:.0%}) are in the scGPT vocabulary "
+            f"(not found, e.g.: {list(unmatched[:8])}); the embedding uses the matched genes only. "
+            "Check that the genes are symbols (gene_key=) of the model's species.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    X = adata.layers[layer] if layer is not None else adata.X
+    lengths, report = scan_counts(X, col2tok)
+    if report["n_negative"] or report["n_noninteger"]:
+        row, value = report["example"]
+        source = f"layers[{layer!r}]" if layer is not None else ".X"
+        raise ValueError(
+            f"{source} does not hold raw counts: {report['n_negative']} negative and "
+            f"{report['n_noninteger']} non-integer values among the matched genes (e.g. {value!r} in cell "
+            f"{adata.obs_names[row]!r}). scGPT embeddings are computed from raw counts: pass "
+            "layer= naming the layer of raw counts (e.g. layer='counts')."
+        )
+    empty = lengths == 0
+    n_empty = int(empty.sum())
+    if n_empty == adata.n_obs:
+        raise ValueError(f"No cell has a non-zero count in any of the {n_matched} matched genes.")
+    if n_empty:
+        warnings.warn(
+            f"{n_empty} of {adata.n_obs} cells have no non-zero count in any vocabulary gene: their "
+            f"embedding is NaN and obs[{key_added + '_empty'!r}] is True.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    emb = embed_rows(
+        model,
+        X,
+        np.asarray(adata.obs_names),
+        col2tok,
+        lengths=lengths,
+        max_length=max_length,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        bucketed=True,
+        num_workers=settings.num_workers,
+        progress=settings.progress,
+    )
+
+    # write (on the copy, if asked)
+    if copy:
+        mdata = mdata.copy()
+        adata = get_modality(mdata, mod)
+    adata.obsm[key_added] = emb
+    adata.obs[f"{key_added}_empty"] = empty
+    adata.uns[key_added] = {
+        "params": params_record(
+            model_dir=str(model_dir),
+            gene_key=gene_key,
+            layer=layer,
+            max_length=max_length,
+            batch_size=batch_size,
+            seed=seed,
+            n_bins=51,
+            embsize=model.d_model,
+            vocab_size=len(model.vocab),
+            n_genes=n_total,
+            n_matched_genes=n_matched,
+            n_empty_cells=n_empty,
+            untrained=model.untrained,
+        ),
+        "unmatched_genes": np.asarray(unmatched, dtype=object),
+    }
+    set_latest(mdata, mod, key_added)
+    if is_mudata(mdata):
+        mdata.update()
+    logger.info(
+        "added obsm[%r] (%d x %d), obs[%r], uns[%r] to %s",
+        key_added,
+        emb.shape[0],
+        emb.shape[1],
+        f"{key_added}_empty",
+        key_added,
+        f"mdata[{mod!r}]" if is_mudata(mdata) else "adata",
+    )
+    return mdata if copy else None

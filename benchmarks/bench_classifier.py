@@ -112,5 +112,22 @@ def main() -> None:
         print(" | ".join(cells))
 
 
+def suite(quick: bool = True) -> list[dict]:
+    """Rows for ``python -m benchmarks``: training epochs/s on 100k cells per architecture (paper sizes),
+    from cells per CPU-second (load-independent), against the expression-only ("unimodal") model."""
+    n = 256 if quick else 2048
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    archs = ("unimodal", "multi_input") if quick else ARCHS
+    res = {a: bench_arch(a, n, device) for a in archs}
+    key = "train cells/s" if device.type == "cuda" else "train cells/CPU-s"
+    base = res["unimodal"][key] / 1e5
+    return [
+        {"figure": f"classifier training, {a} (100k-cell epochs, {device.type})", "value": r[key] / 1e5,
+         "unit": "epochs/s" if device.type == "cuda" else "epochs/CPU-s", "baseline": f"{base:.4f} unimodal",
+         "ratio": r[key] / 1e5 / base, "note": f"{r['params (M)']:.1f} M parameters"}
+        for a, r in res.items()
+    ]
+
+
 if __name__ == "__main__":
     main()

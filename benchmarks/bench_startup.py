@@ -34,5 +34,17 @@ def run(repeat: int = 3) -> list[dict]:
     return [{"case": k, "seconds": v, "ratio to full stack": v / base} for k, v in secs.items()]
 
 
+def suite(quick: bool = True) -> list[dict]:
+    """Rows for ``python -m benchmarks``: start-up against importing the full stack."""
+    rows = run(repeat=2 if quick else 5)
+    base = next(r for r in rows if r["case"] == "full stack (baseline)")["seconds"]
+    return [
+        {"figure": f"start-up: {r['case']}", "value": r["seconds"], "unit": "s",
+         "baseline": f"{base:.2f} s import torch, timm, scanpy, squidpy, spatialdata", "ratio": r["seconds"] / base,
+         "note": "lower is better"}
+        for r in rows if r["case"] in ("import cellsymphony", "cellsymphony --help")
+    ]
+
+
 if __name__ == "__main__":
     print_table(run(), "Start-up time")

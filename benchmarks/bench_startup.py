@@ -15,7 +15,10 @@ from ._common import print_table, timeit
 CASES = {
     "python (empty)": [sys.executable, "-c", "pass"],
     "import cellsymphony": [sys.executable, "-c", "import cellsymphony"],
-    "cellsymphony --help": [shutil.which("cellsymphony") or "cellsymphony", "--help"],
+    # the console script when installed on PATH, else the same entry point through python -m
+    "cellsymphony --help": (
+        [shutil.which("cellsymphony"), "--help"] if shutil.which("cellsymphony") else [sys.executable, "-m", "cellsymphony", "--help"]
+    ),
     "full stack (baseline)": [
         sys.executable,
         "-c",

@@ -304,7 +304,8 @@ def remote_morphology_encoder(client, model, weights, device: str | None, mpp: f
     handcrafted encoder is built here on the CPU and shipped to the workers."""
     check_client(client)
     if isinstance(model, str) and model.lower() != "handcrafted":
-        fut = client.submit(morphology_encoder_info, model, weights, device, key=f"cs-morphology-encoder-{uuid.uuid4().hex[:10]}", pure=False)
+        key = f"cs-morphology-encoder-{uuid.uuid4().hex[:10]}"
+        fut = client.submit(morphology_encoder_info, model, weights, device, key=key, pure=False)
         info = fut.result()
         fut.release()
         # every worker loads the very file the first one resolved (not its own environment's)
@@ -506,7 +507,8 @@ def expression_on_cluster(
     def tasks():
         for c, rows in enumerate(chunks):
             # rows read one chunk at a time, only for the chunks in flight
-            yield (f"cs-chunk-expression-{c:06d}", _expression_chunk, (str(model_dir), _row_block(X, rows), ids[rows], col2tok), kw)
+            args = (str(model_dir), _row_block(X, rows), ids[rows], col2tok)
+            yield (f"cs-chunk-expression-{c:06d}", _expression_chunk, args, kw)
 
     def store(i, emb):
         out[chunks[i]] = emb

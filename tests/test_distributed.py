@@ -41,15 +41,19 @@ def _quiet():
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(
-        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=logging.ERROR
-    )
-    c = distributed.Client(cluster, timeout="120s")
-    try:
-        yield c
-    finally:
-        c.close(timeout=60)
-        cluster.close(timeout=60)
+    import dask
+
+    # generous timeouts: the machine running the tests may be busy (no timing is asserted anywhere)
+    with dask.config.set({"distributed.comm.timeouts.connect": "120s", "distributed.comm.timeouts.tcp": "120s"}):
+        cluster = distributed.LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=logging.ERROR
+        )
+        c = distributed.Client(cluster, timeout="120s")
+        try:
+            yield c
+        finally:
+            c.close(timeout=60)
+            cluster.close(timeout=60)
 
 
 @pytest.fixture(scope="module")

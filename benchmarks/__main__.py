@@ -28,6 +28,9 @@ SUITES = {
     "classifier": ("bench_classifier", "classifier training epochs/s"),
     "contrastive": ("bench_contrastive", "contrastive alignment epochs/s"),
     "distributed": ("bench_distributed", "1 vs 2 dask workers"),
+    "io": ("bench_io", "read_xenium vs reading the counts alone, H&E tile cache"),
+    "labels": ("bench_labels", "nucleus-label transfer scaling"),
+    "synthetic": ("bench_synthetic", "synthetic bundle generation speed and memory at two sizes"),
 }
 
 

@@ -268,7 +268,7 @@ def test_marker_enrichment(matrix, truth):
     genes = pd.Index(names[ftype == "Gene Expression"])
     L = _norm_log(gx)
     types = truth.cell_type.astype(str).to_numpy()
-    markers = {"tumour epithelium": ["EPCAM", "KRT8", "ERBB2"], "normal epithelium": ["EPCAM", "KRT8", "KRT14"],
+    markers = {"tumour epithelium": ["EPCAM", "KRT8", "ERBB2"], "normal epithelium": ["EPCAM", "KRT8", "KRT18"],
                "fibroblast": ["COL1A1", "DCN", "LUM"], "T cell": ["CD3E", "CD2", "TRAC"],
                "B cell": ["MS4A1", "CD79A", "CD19"], "macrophage": ["CD68", "CD163", "C1QA"],
                "endothelial": ["PECAM1", "VWF", "CDH5"]}
@@ -285,7 +285,9 @@ def test_marker_enrichment(matrix, truth):
     krt5 = np.asarray(N[:, genes.get_loc("KRT5")].todense()).ravel()
     erbb2 = np.asarray(N[:, genes.get_loc("ERBB2")].todense()).ravel()
     basal = truth.cell_type_fine.astype(str).to_numpy() == "Basal/myoepithelial cell"
+    krt14 = np.asarray(N[:, genes.get_loc("KRT14")].todense()).ravel()
     assert krt5[basal].mean() > 3 * krt5[types == "tumour epithelium"].mean()
+    assert krt14[basal].mean() > 3 * krt14[~epithelial].mean()
     assert erbb2[types == "tumour epithelium"].mean() > 1.5 * erbb2[types == "normal epithelium"].mean()
     # T vs B: alike in H&E, apart in expression
     cd3 = np.asarray(L[:, genes.get_loc("CD3E")].todense()).ravel()
@@ -298,6 +300,25 @@ def test_marker_enrichment(matrix, truth):
     r_epi = np.corrcoef(prof["tumour epithelium"], prof["normal epithelium"])[0, 1]
     r_tb = np.corrcoef(prof["T cell"], prof["B cell"])[0, 1]
     assert r_epi > 0.85 and r_epi > r_tb
+
+
+def test_niche_programmes(matrix, truth):
+    """The same type differs by compartment: exhausted T cells and SPP1+ macrophages inside tumour nests."""
+    X, names, ftype, _ = matrix
+    gx = X[:, ftype == "Gene Expression"].astype(np.float64)
+    genes = list(names[ftype == "Gene Expression"])
+    lib = np.asarray(gx.sum(axis=1)).ravel()
+    N = (sp.diags(100.0 / np.maximum(lib, 1)) @ gx).tocsc()
+    types, comp = truth.cell_type.astype(str).to_numpy(), truth.compartment.astype(str).to_numpy()
+
+    def mean(gene, mask):
+        return np.asarray(N[:, genes.index(gene)].todense()).ravel()[mask].mean()
+
+    t_in, t_out = (types == "T cell") & (comp == "tumour nest"), (types == "T cell") & (comp != "tumour nest")
+    assert t_in.sum() > 10 and t_out.sum() > 10
+    assert mean("PDCD1", t_in) > 2 * mean("PDCD1", t_out)
+    m_in, m_out = (types == "macrophage") & (comp == "tumour nest"), (types == "macrophage") & (comp != "tumour nest")
+    assert mean("SPP1", m_in) > 2 * mean("SPP1", m_out)
 
 
 def test_counts_realistic(matrix, truth):

@@ -198,6 +198,8 @@ def test_bad_input(slide, tmp_path):
         cs.pp.embed_morphology(m, model="tiny", mode="slide")
     with pytest.raises(ValueError, match="pool="):
         cs.pp.embed_morphology(m, model="tiny", pool="max")
+    with pytest.raises(ValueError, match="not a multiple of 'tiny'"):
+        cs.pp.embed_morphology(m, model="tiny", size=100)
     with pytest.raises(ValueError, match="tile_stride"):
         cs.pp.embed_morphology(m, model="tiny", mode="tile", tile_stride=500)
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3)}, tmp_path / "pytorch_model.bin")

@@ -14,7 +14,7 @@ from morphology_helpers import one_torch_thread
 
 import cellsymphony as cs
 
-N_CELLS = 500  # smaller bundles currently fail in the generator (datasets/_tissue.py free_spot)
+N_CELLS = 300
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,7 +51,10 @@ def test_patches_are_centred_on_rendered_nuclei(bundle):
 
 
 def test_handcrafted_follows_the_truth(bundle):
-    mdata, truth = bundle
+    full, truth = bundle
+    mdata = full[:250].copy()  # enough cells for the rank correlations, half the time
+    mdata.uns["cellsymphony"] = full.uns["cellsymphony"]
+    truth = truth.iloc[:250]
     cs.pp.embed_morphology(mdata, model="handcrafted")
     x = mdata["morphology"].obsm["X_handcrafted"]
     names = list(mdata["morphology"].uns["X_handcrafted"]["feature_names"])

@@ -81,9 +81,19 @@ FINE_MARKERS = {
     "Lymphatic endothelial cell": {"LYVE1": 3.0, "PROX1": 3.0, "PDPN": 3.0, "CCL21": 3.0, "VWF": -2.0},
 }
 
+# Niche programmes: the same type expresses some genes differently by compartment (log2 fold), e.g.
+# exhausted T cells and SPP1+ macrophages inside tumour nests, activated CAFs at the nest border.
+NICHE_SHIFTS = {
+    ("T cell", "tumour nest"): {"PDCD1": 2.5, "HAVCR2": 2.0, "LAG3": 2.0, "TOX": 1.5, "CXCL13": 2.0, "CCR7": -2.0},
+    ("macrophage", "tumour nest"): {"SPP1": 2.5, "APOE": 1.0, "MARCO": -1.5},
+    ("fibroblast", "tumour nest"): {"POSTN": 1.5, "FAP": 1.5, "COL11A1": 2.0, "CTHRC1": 1.5},
+    ("T cell", "lymphoid aggregate"): {"CCR7": 1.5, "SELL": 1.5, "TCF7": 1.0},
+    ("B cell", "lymphoid aggregate"): {"CR2": 1.0, "CXCR5": 1.0},
+}
+
 # Genes only the tumour expresses more than normal epithelium (a panel shows epithelium vs epithelium
 # differences only modestly: tumour vs normal differ more in morphology than in expression).
-TUMOUR_VS_NORMAL = {"ERBB2": 1.5, "MKI67": 1.0, "CEACAM6": 1.0, "KRT5": -2.0, "KRT14": -2.0, "TP63": -2.0,
+TUMOUR_VS_NORMAL = {"ERBB2": 2.0, "MKI67": 1.0, "CEACAM6": 1.0, "KRT5": -2.0, "KRT14": -2.0, "TP63": -2.0,
                     "KRT17": -1.5, "ACTA2": -2.0, "MYLK": -1.0, "OXTR": -1.0, "ELF5": -1.0}
 
 _BACKGROUND = """
@@ -188,3 +198,15 @@ def fine_shift(genes: list[str], fine: str) -> np.ndarray:
     for g, lfc in FINE_MARKERS.get(fine, {}).items():
         shift[idx[g]] = lfc
     return np.exp2(shift)
+
+
+def niche_shift(genes: list[str], cell_type: str, compartment: str) -> np.ndarray | None:
+    """Multiplicative change (n_genes,) of a type in a compartment, or None when there is none."""
+    shifts = NICHE_SHIFTS.get((cell_type, compartment))
+    if not shifts:
+        return None
+    idx = {g: i for i, g in enumerate(genes)}
+    out = np.zeros(len(genes))
+    for g, lfc in shifts.items():
+        out[idx[g]] = lfc
+    return np.exp2(out)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 PIXEL_SIZE = 0.2125  # um per Xenium morphology pixel
-GENERATOR_VERSION = 1  # bump when the generated data change, to invalidate caches
+GENERATOR_VERSION = 4  # bump when the generated data change, to invalidate caches
 LAST_TIMINGS: dict[str, float] = {}  # seconds per stage of the last synthetic_xenium call (for benchmarks)
 _SW = {"string": "xenium-2.0.0.10", "integer": "Xenium-1.0.2"}
 
@@ -38,11 +38,11 @@ def _encode_ids(prefix: np.ndarray, suffix: int = 1) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- expression
 def _draw_counts(types: np.ndarray, fine: np.ndarray, size: np.ndarray, profiles: np.ndarray, genes: list[str],
-                 theta: np.ndarray, rng: np.random.Generator):
+                 theta: np.ndarray, rng: np.random.Generator, compartments: np.ndarray | None = None):
     """Negative-binomial (gamma-Poisson) counts, CSR (cells x genes) int32."""
     import scipy.sparse as sp
 
-    from ._panel import CELL_TYPES, FINE_TYPES, fine_shift
+    from ._panel import CELL_TYPES, FINE_TYPES, fine_shift, niche_shift
 
     n, g = len(types), len(genes)
     code = pd.Categorical(types, categories=CELL_TYPES).codes
@@ -55,6 +55,11 @@ def _draw_counts(types: np.ndarray, fine: np.ndarray, size: np.ndarray, profiles
         for f in np.unique(fine[sl]):
             m = fine[sl] == f
             p[m] *= mult[f]
+        if compartments is not None:
+            for (t, comp) in set(zip(types[sl], compartments[sl], strict=True)):
+                shift = niche_shift(genes, t, comp)
+                if shift is not None:
+                    p[(types[sl] == t) & (compartments[sl] == comp)] *= shift
         p /= p.sum(axis=1, keepdims=True)
         mu = (p * size[sl, None]).astype(np.float32)
         lam = mu * rng.gamma(theta, 1.0 / theta, size=mu.shape).astype(np.float32)
@@ -469,7 +474,7 @@ def synthetic_xenium(
     types = c.cell_type.to_numpy()
     fine = c.cell_type_fine.to_numpy()
     size = _library_sizes(types, cell_area, rng)
-    counts = _draw_counts(types, fine, size, profiles, genes, theta, rng)
+    counts = _draw_counts(types, fine, size, profiles, genes, theta, rng, c.compartment.to_numpy())
     ctrl_names, ctrl_types = _panel.control_features()
     if id_style == "integer":
         ctrl_types = ["Blank Codeword" if t == "Unassigned Codeword" else t for t in ctrl_types]
@@ -649,6 +654,9 @@ def synthetic_xenium(
     }
     with atomic_path(path / "experiment.xenium") as tmp:
         tmp.write_text(json.dumps(spec, indent=4))
+    for f in path.rglob("*"):  # temporary files of atomic writes are private (0600); the bundle is not
+        if f.is_file():
+            f.chmod(0o644)
     logger.info("wrote a synthetic Xenium bundle of %d cells to %s in %.1f s", n_cells, path, time.perf_counter() - t0)
     return path
 

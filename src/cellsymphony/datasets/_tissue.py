@@ -19,7 +19,7 @@ COMPARTMENTS = ("stroma", "tumour nest", "lymphoid aggregate", "normal duct", "d
 
 RASTER_UM = 2.0  # compartment raster resolution
 # cells per um^2 in the randomly filled compartments
-DENSITY = {STROMA: 1 / 230.0, TUMOUR: 1 / 88.0, LYMPHOID: 1 / 42.0}
+DENSITY = {STROMA: 1 / 230.0, TUMOUR: 1 / 105.0, LYMPHOID: 1 / 42.0}
 # cell-type mix per randomly filled compartment
 MIX = {
     TUMOUR: {"tumour epithelium": 0.86, "macrophage": 0.05, "T cell": 0.05, "fibroblast": 0.03, "B cell": 0.01},
@@ -31,7 +31,7 @@ MIX = {
 # nucleus shape per type: semi-major axis (um, log-normal), elongation (major/minor), boundary irregularity,
 # hematoxylin density (relative; higher = darker), vesicular chromatin, cytoplasm radius beyond nucleus (um)
 SHAPE = {
-    "tumour epithelium": dict(a=5.6, a_sd=0.21, el=1.35, el_sd=0.18, irr=0.10, dark=0.62, dark_sd=0.12,
+    "tumour epithelium": dict(a=5.3, a_sd=0.21, el=1.35, el_sd=0.18, irr=0.10, dark=0.62, dark_sd=0.12,
                               vesicular=1.0, cyto=4.0),
     "normal epithelium": dict(a=4.1, a_sd=0.08, el=1.2, el_sd=0.08, irr=0.0, dark=0.95, dark_sd=0.07,
                               vesicular=0.0, cyto=3.0),
@@ -186,7 +186,7 @@ def _place(width, height, rng):
 
 def make_tissue(n_cells: int, rng: np.random.Generator) -> Tissue:
     """Lay out a tumour section holding exactly ``n_cells`` cells."""
-    mean_area = 118.0  # um^2 per cell, the average over the compartment mix
+    mean_area = 133.0  # um^2 per cell, the average over the compartment mix
     side = np.sqrt(n_cells * mean_area * 1.06)
     for _ in range(4):
         width, height = side * 1.15, side / 1.15

@@ -209,8 +209,11 @@ def embed_morphology(
         n_layers = encoder.n_layers
         if not -n_layers <= layer < n_layers:
             raise ValueError(f"layer must be in [-{n_layers}, {n_layers - 1}] for {encoder.name!r}, got {layer}.")
-        if mode == "tile" and encoder.patch_size and size % encoder.patch_size:
-            raise ValueError(f"size={size} is not a multiple of the encoder's patch size {encoder.patch_size}.")
+        if encoder.patch_size and size % encoder.patch_size:
+            raise ValueError(
+                f"size={size} is not a multiple of {encoder.name!r}'s patch size {encoder.patch_size} "
+                f"(e.g. {encoder.patch_size * max(1, size // encoder.patch_size)})."
+            )
     if handcrafted:
         # its features use only the central window: read no more than that
         size = min(size, 2 * int(np.ceil(encoder.window_um / mpp / 2)))

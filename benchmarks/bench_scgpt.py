@@ -70,10 +70,12 @@ class OfficialStack(nn.Module):
         return self.stack(x, src_key_padding_mask=src_key_padding_mask)[:, 0]
 
 
-def run(label: str, ckpt: Path, X: sp.csr_matrix, batch_size: int, max_length: int) -> list[tuple]:
+def run(
+    label: str, ckpt: Path, X: sp.csr_matrix, batch_size: int, max_length: int, device: str, workers: int
+) -> list[tuple]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = load_scgpt(ckpt)
+        model = load_scgpt(ckpt, device=device)
     genes = [f"GENE{i}" for i in range(X.shape[1])]
     col2tok = np.array([model.vocab.get(g, -1) for g in genes])
     ids = np.array([f"cell{i}" for i in range(X.shape[0])])
@@ -85,10 +87,12 @@ def run(label: str, ckpt: Path, X: sp.csr_matrix, batch_size: int, max_length: i
         ("official batching, SDPA encoder", model, False),
         ("bucketed, SDPA encoder (embed_expression)", model, True),
     ):
-        kw = dict(lengths=lengths, max_length=max_length, batch_size=batch_size, seed=0, bucketed=bucketed)
-        embed_rows(m, X[:batch_size], ids[:batch_size], col2tok, max_length=max_length, batch_size=batch_size)  # warm-up
+        kw = dict(max_length=max_length, batch_size=batch_size, seed=0, device=device, num_workers=workers)
+        embed_rows(m, X[: 4 * batch_size], ids[: 4 * batch_size], col2tok, **kw)  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         t = time.perf_counter()
-        emb = embed_rows(m, X, ids, col2tok, **kw)
+        emb = embed_rows(m, X, ids, col2tok, lengths=lengths, bucketed=bucketed, **kw)
         dt = time.perf_counter() - t
         if ref is None:
             ref = emb
@@ -112,6 +116,8 @@ def main() -> None:
     ap.add_argument("--median-genes", type=float, default=60, help="median detected genes per cell")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=1200)
+    ap.add_argument("--device", default="cpu", help="torch device (bf16 autocast on cuda)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers that tokenise")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -129,7 +135,7 @@ def main() -> None:
     print(
         f"cells: genes per cell median {np.median(nnz):.0f}, 90% {np.percentile(nnz, 90):.0f}, max {nnz.max()}; "
         f"panel {args.genes} genes; batch {args.batch_size}; torch threads {torch.get_num_threads()}; "
-        f"device cpu; torch {torch.__version__}"
+        f"device {args.device}; workers {args.workers}; torch {torch.__version__}"
     )
     for lab, X in (("tiny", X_tiny), ("full", X_full)):
         lengths = np.diff(X.indptr)
@@ -137,8 +143,9 @@ def main() -> None:
         b = padded_tokens(lengths, args.batch_size, args.max_length, True)
         print(f"{lab}: padded tokens, official batching {a:,} vs bucketed {b:,} ({a / b:.2f}x); real {int((lengths + 1).sum()):,}")
 
-    results = run("tiny (2 x 32-d)", tiny, X_tiny, args.batch_size, args.max_length)
-    results += run("full (12 x 512-d, 8 heads)", full, X_full, args.batch_size, args.max_length)
+    kw = dict(batch_size=args.batch_size, max_length=args.max_length, device=args.device, workers=args.workers)
+    results = run("tiny (2 x 32-d)", tiny, X_tiny, **kw)
+    results += run("full (12 x 512-d, 8 heads)", full, X_full, **kw)
 
     print()
     print(f"| {'model':<27} | {'path':<44} | {'cells/s':>8} | {'seconds':>7} | {'speed-up':>8} | {'min cos':>9} |")

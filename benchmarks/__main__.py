@@ -10,6 +10,7 @@ others still run. The scripts also run on their own and print their detailed tab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import platform
@@ -80,10 +81,12 @@ def run_suite(name: str, quick: bool) -> list[dict]:
     except ModuleNotFoundError as err:
         return [{"figure": what, "value": float("nan"), "unit": "", "baseline": "", "ratio": float("nan"),
                  "note": f"not on this branch ({err.name})"}]
-    if hasattr(mod, "suite"):
-        return mod.suite(quick)
-    if name == "contrastive":
-        return _contrastive_adapter(mod, quick)
+    # the scripts' own detailed tables go to stderr: stdout has the one table
+    with contextlib.redirect_stdout(sys.stderr):
+        if hasattr(mod, "suite"):
+            return mod.suite(quick)
+        if name == "contrastive":
+            return _contrastive_adapter(mod, quick)
     raise RuntimeError(f"benchmarks/{module_name}.py has no suite(quick) entry")
 
 

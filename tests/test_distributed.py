@@ -224,3 +224,15 @@ def test_hilbert_chunks_are_compact():
     # per group (sample), and without coordinates in row order
     chunks = dist.compact_chunks(None, [np.arange(10), np.arange(10, 15)], 4)
     assert [c.tolist() for c in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+
+
+def test_module_and_handcrafted_encoders_are_shipped_to_the_workers(client, sections):
+    section = sections[0]
+    enc = cs.models.load_morphology_encoder("tiny")  # an nn.Module: sent once, not loaded by name
+    for kw in (dict(MORPH, model=enc, key_added="mod"), dict(model="handcrafted", chunk_size=48, key_added="hc")):
+        one, dask = section.copy(), section.copy()
+        cs.pp.embed_morphology(one, **kw)
+        cs.pp.embed_morphology(dask, **kw, client=client)
+        key = kw["key_added"]
+        _assert_same(one["morphology"].obsm[key], dask["morphology"].obsm[key], atol=1e-4)
+        assert np.isfinite(dask["morphology"].obsm[key]).all(axis=1).sum() > 100

@@ -208,7 +208,6 @@ def run_tasks(
     tasks: list[tuple[str, Callable, tuple, dict]],
     on_result: Callable[[int, Any], None],
     *,
-    deps: dict | None = None,
     progress_total: int = 0,
     progress_sizes: list[int] | None = None,
     desc: str = "",

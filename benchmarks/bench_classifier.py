@@ -112,5 +112,23 @@ def main() -> None:
         print(" | ".join(cells))
 
 
+def suite(quick: bool = True) -> list[dict]:
+    """Rows for ``python -m benchmarks``: training epochs/s on 100k cells per architecture (paper sizes),
+    from cells per CPU-second (load-independent), against the expression-only ("unimodal") model."""
+    n = 256 if quick else 2048
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    archs = ("unimodal", "multi_input") if quick else ARCHS
+    res = {a: bench_arch(a, n, device) for a in archs}
+    # on a CPU: per CPU-hour of the process (load-independent); on a GPU: per wall-clock hour
+    key, unit = ("train cells/s", "epochs/h") if device.type == "cuda" else ("train cells/CPU-s", "epochs/CPU-h")
+    base = res["unimodal"][key] * 3600 / 1e5
+    return [
+        {"figure": f"classifier training, {a}, 100k-cell epochs ({device.type})", "value": r[key] * 3600 / 1e5,
+         "unit": unit, "baseline": f"{base:.3g} {unit} unimodal (expression only)",
+         "ratio": r[key] * 3600 / 1e5 / base, "note": f"{r['params (M)']:.1f} M parameters"}
+        for a, r in res.items()
+    ]
+
+
 if __name__ == "__main__":
     main()

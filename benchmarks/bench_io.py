@@ -109,5 +109,41 @@ def main(n_cells: int = 5000) -> None:
         print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
+def suite(quick: bool = True) -> list[dict]:
+    """Rows for ``python -m benchmarks``: read_xenium against reading the count matrix alone
+    (scanpy.read_10x_h5, the floor), and level-0 patch reads with the tile cache against none."""
+    warnings.simplefilter("ignore")
+    import scanpy as sc
+
+    import cellsymphony as cs
+    from cellsymphony._registration import um_to_he_px
+
+    n = 2000 if quick else 20000
+    folder = cs.datasets.synthetic_path(n_cells=n, seed=0)
+    t0 = time.perf_counter()
+    mdata = cs.io.read_xenium(folder)
+    read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sc.read_10x_h5(Path(folder) / "cell_feature_matrix.h5")
+    floor = time.perf_counter() - t0
+    rows = [{"figure": f"cs.io.read_xenium ({n} cells: counts, cells, registry)", "value": n / read, "unit": "cells/s",
+             "baseline": f"{n / floor:.0f} cells/s scanpy.read_10x_h5 of the counts alone", "ratio": floor / read,
+             "note": "fraction of the floor speed"}]
+    reg = mdata.uns["cellsymphony"]["samples"][mdata.obs["sample"].cat.categories[0]]
+    px = um_to_he_px(mdata["morphology"].obsm["nucleus_centroid"], reg["alignment"], reg["pixel_size"])
+    px = px[np.lexsort((px[:, 0], px[:, 1]))][: 500 if quick else None]
+    cps = {}
+    for cache in (0, 256):
+        he = cs.io.read_he(reg["he_path"], cache_tiles=cache)
+        t0 = time.perf_counter()
+        for x, y in px:
+            he.read_region(int(x) - 112, int(y) - 112, 224, 224, level=0)
+        cps[cache] = len(px) / (time.perf_counter() - t0)
+        he.close()
+    rows.append({"figure": "H&E 224 px reads at level 0, 256-tile cache", "value": cps[256], "unit": "patches/s",
+                 "baseline": f"{cps[0]:.0f} patches/s without a cache", "ratio": cps[256] / cps[0], "note": "speed-up"})
+    return rows
+
+
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 5000)

@@ -165,6 +165,24 @@ def time_rows() -> list[dict]:
     return rows
 
 
+def suite(quick: bool = True) -> list[dict]:
+    """Rows for ``python -m benchmarks``: nucleus-label transfer speed at two sizes (per-cell cost at the
+    larger size against the smaller: 1 means linear scaling)."""
+    sizes = (60, 120) if quick else (100, 320)
+    mdata, xy, a = tissue(20)
+    cs.pp.transfer_nucleus_labels(mdata, nuclei_for(xy, a, np.zeros(2)))  # warm-up: imports, first calls
+    cps = []
+    for n_side in sizes:
+        mdata, xy, a = tissue(n_side)
+        nuc = nuclei_for(xy, a, np.zeros(2))
+        t0 = time.perf_counter()
+        cs.pp.transfer_nucleus_labels(mdata, nuc)
+        cps.append(len(xy) / (time.perf_counter() - t0))
+    return [{"figure": f"transfer_nucleus_labels, {sizes[1] ** 2} cells", "value": cps[1], "unit": "cells/s",
+             "baseline": f"{cps[0]:.0f} cells/s at {sizes[0] ** 2} cells", "ratio": cps[1] / cps[0],
+             "note": "1 = linear scaling"}]
+
+
 if __name__ == "__main__":
     cs.settings.verbosity = "ERROR"
     warnings.simplefilter("ignore", FutureWarning)

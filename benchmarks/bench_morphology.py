@@ -77,6 +77,7 @@ def bench_patches(m):
             ["cs.pp.cell_patches (same, public API)", f"{took_api:.2f}", f"{n / took_api:.0f}", "", f"{took_api / floor:.1f}"],
         ],
     )
+    return {"cells": n, "floor_s": floor, "patches_s": took, "api_s": took_api, "tiles": n_tiles}
 
 
 def _embed_time(m, **kw):
@@ -229,6 +230,46 @@ def main():
         bench_agreement(_mdata(args.cells), args.agreement_model, args.weights, args.agreement_cells)
     if args.only in (None, "memory"):
         bench_memory([args.cells // 4, args.cells])
+
+
+def suite(quick: bool = True) -> list[dict]:
+    """Rows for ``python -m benchmarks`` (figure, value, unit, baseline, ratio), measured in this run."""
+    import cellsymphony as cs
+
+    n = 600 if quick else 2000
+    m = _mdata(n)
+    p = bench_patches(m)
+    floor_cps = p["cells"] / p["floor_s"]
+    rows = [
+        {"figure": "patch extraction (cell_patches, 224 px at 0.5 um/px)", "value": p["cells"] / p["api_s"],
+         "unit": "cells/s", "baseline": f"{floor_cps:.0f} cells/s if every tile were decoded once (floor)",
+         "ratio": p["api_s"] / p["floor_s"], "note": "x the floor time (lower is better)"},
+    ]
+    enc = cs.models.load_morphology_encoder("tiny")
+    tc = _embed_time(m, model=enc, mode="cell", key_added="c")
+    tt = _embed_time(m, model=enc, mode="tile", key_added="t")
+    rows.append({"figure": f"morphology tile mode, tiny ({m.n_obs} cells)", "value": m.n_obs / tt, "unit": "cells/s",
+                 "baseline": f"{m.n_obs / tc:.1f} cells/s cell mode", "ratio": tc / tt, "note": "speed-up"})
+    uni_cells = 4 if quick else 16
+    uni = cs.models.load_morphology_encoder("uni2-h", weights="random")
+    tc = _embed_time(_window(m, uni_cells), model=uni, mode="cell", batch_size=4, key_added="c")
+    tile_sub = _window(m, 4 * uni_cells)
+    tt = _embed_time(tile_sub, model=uni, mode="tile", batch_size=4, key_added="t")
+    del uni
+    cps_cell, cps_tile = uni_cells / tc, 4 * uni_cells / tt
+    rows.append({"figure": "morphology tile mode, UNI2-h architecture (random weights)", "value": cps_tile,
+                 "unit": "cells/s", "baseline": f"{cps_cell:.3f} cells/s cell mode", "ratio": cps_tile / cps_cell,
+                 "note": "speed-up"})
+    sizes = (n // 4, n) if quick else (2000, 8000)
+    mem = []
+    for k in sizes:
+        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(k)], capture_output=True, text=True, check=True)
+        mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows.append({"figure": f"peak extra memory, embed_morphology tiny, {sizes[1]} cells", "value": mem[1]["peak_extra_mb"],
+                 "unit": "MiB", "baseline": f"{mem[0]['peak_extra_mb']:.0f} MiB at {sizes[0]} cells",
+                 "ratio": mem[1]["peak_extra_mb"] / max(mem[0]["peak_extra_mb"], 1e-9),
+                 "note": f"{sizes[1] // sizes[0]}x the cells"})
+    return rows
 
 
 if __name__ == "__main__":

@@ -46,5 +46,26 @@ def main(sizes: list[int]) -> None:
     print_table(stages, title="seconds per stage")
 
 
+def suite(quick: bool = True) -> list[dict]:
+    """Rows for ``python -m benchmarks``: generation speed and peak memory at two sizes (the larger against
+    the smaller: speed ratio 1 = linear scaling; memory ratio against the 4x cells)."""
+    sizes = (1000, 4000) if quick else (5000, 20000)
+    res = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = subprocess.run([sys.executable, "-c", _CHILD, str(n), f"{tmp}/bundle"], capture_output=True,
+                                 text=True, check=True)
+        res.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    (a, b), (na, nb) = res, sizes
+    return [
+        {"figure": f"synthetic_xenium generation, {nb} cells", "value": nb / b["wall"], "unit": "cells/s",
+         "baseline": f"{na / a['wall']:.0f} cells/s at {na} cells", "ratio": (nb / b["wall"]) / (na / a["wall"]),
+         "note": "1 = linear scaling"},
+        {"figure": f"synthetic_xenium peak memory, {nb} cells", "value": b["peak_mib"], "unit": "MiB",
+         "baseline": f"{a['peak_mib']:.0f} MiB at {na} cells", "ratio": b["peak_mib"] / a["peak_mib"],
+         "note": f"{nb // na}x the cells"},
+    ]
+
+
 if __name__ == "__main__":
     main([int(a) for a in sys.argv[1:]] or [5000, 20000, 50000])

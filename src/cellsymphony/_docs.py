@@ -10,6 +10,13 @@ DOC_PARAMS = {
     ),
     "copy": "Return a modified copy instead of writing in place.",
     "device": "Torch device (``'cpu'``, ``'cuda'``, ``'cuda:1'``); ``None`` uses ``cs.settings.device``.",
+    "client": (
+        "A ``dask.distributed.Client``: cells are split into spatially compact chunks, per sample, and each "
+        "chunk runs as a task on the cluster's workers (each loads the model once and reads only its chunk's "
+        "data; one torch thread per worker unless ``$CELLSYMPHONY_TORCH_THREADS`` is set on the workers); "
+        "results equal those of a single process. Paths must be readable from the workers. ``None``: this "
+        "process. Multi-GPU: one worker per GPU (see the scaling page of the docs)."
+    ),
     "seed": "Seed of every random draw, so repeated runs give identical results.",
     "gene_rep": (
         "Key in ``mdata['rna'].obsm`` of the expression embedding; ``None`` uses the latest one written "

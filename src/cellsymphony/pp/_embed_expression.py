@@ -16,6 +16,7 @@ from .._validate import get_modality, is_mudata, set_latest
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from distributed import Client
     from mudata import MuData
 
 
@@ -44,6 +45,7 @@ def embed_expression(
     device: str | None = None,
     seed: int = 0,
     key_added: str = X_SCGPT,
+    client: Client | None = None,
     copy: bool = False,
 ) -> MuData | AnnData | None:
     """Embed each cell's expression counts with a scGPT model (the ``<cls>`` output, L2-normalised).
@@ -83,6 +85,8 @@ def embed_expression(
         {seed}
     key_added
         Key of the embedding in ``.obsm`` and of its record in ``.uns``.
+    client
+        {client} Each task gets a chunk's sparse rows, cell ids and the gene -> token index.
     copy
         {copy}
 
@@ -109,6 +113,7 @@ def embed_expression(
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"layer={layer!r} is not in .layers (it has {list(adata.layers)}).")
     symbols = _gene_symbols(adata, gene_key)
+    requested_device = device  # a cluster's workers resolve their own device
     device = resolve_device(device)
 
     from ..models.encoders._scgpt import load_scgpt
@@ -160,20 +165,29 @@ def embed_expression(
             stacklevel=2,
         )
 
-    emb = embed_rows(
-        model,
-        X,
-        np.asarray(adata.obs_names),
-        col2tok,
-        lengths=lengths,
-        max_length=max_length,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        bucketed=True,
-        num_workers=settings.num_workers,
-        progress=settings.progress,
-    )
+    if client is not None:  # scale-out: chunks of rows run as tasks on the cluster (cellsymphony._distributed)
+        from .._distributed import expression_chunk_inputs, expression_on_cluster
+
+        emb = expression_on_cluster(
+            client, X, np.asarray(adata.obs_names), col2tok, lengths, model_dir=model_dir, d_model=model.d_model,
+            **expression_chunk_inputs(adata), max_length=max_length, batch_size=batch_size, seed=seed,
+            device=requested_device,
+        )
+    else:
+        emb = embed_rows(
+            model,
+            X,
+            np.asarray(adata.obs_names),
+            col2tok,
+            lengths=lengths,
+            max_length=max_length,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            bucketed=True,
+            num_workers=settings.num_workers,
+            progress=settings.progress,
+        )
 
     # write (on the copy, if asked)
     if copy:

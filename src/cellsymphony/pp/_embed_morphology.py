@@ -20,6 +20,7 @@ from ._patch_source import cell_centres, sample_sources
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from distributed import Client
     from mudata import MuData
     from torch import nn
 
@@ -90,6 +91,7 @@ def embed_morphology(
     chunk_size: int = 2048,
     key_added: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    client: Client | None = None,
     copy: bool = False,
 ) -> MuData | AnnData | None:
     """Per-cell morphology embeddings from the H&E around each nucleus (UNI2-h by default).
@@ -151,6 +153,9 @@ def embed_morphology(
         ``obsm`` key; default ``X_uni2`` for UNI2-h, ``X_<name>`` otherwise.
     cache_dir
         Folder for finished chunks (resume after an interruption); ``None`` keeps nothing.
+    client
+        {client} Chunks are the ``chunk_size`` chunks of the cache, so a run on a cluster and one in a
+        single process share ``cache_dir``; workers decode patches themselves (``num_workers`` is not used).
     copy
         {copy}
 
@@ -188,9 +193,15 @@ def embed_morphology(
     rows = np.arange(adata.n_obs)
     groups = sample_sources(mdata, adata, rows, None)
     xy = cell_centres(adata)
+    requested_device = device  # a cluster's workers resolve their own device
     device = resolve_device(device)
 
-    encoder = _build_encoder(model, weights, device, mpp)
+    if client is None:
+        encoder = _build_encoder(model, weights, device, mpp)
+    else:  # cellsymphony._distributed: named models are loaded by the workers only
+        from .._distributed import remote_morphology_encoder
+
+        encoder = remote_morphology_encoder(client, model, weights, requested_device, mpp, _build_encoder)
     handcrafted = not hasattr(encoder, "forward_tokens")
     if handcrafted and (mode != "cell" or pool != "nucleus" or layer != -1):
         raise ValueError("model='handcrafted' works in mode='cell' with pool='nucleus' and layer=-1 only.")
@@ -227,6 +238,14 @@ def embed_morphology(
     from tqdm.auto import tqdm
 
     n_resumed = 0
+    if client is not None:  # scale-out: the chunks run as tasks on the cluster (cellsymphony._distributed)
+        from .._distributed import morphology_on_cluster
+
+        n_resumed = morphology_on_cluster(
+            client, encoder, groups, xy, adata.obs_names.to_numpy(), out, in_image, key=key,
+            run_params=run_params, cache_dir=cache_dir, device=requested_device,
+        )
+        groups = []
     try:
         for src, pos in groups:
             inside = src.in_image(xy[pos])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_FAILURE = 1
@@ -285,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # mudata 0.3 warns on every .update() about a default that changes in 0.4; the package calls update()
+    # on purpose after writing into a modality, so the warning is noise for command-line users
+    warnings.filterwarnings("ignore", message=r".*update\(\) will not pull", category=FutureWarning)
     try:
         return args.func(args)
     except CLIError as err:

@@ -204,6 +204,73 @@ def test_single_process_cache_resumed_on_the_cluster(client, sections, tmp_path)
     _assert_same(y[rest], one["morphology"].obsm["X_tiny"][rest])
 
 
+def _messages(fn) -> list[str]:
+    """Run ``fn()``; return the messages it logged on the cellsymphony logger."""
+    logger = logging.getLogger("cellsymphony")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        fn()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    return [r.getMessage() for r in records]
+
+
+def test_expression_cache_shared_by_single_process_and_cluster(client, sections, scgpt_dir, tmp_path, monkeypatch):
+    from cellsymphony.models.encoders._scgpt import ScGPTEncoder
+
+    both = sections[2]
+    kw = dict(model_dir=scgpt_dir, batch_size=16, chunk_size=50)  # 300 cells: 6 chunks of 50
+    full = both.copy()
+    cs.pp.embed_expression(full, **kw, cache_dir=tmp_path / "full")  # uninterrupted, one process
+    # a single-process run interrupted in its 5th batch: only the first chunk (at most 4 batches) is saved
+    cache = tmp_path / "cache"
+    real, n = ScGPTEncoder.encode_cls, [0]
+
+    def failing(model, *args, **kwargs):
+        if n[0] == 4:
+            raise RuntimeError("interrupted")
+        n[0] += 1
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ScGPTEncoder, "encode_cls", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cs.pp.embed_expression(both.copy(), **kw, cache_dir=cache)
+    monkeypatch.undo()
+    files = sorted(cache.rglob("chunk_*.npy"))
+    assert [f.name[:12] for f in files] == ["chunk_000000"]
+    # mark it: the cluster run must read it back, not compute it
+    np.save(files[0], np.full_like(np.load(files[0]), 7.0))
+
+    # the cluster finishes the run, losing a worker on the way: only the missing chunks run as tasks
+    dask = both.copy()
+    events = tmp_path / "events"
+    msgs = []
+    killed, started = _kill_run(
+        client, events,
+        lambda: msgs.extend(_messages(lambda: cs.pp.embed_expression(dask, **kw, cache_dir=cache, client=client))),
+    )
+    assert any("resumed 1 finished chunk(s)" in m for m in msgs), msgs
+    assert sorted({k.rsplit("-", 1)[0] for k in started}) == [f"cs-chunk-expression-{c:06d}" for c in range(1, 6)]
+    assert started.count(killed) >= 2  # the lost worker cost its chunk only
+    y = dask["rna"].obsm["X_scgpt"]
+    assert (y[:50] == 7.0).all()
+    _assert_same(y[50:], full["rna"].obsm["X_scgpt"][50:])
+    assert len(sorted(cache.rglob("chunk_*.npy"))) == 6
+    assert dask["rna"].uns["X_scgpt"]["params"]["cache_dir"] == str(cache)
+
+    # and a single process resumes the cluster's cache: every chunk is read back
+    again = both.copy()
+    msgs = _messages(lambda: cs.pp.embed_expression(again, **kw, cache_dir=cache))
+    assert any("resumed 6 finished chunk(s)" in m for m in msgs), msgs
+    _assert_same(again["rna"].obsm["X_scgpt"], y, atol=0)
+
+
 def test_bad_client(sections, scgpt_dir):
     with pytest.raises(ValueError, match="dask.distributed.Client"):
         cs.pp.embed_morphology(sections[0].copy(), **MORPH, client="tcp://localhost:8786")

@@ -135,7 +135,7 @@ def test_resume_after_interrupt_equals_uninterrupted(slide, tmp_path, monkeypatc
     kw = {"model": "tiny", "size": SIZE, "mpp": MPP, "batch_size": 3, "chunk_size": 5}
     cs.pp.embed_morphology(m, **kw, key_added="full")
     saved = []
-    real_save = em._save_chunk
+    real_save = em.save_chunk
 
     def interrupted(path, values):
         if len(saved) == 2:
@@ -143,13 +143,13 @@ def test_resume_after_interrupt_equals_uninterrupted(slide, tmp_path, monkeypatc
         real_save(path, values)
         saved.append(path)
 
-    monkeypatch.setattr(em, "_save_chunk", interrupted)
+    monkeypatch.setattr(em, "save_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cs.pp.embed_morphology(m, **kw, key_added="resumed", cache_dir=tmp_path)
     assert "resumed" not in m["morphology"].obsm  # nothing written by the failed run
     files = sorted(tmp_path.rglob("chunk_*.npy"))
     assert len(files) == 2 and not list(tmp_path.rglob("*.tmp"))
-    monkeypatch.setattr(em, "_save_chunk", real_save)
+    monkeypatch.setattr(em, "save_chunk", real_save)
     caplog.set_level(logging.INFO, logger="cellsymphony")
     logging.getLogger("cellsymphony").propagate = True
     try:

@@ -13,14 +13,15 @@ On a worker, each task:
   process;
 - takes the model from a per-process cache keyed by model name / weights file / device (loaded on the
   first task, reused by every later task of that worker), and opens each slide once per thread;
-- with a ``cache_dir`` (morphology), returns the chunk's file if an earlier attempt already wrote it,
+- with a ``cache_dir``, returns the chunk's file if an earlier attempt already wrote it,
   else computes the chunk and writes it atomically, so a lost worker costs only the chunk it was
   working on and a retried chunk recomputes only itself.
 
 The client keeps a bounded number of chunks in flight (so the scheduler never holds the whole
 matrix), collects each finished chunk as soon as it completes and writes it into the output in cell
-order. Morphology chunks are the ones of the single-process run (the same ``plan``), so the two share
-one resumable cache: a run started on a cluster can be finished in one process and vice versa.
+order. With a ``cache_dir`` the chunks are the ones of the single-process run (the same ``plan`` for
+morphology, the same consecutive rows for expression), so the two share one resumable cache: a run
+started on a cluster can be finished in one process and vice versa.
 
 Per-chunk entry points are the single-process code's own: ``embed_cells`` (morphology) and
 ``embed_rows`` (expression); the tile grid of tile mode is global, and every random draw of the
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._settings import logger, settings
+from ._utils import load_chunk, save_chunk
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -315,7 +317,6 @@ def remote_morphology_encoder(client, model, weights, device: str | None, mpp: f
 
 def _morphology_chunk(enc_ref, src, xy_um, cache_file: str | None, *, params: dict, device: str | None):
     """Task: embeddings (k, D) float32 of one chunk of cells (all inside the image)."""
-    from .pp._embed_morphology import _load_chunk, _save_chunk
     from .pp._morphology_runner import embed_cells
 
     xy_um = np.asarray(xy_um, dtype=np.float64)
@@ -331,7 +332,7 @@ def _morphology_chunk(enc_ref, src, xy_um, cache_file: str | None, *, params: di
         encoder = enc_ref
     dim = int(encoder.embed_dim)
     if cache_file is not None:
-        cached = _load_chunk(Path(cache_file), (len(xy_um), dim))
+        cached = load_chunk(Path(cache_file), (len(xy_um), dim))
         if cached is not None:  # a retried chunk whose first attempt had finished
             return cached
     worker_torch_threads()
@@ -343,7 +344,7 @@ def _morphology_chunk(enc_ref, src, xy_um, cache_file: str | None, *, params: di
             encoder.to(dev)
     feats = embed_cells(encoder, _worker_source(src), xy_um, num_workers=0, device=dev, **params)
     if cache_file is not None:
-        _save_chunk(Path(cache_file), feats)
+        save_chunk(Path(cache_file), feats)
     return feats
 
 
@@ -363,7 +364,7 @@ def morphology_on_cluster(
 ) -> int:
     """Fill ``out`` / ``in_image`` for every sample group ``(PatchSource, positions)`` with chunk tasks on
     the cluster; return the number of chunks resumed from ``cache_dir``."""
-    from .pp._embed_morphology import _fingerprint, _load_chunk
+    from .pp._embed_morphology import _fingerprint
     from .pp._morphology_runner import plan
 
     dim = int(encoder.embed_dim)
@@ -397,7 +398,7 @@ def morphology_on_cluster(
             cache_file = None
             if folder is not None:
                 cache_file = folder / f"chunk_{ch.index:06d}.npy"
-                cached = _load_chunk(cache_file, (len(rows), dim))
+                cached = load_chunk(cache_file, (len(rows), dim))
                 if cached is not None:
                     out[rows] = cached
                     n_resumed += 1
@@ -435,16 +436,27 @@ def _scgpt_model(model_dir: str, device: str | None):
     return _cached_model(("scgpt", path, dev), lambda: _quiet_load(lambda: load_scgpt(path, device=dev))), dev
 
 
-def _expression_chunk(model_dir: str, block, cell_ids, col2tok, *, max_length: int, batch_size: int, seed: int, device):
-    """Task: scGPT embeddings (k, d) float32 of one block of rows (CSR or dense)."""
+def _expression_chunk(
+    model_dir: str, block, cell_ids, col2tok, *, max_length: int, batch_size: int, seed: int, device,
+    cache_file: str | None = None,
+):
+    """Task: scGPT embeddings (k, d) float32 of one block of rows (CSR or dense); with ``cache_file``,
+    read back if an earlier attempt finished it, else computed and saved there."""
     from .models.encoders._scgpt_inputs import embed_rows
 
     worker_torch_threads()
     model, dev = _scgpt_model(model_dir, device)
-    return embed_rows(
+    if cache_file is not None:
+        cached = load_chunk(cache_file, (len(cell_ids), int(model.d_model)))
+        if cached is not None:  # a retried chunk whose first attempt had finished
+            return cached
+    emb = embed_rows(
         model, block, cell_ids, col2tok, max_length=max_length, batch_size=batch_size, seed=seed, device=dev,
         bucketed=True, num_workers=0, progress=False,
     )
+    if cache_file is not None:
+        save_chunk(cache_file, emb)
+    return emb
 
 
 def expression_chunk_inputs(adata) -> dict:
@@ -477,37 +489,53 @@ def expression_on_cluster(
     seed: int,
     device: str | None,
     chunk_size: int | None = None,
+    cached_chunks: list[tuple[int, np.ndarray, str]] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """scGPT embeddings of every row of ``X`` computed by chunk tasks on the cluster (NaN rows for cells
     without any non-zero vocabulary gene), in row order.
 
-    ``chunk_size`` (cells per task) defaults to about four chunks per worker thread, between 64 and
-    4096 cells: enough tasks to balance the load and to lose little when a worker dies, few enough that
-    the per-task overhead (milliseconds) does not matter."""
+    Without a cache, chunks are spatially compact groups of non-empty cells, per sample; ``chunk_size``
+    (cells per task) defaults to about four chunks per worker thread, between 64 and 4096 cells: enough
+    tasks to balance the load and to lose little when a worker dies, few enough that the per-task
+    overhead (milliseconds) does not matter. ``cached_chunks``: the chunks of the resumable cache still
+    to compute, as ``(index, rows, file)``; only these rows are computed (into ``out``), each task saves
+    its chunk to its file (or reads it back when a first attempt had finished it)."""
     from .models.encoders._scgpt_inputs import _as_rows, _row_block
 
     check_client(client)
     X = _as_rows(X)
     n = X.shape[0]
-    out = np.full((n, int(d_model)), np.nan, dtype=np.float32)
-    nonempty = np.flatnonzero(np.asarray(lengths) > 0)
-    if samples is None:
-        groups = [nonempty]
+    if out is None:
+        out = np.full((n, int(d_model)), np.nan, dtype=np.float32)
+    lengths = np.asarray(lengths)
+    if cached_chunks is not None:
+        plan = []
+        for c, rows, file in cached_chunks:
+            if (lengths[rows] > 0).any():
+                plan.append((c, rows, file))
+            else:  # no cell to embed: its (all-NaN) chunk is written here, no task needed
+                save_chunk(file, out[rows])
     else:
-        labels = np.asarray(samples)[nonempty]
-        groups = [nonempty[labels == s] for s in dict.fromkeys(labels.tolist())]
-    if chunk_size is None:
-        chunk_size = int(np.clip(np.ceil(len(nonempty) / (4 * _n_threads(client))), 64, 4096))
-    chunks = compact_chunks(xy, groups, int(chunk_size))
+        nonempty = np.flatnonzero(lengths > 0)
+        if samples is None:
+            groups = [nonempty]
+        else:
+            labels = np.asarray(samples)[nonempty]
+            groups = [nonempty[labels == s] for s in dict.fromkeys(labels.tolist())]
+        if chunk_size is None:
+            chunk_size = int(np.clip(np.ceil(len(nonempty) / (4 * _n_threads(client))), 64, 4096))
+        plan = [(c, rows, None) for c, rows in enumerate(compact_chunks(xy, groups, int(chunk_size)))]
+    chunks = [rows for _, rows, _ in plan]
     ids = np.asarray(cell_ids)
     col2tok = np.asarray(col2tok, dtype=np.int64)
     kw = {"max_length": int(max_length), "batch_size": int(batch_size), "seed": int(seed), "device": device}
 
     def tasks():
-        for c, rows in enumerate(chunks):
+        for c, rows, file in plan:
             # rows read one chunk at a time, only for the chunks in flight
             args = (str(model_dir), _row_block(X, rows), ids[rows], col2tok)
-            yield (f"cs-chunk-expression-{c:06d}", _expression_chunk, args, kw)
+            yield (f"cs-chunk-expression-{c:06d}", _expression_chunk, args, {**kw, "cache_file": file})
 
     def store(i, emb):
         out[chunks[i]] = emb

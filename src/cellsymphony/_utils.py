@@ -1,4 +1,5 @@
-"""Small helpers shared across the package: atomic writes, per-cell seeds, parameter records."""
+"""Small helpers shared across the package: atomic writes, the chunk files of the resumable caches,
+per-cell seeds, parameter records."""
 
 from __future__ import annotations
 
@@ -33,6 +34,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_chunk(path: str | os.PathLike, values: np.ndarray) -> None:
+    """Persist one finished chunk of a resumable cache atomically (a reader never sees a partial file).
+
+    The chunk files of ``cs.pp.embed_morphology`` and ``cs.pp.embed_expression`` (``cache_dir=``), written
+    the same way by a single process and by the workers of a cluster.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, values)
+
+
+def load_chunk(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray | None:
+    """A chunk written by :func:`save_chunk`, or ``None`` when it is absent, unreadable or not a float32
+    array of ``shape`` (then the chunk is computed again and its file replaced)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return arr if arr.shape == tuple(shape) and arr.dtype == np.float32 else None
 
 
 def cell_seeds(seed: int, cell_ids) -> np.ndarray:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,7 +14,7 @@ import numpy as np
 from .._constants import MOD_RNA, X_SCGPT
 from .._docs import inject_docs
 from .._settings import logger, resolve_device, settings
-from .._utils import params_record
+from .._utils import load_chunk, params_record, save_chunk
 from .._validate import get_modality, is_mudata, set_latest
 
 if TYPE_CHECKING:
@@ -31,6 +34,28 @@ def _gene_symbols(adata: AnnData, gene_key: str | None) -> np.ndarray:
     return np.asarray(adata.var[gene_key].astype(str), dtype=str)
 
 
+DEFAULT_CHUNK_SIZE = 2048
+
+
+def _cache_folder(cache_dir, model_dir, weights_checksum: str, col2tok: np.ndarray, *, max_length: int, seed: int) -> Path:
+    """``cache_dir/scgpt-<fingerprint>``: the fingerprint covers the checkpoint (weights, args and vocabulary
+    files), the arguments that change a cell's embedding and the gene matching (column -> token)."""
+    from ..models.encoders._weights import file_checksum
+
+    h = hashlib.sha256()
+    record = {
+        "weights": weights_checksum,
+        "args": file_checksum(Path(model_dir) / "args.json"),
+        "vocab": file_checksum(Path(model_dir) / "vocab.json"),
+        "max_length": int(max_length),
+        "seed": int(seed),
+        "n_bins": 51,
+    }
+    h.update(json.dumps(record, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(col2tok, dtype=np.int64).tobytes())
+    return Path(cache_dir) / f"scgpt-{h.hexdigest()[:20]}"
+
+
 @inject_docs()
 def embed_expression(
     mdata: MuData | AnnData,
@@ -45,6 +70,8 @@ def embed_expression(
     device: str | None = None,
     seed: int = 0,
     key_added: str = X_SCGPT,
+    cache_dir: str | os.PathLike | None = None,
+    chunk_size: int | None = None,
     client: Client | None = None,
     copy: bool = False,
 ) -> MuData | AnnData | None:
@@ -58,6 +85,11 @@ def embed_expression(
     sampling) come from a generator seeded per cell by ``seed`` and the cell id, so the result of a
     cell does not depend on batching, order or chunking. Cells are batched by similar numbers of genes,
     each batch padded only to its longest cell; rows are read from the (sparse) matrix batch by batch.
+
+    With ``cache_dir`` the cells are embedded in fixed chunks of ``chunk_size`` consecutive cells, each
+    saved atomically when finished; a run started again with the same inputs reads the finished chunks
+    back and computes only the others, giving results identical to an uninterrupted run. A run on a
+    cluster (``client``) and one in a single process share these chunk files.
 
     Parameters
     ----------
@@ -85,8 +117,18 @@ def embed_expression(
         {seed}
     key_added
         Key of the embedding in ``.obsm`` and of its record in ``.uns``.
+    cache_dir
+        Folder for finished chunks (resume after an interruption); ``None`` keeps nothing. Chunks are kept
+        in ``cache_dir/scgpt-<fingerprint>``, the fingerprint covering the checkpoint files (weights
+        checksum), ``max_length``, ``seed`` and the gene matching; each chunk's file name covers its cell
+        ids and counts, so a changed input is computed again, never read from a stale file.
+        ``batch_size`` and ``device`` are not part of it (they change results only by float rounding).
+    chunk_size
+        Cells per chunk: of the cache (default 2048, consecutive cells in ``.obs`` order), and per task on
+        a cluster (default: about four tasks per worker thread without ``cache_dir``).
     client
-        {client} Each task gets a chunk's sparse rows, cell ids and the gene -> token index.
+        {client} Each task gets a chunk's sparse rows, cell ids and the gene -> token index; with
+        ``cache_dir`` the chunks are those of the cache, which each worker writes as it finishes them.
     copy
         {copy}
 
@@ -97,8 +139,8 @@ def embed_expression(
     - ``.obsm[key_added]``: (n_cells, embsize) float32 embedding, NaN rows for cells without any
       non-zero gene in the vocabulary;
     - ``.obs[f"{{key_added}}_empty"]``: True for those cells;
-    - ``.uns[key_added]``: ``params`` (arguments, model folder, vocabulary and gene-match figures) and
-      ``unmatched_genes`` (the genes not in the vocabulary);
+    - ``.uns[key_added]``: ``params`` (arguments including ``cache_dir``, model folder, weights checksum,
+      vocabulary and gene-match figures) and ``unmatched_genes`` (the genes not in the vocabulary);
 
     and records ``key_added`` as the latest representation of ``mod`` in
     ``uns["cellsymphony"]["latest"]``.
@@ -109,6 +151,14 @@ def embed_expression(
         raise ValueError(f"batch_size={batch_size} must be at least 1.")
     if not 0 <= min_gene_fraction <= 1:
         raise ValueError(f"min_gene_fraction={min_gene_fraction} must lie in [0, 1].")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (or None).")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise ValueError(f"cache_dir={str(cache_dir)!r} is a file; pass a folder (created if absent) or None.")
+    if client is not None:
+        from .._distributed import check_client
+
+        check_client(client)
     adata = get_modality(mdata, mod)
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"layer={layer!r} is not in .layers (it has {list(adata.layers)}).")
@@ -117,7 +167,15 @@ def embed_expression(
     device = resolve_device(device)
 
     from ..models.encoders._scgpt import load_scgpt
-    from ..models.encoders._scgpt_inputs import embed_rows, scan_counts
+    from ..models.encoders._scgpt_inputs import (
+        _as_rows,
+        _row_block,
+        chunk_digest,
+        embed_rows,
+        row_chunks,
+        scan_counts,
+    )
+    from ..models.encoders._weights import file_checksum
 
     model = load_scgpt(model_dir)
 
@@ -142,7 +200,7 @@ def embed_expression(
             stacklevel=2,
         )
 
-    X = adata.layers[layer] if layer is not None else adata.X
+    X = _as_rows(adata.layers[layer] if layer is not None else adata.X)  # CSC / COO to CSR once, for every reader
     lengths, report = scan_counts(X, col2tok)
     if report["n_negative"] or report["n_noninteger"]:
         row, value = report["example"]
@@ -165,19 +223,40 @@ def embed_expression(
             stacklevel=2,
         )
 
+    weights_checksum = file_checksum(Path(model_dir) / "best_model.pt")
+    ids = np.asarray(adata.obs_names)
+    emb = np.full((adata.n_obs, int(model.d_model)), np.nan, dtype=np.float32)
+    todo = None  # with a cache: the chunks to compute, as (index, rows, file)
+    n_resumed = 0
+    if cache_dir is not None:
+        chunk_size = int(chunk_size or DEFAULT_CHUNK_SIZE)
+        folder = _cache_folder(cache_dir, model_dir, weights_checksum, col2tok, max_length=max_length, seed=seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        todo = []
+        for c, rows in enumerate(row_chunks(adata.n_obs, chunk_size)):
+            file = folder / f"chunk_{c:06d}_{chunk_digest(_row_block(X, rows), ids[rows], col2tok)}.npy"
+            cached = load_chunk(file, (len(rows), emb.shape[1]))
+            if cached is None:
+                todo.append((c, rows, str(file)))
+            else:
+                emb[rows] = cached
+                n_resumed += 1
+        if n_resumed:
+            logger.info("embed_expression: resumed %d finished chunk(s) from %s", n_resumed, folder)
+
     if client is not None:  # scale-out: chunks of rows run as tasks on the cluster (cellsymphony._distributed)
         from .._distributed import expression_chunk_inputs, expression_on_cluster
 
-        emb = expression_on_cluster(
-            client, X, np.asarray(adata.obs_names), col2tok, lengths, model_dir=model_dir, d_model=model.d_model,
+        expression_on_cluster(
+            client, X, ids, col2tok, lengths, model_dir=model_dir, d_model=model.d_model,
             **expression_chunk_inputs(adata), max_length=max_length, batch_size=batch_size, seed=seed,
-            device=requested_device,
+            device=requested_device, chunk_size=chunk_size, cached_chunks=todo, out=emb,
         )
     else:
-        emb = embed_rows(
+        embed_rows(
             model,
             X,
-            np.asarray(adata.obs_names),
+            ids,
             col2tok,
             lengths=lengths,
             max_length=max_length,
@@ -187,6 +266,9 @@ def embed_expression(
             bucketed=True,
             num_workers=settings.num_workers,
             progress=settings.progress,
+            chunks=None if todo is None else [rows for _, rows, _ in todo],
+            on_chunk=None if todo is None else (lambda j, values: save_chunk(todo[j][2], values)),
+            out=emb,
         )
 
     # write (on the copy, if asked)
@@ -203,6 +285,9 @@ def embed_expression(
             max_length=max_length,
             batch_size=batch_size,
             seed=seed,
+            cache_dir=cache_dir,
+            chunk_size=chunk_size,
+            weights_checksum=weights_checksum,
             n_bins=51,
             embsize=model.d_model,
             vocab_size=len(model.vocab),

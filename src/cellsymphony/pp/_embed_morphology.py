@@ -13,7 +13,7 @@ import numpy as np
 from .._constants import IN_IMAGE_KEY, MOD_MORPH
 from .._docs import inject_docs
 from .._settings import logger, resolve_device, settings
-from .._utils import atomic_path, params_record
+from .._utils import load_chunk, params_record, save_chunk
 from .._validate import check_choice, get_modality, is_mudata, set_latest
 from ._morphology_runner import plan, run_batches
 from ._patch_source import cell_centres, sample_sources
@@ -56,20 +56,6 @@ def _fingerprint(src, names: np.ndarray, xy: np.ndarray, params: dict) -> str:
     h.update("\x00".join(map(str, names)).encode())
     h.update(np.ascontiguousarray(xy, dtype=np.float64).tobytes())
     return h.hexdigest()[:20]
-
-
-def _save_chunk(path: Path, values: np.ndarray) -> None:
-    """Persist one finished chunk atomically (a reader never sees a partial file)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, values)
-
-
-def _load_chunk(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    return arr if arr.shape == shape and arr.dtype == np.float32 else None
 
 
 @inject_docs()
@@ -263,7 +249,7 @@ def embed_morphology(
             pending, remaining = [], {}
             for ch in chunks:
                 if folder is not None:
-                    cached = _load_chunk(folder / f"chunk_{ch.index:06d}.npy", (len(ch.rows), dim))
+                    cached = load_chunk(folder / f"chunk_{ch.index:06d}.npy", (len(ch.rows), dim))
                     if cached is not None:
                         out[valid[ch.rows]] = cached
                         n_resumed += 1
@@ -283,7 +269,7 @@ def embed_morphology(
                     ch = owner_chunk[i]
                     remaining[ch.index] -= 1
                     if remaining[ch.index] == 0 and folder is not None:
-                        _save_chunk(folder / f"chunk_{ch.index:06d}.npy", out[valid[ch.rows]])
+                        save_chunk(folder / f"chunk_{ch.index:06d}.npy", out[valid[ch.rows]])
             src.close()
     finally:
         for src, _ in groups:

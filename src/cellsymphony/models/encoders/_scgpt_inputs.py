@@ -22,7 +22,8 @@ tie-breaking of its ``n`` genes, then a permutation for the sampling, if any.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -169,6 +170,41 @@ def batch_order(lengths: np.ndarray, batch_size: int, *, bucketed: bool = True) 
     return [cells[i : i + batch_size] for i in range(0, len(cells), batch_size)]
 
 
+def row_chunks(n: int, chunk_size: int) -> list[np.ndarray]:
+    """Consecutive rows ``[k * chunk_size, (k + 1) * chunk_size)``: the chunks of the resumable cache.
+
+    They depend on the number of rows and ``chunk_size`` only (not on batch size, device or cluster),
+    so a single process and the workers of a cluster compute and cache the very same chunks.
+    """
+    return [np.arange(s, min(s + chunk_size, n), dtype=np.int64) for s in range(0, n, int(chunk_size))]
+
+
+def chunk_digest(block, cell_ids: Sequence, col2tok: np.ndarray) -> str:
+    """A digest of what the model sees of a block of rows: the cell ids and, per cell, its non-zero
+    vocabulary genes (token ids, in column order) with their counts.
+
+    The key of a chunk's file in the cache, so that a chunk whose cells or counts changed is computed
+    again rather than read back.
+    """
+    h = hashlib.sha256()
+    h.update("\x00".join(map(str, cell_ids)).encode())
+    h.update(b"\x01")
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        block.sort_indices()
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+        cols, data = block.indices, block.data
+    else:
+        dense = np.asarray(block)
+        rows, cols = np.nonzero(dense)
+        data = dense[rows, cols]
+    tok = np.asarray(col2tok)[cols]
+    keep = (tok >= 0) & (data != 0)
+    for arr, dtype in ((rows[keep], np.int64), (tok[keep], np.int64), (data[keep], np.float64)):
+        h.update(np.ascontiguousarray(arr, dtype=dtype).tobytes())
+    return h.hexdigest()[:20]
+
+
 class BatchTokens:
     """Map-style dataset: item ``b`` is batch ``b`` tokenised and padded, read from X when asked for
     (so a ``torch.utils.data.DataLoader`` with workers can prepare batches while the model runs)."""
@@ -214,16 +250,25 @@ def embed_rows(
     bucketed: bool = True,
     num_workers: int = 0,
     progress: bool = False,
+    chunks: Sequence[np.ndarray] | None = None,
+    on_chunk: Callable[[int, np.ndarray], None] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Embed a block of rows with a loaded :class:`~cellsymphony.models.ScGPTEncoder`.
 
-    The unit of work of :func:`cellsymphony.pp.embed_expression` (and of a future dask scale-out: each
-    worker gets the model, a block of rows and their cell ids, and returns the block's embeddings). Rows
+    The unit of work of :func:`cellsymphony.pp.embed_expression` (and of its dask scale-out: each task
+    gets a block of rows and their cell ids, and returns the block's embeddings). Rows
     are streamed from ``X`` (CSR, dense or an anndata backed dataset) one batch at a time, tokenised in
     ``num_workers`` DataLoader workers (0: in this process) while the device runs the previous batches.
 
-    Returns a (n_rows, d_model) float32 array, L2-normalised rows, NaN rows for cells without any
-    non-zero vocabulary gene.
+    ``chunks`` (row indices, each sorted): embed only these rows, chunk after chunk, each cut into batches
+    of its own cells (the batches :func:`embed_rows` makes of that chunk's block alone, so a chunk's result
+    does not depend on the other chunks); ``on_chunk(c, values)`` is called with the ``(len(chunks[c]),
+    d_model)`` embeddings of chunk ``c`` as soon as it is finished (the resumable cache saves it then).
+    ``out``: a float32 ``(n_rows, d_model)`` array to write into (other rows untouched).
+
+    Returns a (n_rows, d_model) float32 array (``out`` if given), L2-normalised rows, NaN rows for cells
+    without any non-zero vocabulary gene.
     """
     import torch
     from tqdm.auto import tqdm
@@ -236,11 +281,25 @@ def embed_rows(
         raise ValueError(f"{len(cell_ids)} cell ids for {n} rows.")
     if lengths is None:
         lengths, _ = scan_counts(X, col2tok)
-    out = np.full((n, model.d_model), np.nan, dtype=np.float32)
+    lengths = np.asarray(lengths)
+    if out is None:
+        out = np.full((n, model.d_model), np.nan, dtype=np.float32)
+    elif out.shape != (n, model.d_model) or out.dtype != np.float32:
+        raise ValueError(f"out must be a float32 array of shape {(n, model.d_model)}, got {out.dtype} {out.shape}.")
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    batches = batch_order(lengths, batch_size, bucketed=bucketed)
+    owner: list[int] = []  # the chunk of each batch
+    if chunks is None:
+        batches = batch_order(lengths, batch_size, bucketed=bucketed)
+    else:
+        chunks = [np.asarray(rows, dtype=np.int64) for rows in chunks]
+        batches = []
+        for c, rows in enumerate(chunks):
+            own = batch_order(lengths[rows], batch_size, bucketed=bucketed)
+            batches += [rows[b] for b in own]
+            owner += [c] * len(own)
+    remaining = np.bincount(np.asarray(owner, dtype=np.int64), minlength=len(chunks or ()))
     data = BatchTokens(
         X,
         batches,
@@ -261,9 +320,16 @@ def embed_rows(
             out[idx] = emb.cpu().numpy()
         pending.clear()
 
+    def finished(c: int) -> None:
+        if on_chunk is not None:
+            flush()
+            on_chunk(c, out[chunks[c]])
+
+    for c in np.flatnonzero(remaining == 0):  # chunks without a non-empty cell: nothing to compute
+        finished(int(c))
     pbar = tqdm(total=int(sum(len(b) for b in batches)), unit="cell", desc="scGPT", disable=not progress)
     with torch.inference_mode(), autocast:
-        for idx, genes, values, mask, padded in loader:
+        for b, (idx, genes, values, mask, padded) in enumerate(loader):
             emb = model.encode_cls(
                 torch.as_tensor(genes).to(dev, non_blocking=True),
                 torch.as_tensor(values).to(dev, non_blocking=True),
@@ -273,6 +339,11 @@ def embed_rows(
             if len(pending) >= 32:
                 flush()
             pbar.update(len(idx))
+            if owner:
+                c = owner[b]
+                remaining[c] -= 1
+                if remaining[c] == 0:
+                    finished(c)
         flush()
     pbar.close()
     return out

@@ -555,3 +555,17 @@ def test_compare_uses_common_cells_and_given_split():
     assert mdata.uns["cs_pred"]["params"]["split"] == "custom"
     with pytest.raises(ValueError, match="only 'train', 'test' and 'unused'"):
         cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", split=np.full(mdata.n_obs, "x"), **TINY)
+
+
+def test_compare_classifiers_checks_test_size_and_records_test_samples(tmp_path):
+    mdata = make_mdata(120, sections={"s1": (0, 0), "s2": (3000, 0)})
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="test_size"):
+            cs.tl.compare_classifiers(mdata, "cell_type", archs=(), baselines=("logistic",), test_size=bad, key_added="c")
+    assert "c" not in mdata.uns
+    cs.tl.compare_classifiers(
+        mdata, "cell_type", archs=(), split="sample", test_samples=["s2"], key_added="c"
+    )
+    mdata.write(tmp_path / "c.h5mu")
+    params = md.read_h5mu(tmp_path / "c.h5mu").uns["c"]["params"]
+    assert list(params["test_samples"]) == ["s2"]

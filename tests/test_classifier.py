@@ -569,3 +569,20 @@ def test_compare_classifiers_checks_test_size_and_records_test_samples(tmp_path)
     mdata.write(tmp_path / "c.h5mu")
     params = md.read_h5mu(tmp_path / "c.h5mu").uns["c"]["params"]
     assert list(params["test_samples"]) == ["s2"]
+
+
+def test_constant_training_feature_is_not_amplified():
+    """A feature constant on the training cells (std 0) must not be divided by ~0: on a new section
+    where it moves a little, the logits would otherwise blow up by a factor of about 1e6."""
+    torch.manual_seed(0)
+    mod = CellClassifierModule("unimodal", 3, gene_dim=4, **TINY).eval()
+    train = torch.randn(50, 4)
+    train[:, 2] = 5.0
+    mod.set_standardization("gene", train.mean(0), train.std(0))
+    assert mod.gene_std[2] == 1.0
+    assert torch.allclose(mod.gene_std[[0, 1, 3]], train.std(0)[[0, 1, 3]])
+    x = train[:8].clone()
+    shifted = x.clone()
+    shifted[:, 2] += 0.01
+    with torch.no_grad():
+        assert torch.allclose(mod(gene=x), mod(gene=shifted), atol=0.05)

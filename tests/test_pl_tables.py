@@ -190,3 +190,12 @@ def test_plots_leave_data_unchanged(mdata):
     cs.pl.history(mdata, "cs_pred")
     cs.pl.enrichment(mdata, "cs_niche_enrichment")
     assert (sorted(mdata.uns), list(mdata.obs.columns), mdata.shape) == before
+
+
+def test_enrichment_star_legend_whatever_the_threshold_order(mdata_h5mu):
+    # thresholds given loosest-last must give the same stars and the same (correct) legend
+    a = cs.pl.enrichment(mdata_h5mu, "cs_niche_enrichment", thresholds=(0.05, 0.01, 0.001))
+    b = cs.pl.enrichment(mdata_h5mu, "cs_niche_enrichment", thresholds=(0.001, 0.01, 0.05))
+    assert [t.get_text() for t in a.texts] == [t.get_text() for t in b.texts]
+    assert "* q<0.05, ** q<0.01, *** q<0.001" in a.get_title()
+    assert a.get_title() == b.get_title()

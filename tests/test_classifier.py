@@ -555,3 +555,34 @@ def test_compare_uses_common_cells_and_given_split():
     assert mdata.uns["cs_pred"]["params"]["split"] == "custom"
     with pytest.raises(ValueError, match="only 'train', 'test' and 'unused'"):
         cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", split=np.full(mdata.n_obs, "x"), **TINY)
+
+
+def test_compare_classifiers_checks_test_size_and_records_test_samples(tmp_path):
+    mdata = make_mdata(120, sections={"s1": (0, 0), "s2": (3000, 0)})
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="test_size"):
+            cs.tl.compare_classifiers(mdata, "cell_type", archs=(), baselines=("logistic",), test_size=bad, key_added="c")
+    assert "c" not in mdata.uns
+    cs.tl.compare_classifiers(
+        mdata, "cell_type", archs=(), split="sample", test_samples=["s2"], key_added="c"
+    )
+    mdata.write(tmp_path / "c.h5mu")
+    params = md.read_h5mu(tmp_path / "c.h5mu").uns["c"]["params"]
+    assert list(params["test_samples"]) == ["s2"]
+
+
+def test_constant_training_feature_is_not_amplified():
+    """A feature constant on the training cells (std 0) must not be divided by ~0: on a new section
+    where it moves a little, the logits would otherwise blow up by a factor of about 1e6."""
+    torch.manual_seed(0)
+    mod = CellClassifierModule("unimodal", 3, gene_dim=4, **TINY).eval()
+    train = torch.randn(50, 4)
+    train[:, 2] = 5.0
+    mod.set_standardization("gene", train.mean(0), train.std(0))
+    assert mod.gene_std[2] == 1.0
+    assert torch.allclose(mod.gene_std[[0, 1, 3]], train.std(0)[[0, 1, 3]])
+    x = train[:8].clone()
+    shifted = x.clone()
+    shifted[:, 2] += 0.01
+    with torch.no_grad():
+        assert torch.allclose(mod(gene=x), mod(gene=shifted), atol=0.05)

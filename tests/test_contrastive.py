@@ -281,3 +281,21 @@ def test_no_held_out_cells_gives_nan_figures():
     assert uns["history"]["train_loss"].notna().all()
     assert uns["retrieval"][["rna_to_morphology", "chance"]].isna().all().all()
     assert np.isfinite(mdata["morphology"].obsm[KEY]).all()
+
+
+def test_retrieval_recall_counts_ties_at_chance_not_as_hits():
+    from cellsymphony.models.contrastive._model import retrieval_recall
+
+    n = 20
+    # a collapsed projection (every cell the same point) retrieves nothing: recall is chance, k / n
+    same = torch.nn.functional.normalize(torch.ones(n, 4), dim=1)
+    r = retrieval_recall(same, same, ks=(1, 5, 10, 50), chunk=7)
+    assert r == pytest.approx({1: 1 / n, 5: 5 / n, 10: 10 / n, 50: 1.0})
+    # distinct points: the partner is first, recall@1 = 1; a pair of tied candidates counts half at k=1
+    eye = torch.eye(n)
+    assert retrieval_recall(eye, eye, ks=(1,))[1] == pytest.approx(1.0)
+    z_b = eye.clone()
+    z_b[1] = eye[0]  # candidates 0 and 1 tie for query 0; query 1 scores 0 against every candidate
+    r = retrieval_recall(eye, z_b, ks=(1, 2))
+    assert r[1] == pytest.approx((n - 2 + 1 / 2 + 1 / n) / n)
+    assert r[2] == pytest.approx((n - 2 + 1 + 2 / n) / n)

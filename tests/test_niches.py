@@ -215,3 +215,18 @@ def test_spatial_coherence_is_seeded_and_checks_input():
     no_xy = ad.AnnData(obs=pd.DataFrame({"cl": ["a", "b"] * 5}, index=[f"c{i}" for i in range(10)]))
     with pytest.raises(ValueError, match="obsm\\['spatial'\\]"):
         cs.tl.spatial_coherence(no_xy, "cl")
+
+
+def test_spatial_coherence_cluster_without_edges_has_no_pvalue():
+    # with a radius, an isolated cell has no neighbour: its cluster has no counted edge, so neither an
+    # observed fraction nor a p-value (never the smallest possible p of a perfectly coherent cluster)
+    xy = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [2, 0], [2, 1], [100, 100]], dtype=float)
+    a = ad.AnnData(
+        obs=pd.DataFrame({"cl": ["a", "a", "a", "b", "b", "b", "lone"]}, index=[f"c{i}" for i in range(7)]),
+        obsm={"spatial": xy},
+    )
+    df = cs.tl.spatial_coherence(a, "cl", radius=1.5, n_perms=50)
+    assert df.loc["lone", "n_edges"] == 0
+    assert np.isnan(df.loc["lone", "observed"])
+    assert np.isnan(df.loc["lone", "pval"])
+    assert np.isfinite(df.loc["a", "pval"]) and np.isfinite(df.loc["overall", "pval"])

@@ -191,3 +191,16 @@ def test_patch_gallery_rows_and_patches(mdata):
     # same seed, same cells
     fig2 = cs.pl.patch_gallery(mdata, "cell_type", n=3, size=32, mpp=1.0)
     assert [a.get_title() for a in fig2.axes] == ids
+
+
+def test_patch_gallery_groups_keep_their_stored_colours(mdata):
+    # uns["<key>_colors"] follows the full category order: a subset of groups keeps each group's
+    # colour (as in cs.pl.spatial), not the colours of the first len(groups) categories
+    from matplotlib.colors import to_hex
+
+    data = mdata.copy()
+    data.uns["cell_type_colors"] = ["#000000", "#ff0000", "#00ff00", "#0000ff"]
+    cats = list(data.obs["cell_type"].cat.categories)
+    fig = cs.pl.patch_gallery(data, "cell_type", groups=[cats[2]], n=2, size=32, mpp=1.0)
+    assert to_hex(fig.axes[0].yaxis.label.get_color()) == "#00ff00"
+    assert to_hex(next(iter(fig.axes[0].spines.values())).get_edgecolor()) == "#00ff00"

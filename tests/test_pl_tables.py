@@ -190,3 +190,32 @@ def test_plots_leave_data_unchanged(mdata):
     cs.pl.history(mdata, "cs_pred")
     cs.pl.enrichment(mdata, "cs_niche_enrichment")
     assert (sorted(mdata.uns), list(mdata.obs.columns), mdata.shape) == before
+
+
+def test_enrichment_star_legend_whatever_the_threshold_order(mdata_h5mu):
+    # thresholds given loosest-last must give the same stars and the same (correct) legend
+    a = cs.pl.enrichment(mdata_h5mu, "cs_niche_enrichment", thresholds=(0.05, 0.01, 0.001))
+    b = cs.pl.enrichment(mdata_h5mu, "cs_niche_enrichment", thresholds=(0.001, 0.01, 0.05))
+    assert [t.get_text() for t in a.texts] == [t.get_text() for t in b.texts]
+    assert "* q<0.05, ** q<0.01, *** q<0.001" in a.get_title()
+    assert a.get_title() == b.get_title()
+
+
+def test_comparison_columns_of_classes_named_like_a_metric_prefix():
+    from cellsymphony.pl._common import comparison_long, split_metric_column
+
+    # compare_classifiers writes "<class> P" / "<class> R" / "<class> F1": a class "p_x" or "r_cells"
+    # must not be read as a "precision" / "recall" prefix
+    assert split_metric_column("p_x F1") == ("p_x", "f1")
+    assert split_metric_column("r_cells P") == ("r_cells", "precision")
+    assert split_metric_column("T cell_precision") == ("T cell", "precision")
+    assert split_metric_column("precision_T cell") == ("T cell", "precision")
+    assert split_metric_column("f1:B cell") == ("B cell", "f1")
+    table = pd.DataFrame(
+        {"architecture": ["dual"], "sample": ["s1"], "n_test": [10], "p_x P": [0.5], "p_x R": [0.25], "p_x F1": [1 / 3]}
+    )
+    long = comparison_long(table)
+    assert set(long["class"]) == {"p_x"}
+    assert dict(zip(long["metric"], long["value"], strict=True)) == pytest.approx(
+        {"precision": 0.5, "recall": 0.25, "f1": 1 / 3}
+    )

@@ -151,12 +151,14 @@ def _metric_of(token: str) -> str | None:
 def split_metric_column(col: str) -> tuple[str, str] | None:
     """``"T cell_precision"`` / ``"precision_T cell"`` / ``"T cell P"`` / ``"f1:B cell"`` -> (class, metric)."""
     col = str(col)
-    for sep in ("|", ":", "/", "__", "_", " ", "."):
-        if sep not in col:
-            continue
+    seps = [sep for sep in ("|", ":", "/", "__", "_", " ", ".") if sep in col]
+    # a metric suffix under any separator first (compare_classifiers' "<class> P"), then a prefix, so
+    # that a class such as "p_x" in "p_x F1" is not read as "precision" of "x F1"
+    for sep in seps:
         head, _, tail = col.rpartition(sep)
         if head and _metric_of(tail):
             return head.strip(), _metric_of(tail)
+    for sep in seps:
         head, _, tail = col.partition(sep)
         if tail and _metric_of(head):
             return tail.strip(), _metric_of(head)

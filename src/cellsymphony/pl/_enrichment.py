@@ -127,6 +127,7 @@ def enrichment(
     with q below a threshold carries a text of stars.
     """
     check_choice("value", value, ("log2_odds", "obs_exp"))
+    thresholds = sorted((float(t) for t in thresholds), reverse=True)  # loosest first: k stars = q < k-th
     table = key if isinstance(key, pd.DataFrame) else uns_entry(mdata, key, "cs.tl.cluster_enrichment")
     vals, q = enrichment_matrices(table, value)
     vals = vals.loc[sorted(vals.index, key=natural_key)]

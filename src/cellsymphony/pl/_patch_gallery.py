@@ -19,13 +19,17 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 
+def _group_order(labels: pd.Series) -> list[str]:
+    """Every group of ``labels``: the categories in order, else the values in natural order."""
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        return [str(c) for c in labels.cat.categories]
+    return sorted({str(v) for v in labels.dropna()}, key=natural_key)
+
+
 def gallery_cells(mdata: Any, groupby: str, *, n: int, groups: Sequence[str] | None, seed: int) -> dict[str, list[str]]:
     """Up to ``n`` cell ids per group, drawn at random (seeded) among the cells inside the H&E."""
     labels = find_obs_column(mdata, groupby)
-    if isinstance(labels.dtype, pd.CategoricalDtype):
-        order = [str(c) for c in labels.cat.categories]
-    else:
-        order = sorted({str(v) for v in labels.dropna()}, key=natural_key)
+    order = _group_order(labels)
     labels = labels.astype(object).where(labels.notna(), None)
     labels = labels.map(lambda v: None if v is None else str(v))
     try:
@@ -111,7 +115,8 @@ def patch_gallery(
     all_ids = [c for g in order for c in chosen[g]]
     patches = cell_patches(mdata, cells=all_ids, size=size, mpp=mpp)
     by_id = dict(zip(all_ids, patches, strict=True))
-    colours = palette_for(mdata, groupby, order, palette)
+    # colours over every group (uns[f"{groupby}_colors"] follows the full order), then the rows shown
+    colours = palette_for(mdata, groupby, _group_order(find_obs_column(mdata, groupby)), palette)
     counts = find_obs_column(mdata, groupby).astype(str).value_counts()
     cell = 1.15
     fig, axes = plt.subplots(

@@ -126,6 +126,7 @@ def compare_classifiers(
     from ..models.classifier._data import (
         TEST,
         TRAIN,
+        check_test_size,
         gather_inputs,
         make_split,
         section_coordinates,
@@ -144,6 +145,7 @@ def compare_classifiers(
         raise ValueError("Nothing to compare: pass at least one arch or baseline.")
     if isinstance(exclude, str):
         exclude = (exclude,)
+    check_test_size(test_size)
     tokens = {t for a in archs for t in arch_tokens(a)}
     if baselines and not tokens & {"gene", "morph"}:
         tokens |= {"gene", "morph"}
@@ -222,6 +224,7 @@ def compare_classifiers(
                 split=split,
                 test_size=float(test_size),
                 block_size=block_size,
+                test_samples=tuple(test_samples) if test_samples is not None else None,
                 epochs=int(epochs),
                 batch_size=int(batch_size),
                 lr=float(lr),

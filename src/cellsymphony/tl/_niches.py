@@ -67,7 +67,7 @@ def niches(
     - ``obs[key_added]`` (categorical niche labels ``'0'``, ``'1'``, ..., NaN for left-out cells) on the
       modality and on the MuData (``mdata.obs[key_added]``, besides ``mdata.obs['mod:key_added']``);
     - ``obsm[key_added + '_umap']`` on the modality when ``umap=True`` (NaN rows for left-out cells);
-    - ``uns[key_added]`` on the modality: ``params`` and ``n_excluded``.
+    - ``uns[key_added]`` on the modality: ``params``, ``n_niches`` and ``n_excluded``.
     """
     check_choice("method", method, ["leiden"])
     if int(n_neighbors) != n_neighbors or n_neighbors < 2:

@@ -116,7 +116,8 @@ def spatial_coherence(
     A flat DataFrame indexed by cluster (str) plus a last row ``'overall'``, with the columns
     ``n_cells``, ``n_edges`` (counted edges from the cluster's cells), ``observed``, ``null_mean``,
     ``null_sd``, ``z`` (``(observed - null_mean) / null_sd``) and ``pval`` (empirical one-sided,
-    ``(1 + #null >= observed) / (n_perms + 1)``).
+    ``(1 + #null >= observed) / (n_perms + 1)``; NaN, like
+    ``observed``, for a cluster without counted edges).
     """
     if int(n_neighs) != n_neighs or n_neighs < 1:
         raise ValueError(f"n_neighs={n_neighs!r} must be a positive integer.")
@@ -175,6 +176,7 @@ def spatial_coherence(
         null_sd = np.nanstd(null, axis=0, ddof=1) if n_perms > 1 else np.full(k + 1, np.nan)
         z = (observed - null_mean) / null_sd
         pval = (1 + (null >= observed[None, :]).sum(axis=0)) / (n_perms + 1)
+        pval[~np.isfinite(observed)] = np.nan  # no counted edge: no statistic, no p-value
     n_cells = np.append(np.bincount(codes[codes >= 0], minlength=k), (codes >= 0).sum())
     n_edges = np.append(np.bincount(codes[src], minlength=k), len(src))
     df = pd.DataFrame(

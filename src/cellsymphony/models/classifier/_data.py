@@ -156,6 +156,12 @@ def usable_labels(
     return labels, counts
 
 
+def check_test_size(test_size: float) -> None:
+    """The held-out fraction of a split must lie strictly between 0 and 1."""
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be between 0 and 1, got {test_size}.")
+
+
 def _split_random(codes: np.ndarray, test_size: float, rng: np.random.Generator) -> tuple[np.ndarray, list]:
     """Stratified split: per class, ``round(test_size * n)`` cells (at least 1, at most n - 1) to test.
 

@@ -21,6 +21,7 @@ from ._data import (
     TEST,
     TRAIN,
     UNUSED,
+    check_test_size,
     gather_inputs,
     make_split,
     section_coordinates,
@@ -210,8 +211,7 @@ class CellTypeClassifier:
         exclude = tuple(str(e) for e in exclude)
         if isinstance(split, str):
             check_choice("split", split, SPLITS)
-        if not 0 < test_size < 1:
-            raise ValueError(f"test_size must be between 0 and 1, got {test_size}.")
+        check_test_size(test_size)
         if epochs < 1 or batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}.")
         if class_weight not in ("balanced", None):

@@ -203,7 +203,10 @@ class CellClassifierModule(nn.Module):
     def set_standardization(self, name: str, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Set the per-feature mean / std used to standardise input ``name`` (``"gene"`` or ``"morph"``)."""
         getattr(self, f"{name}_mean").copy_(torch.as_tensor(mean, dtype=torch.float32))
-        getattr(self, f"{name}_std").copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
+        # a feature (nearly) constant on the training cells is centred, not divided by ~0 (as in the
+        # contrastive ProjectionHead): elsewhere it would be amplified about a million-fold
+        std = torch.as_tensor(std, dtype=torch.float32)
+        getattr(self, f"{name}_std").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def embed_tokens(
         self,

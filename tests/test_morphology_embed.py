@@ -272,3 +272,8 @@ def test_per_chunk_function_equals_the_annotator(slide, encoder):
     half = embed_cells(encoder, src, xy[12:], mode="tile", size=SIZE, mpp=MPP, tile_stride=56, batch_size=5)
     src.close()
     np.testing.assert_allclose(half, m["morphology"].obsm["X_tiny"][12:], rtol=1e-4, atol=1e-5)
+    # tile_stride=None is the annotator's default (size // 2), as documented there
+    cs.pp.embed_morphology(m, model=encoder, mode="tile", size=SIZE, mpp=MPP, key_added="default_stride")
+    default = embed_cells(encoder, src, xy[12:], mode="tile", size=SIZE, mpp=MPP, batch_size=5)
+    src.close()
+    np.testing.assert_allclose(default, m["morphology"].obsm["default_stride"][12:], rtol=1e-4, atol=1e-5)

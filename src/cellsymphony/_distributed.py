@@ -385,7 +385,7 @@ def morphology_on_cluster(
         valid = pos[inside]
         chunks = plan(
             xy[valid], mode=p["mode"], size=p["size"], mpp=p["mpp"], batch_size=p["batch_size"],
-            chunk_size=p["chunk_size"], tile_stride=p["tile_stride"] or p["size"] // 2,
+            chunk_size=p["chunk_size"], tile_stride=p["tile_stride"],
         )
         folder = None
         if cache_dir is not None:

@@ -433,7 +433,19 @@ def _scgpt_model(model_dir: str, device: str | None):
 
     dev = resolve_device(device)
     path = os.path.realpath(model_dir)
-    return _cached_model(("scgpt", path, dev), lambda: _quiet_load(lambda: load_scgpt(path, device=dev))), dev
+    # the files' size and modification time are part of the key: a checkpoint replaced in the same folder
+    # while the cluster stays up is loaded again, never served (and cached under its new checksum) stale
+    stamp = tuple(_file_stamp(os.path.join(path, f)) for f in ("args.json", "vocab.json", "best_model.pt"))
+    key = ("scgpt", path, stamp, dev)
+    return _cached_model(key, lambda: _quiet_load(lambda: load_scgpt(path, device=dev))), dev
+
+
+def _file_stamp(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:  # load_scgpt names the missing file
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _expression_chunk(

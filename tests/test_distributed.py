@@ -328,3 +328,32 @@ def test_worker_scgpt_cache_reloads_a_replaced_checkpoint(tmp_path):
     w1 = dict(first.named_parameters())
     w2 = dict(second.named_parameters())
     assert not all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_worker_slide_handle_reopens_a_replaced_slide(tmp_path):
+    """Workers keep one open slide per path (with its tile cache); an H&E re-exported to the same path must be
+    opened again, not read from the old handle's tiles (the chunk cache keys on the file too)."""
+    import os
+    import shutil
+    import time
+
+    from morphology_helpers import PIXEL_SIZE, tissue, write_he
+
+    from cellsymphony.pp._patch_source import PatchSource
+
+    path, align, xy = tissue(str(tmp_path), n_cells=4)
+    he = tmp_path / "he.ome.tif"
+    shutil.copy(path, he)
+    src = dist._worker_source(PatchSource(str(he), align, PIXEL_SIZE))
+    before = src.read(xy[:1], size=32, mpp=1.0)
+    assert dist._worker_source(PatchSource(str(he), align, PIXEL_SIZE)) is src  # kept while the file is unchanged
+    stamp = os.stat(he).st_mtime_ns
+    write_he(he, np.full((900, 1100, 3), 128, dtype=np.uint8))
+    if os.stat(he).st_mtime_ns == stamp:  # coarse file-system clock
+        time.sleep(0.01)
+        os.utime(he)
+    again = dist._worker_source(PatchSource(str(he), align, PIXEL_SIZE))
+    after = again.read(xy[:1], size=32, mpp=1.0)
+    assert again is not src
+    assert (after == 128).all() and not (before == 128).all()
+    again.close()

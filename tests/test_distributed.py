@@ -303,3 +303,57 @@ def test_module_and_handcrafted_encoders_are_shipped_to_the_workers(client, sect
         key = kw["key_added"]
         _assert_same(one["morphology"].obsm[key], dask["morphology"].obsm[key], atol=1e-4)
         assert np.isfinite(dask["morphology"].obsm[key]).all(axis=1).sum() > 100
+
+
+def test_worker_scgpt_cache_reloads_a_replaced_checkpoint(tmp_path):
+    """A worker keeps loaded models across tasks; a checkpoint rewritten in the same folder must be loaded
+    again (else its chunks would be computed with, and cached under the checksum of, the wrong weights)."""
+    import os
+    import time
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = cs.datasets.tiny_scgpt_checkpoint(tmp_path / "m", ["A", "B", "C"], seed=0)
+        first, _ = dist._scgpt_model(str(folder), "cpu")
+        assert dist._scgpt_model(str(folder), "cpu")[0] is first  # kept while the files are unchanged
+        before = os.stat(folder / "best_model.pt").st_mtime_ns
+        cs.datasets.tiny_scgpt_checkpoint(tmp_path / "m", ["A", "B", "C"], seed=1)
+        if os.stat(folder / "best_model.pt").st_mtime_ns == before:  # coarse file-system clock
+            time.sleep(0.01)
+            os.utime(folder / "best_model.pt")
+        second, _ = dist._scgpt_model(str(folder), "cpu")
+    assert second is not first
+    w1 = dict(first.named_parameters())
+    w2 = dict(second.named_parameters())
+    assert not all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_worker_slide_handle_reopens_a_replaced_slide(tmp_path):
+    """Workers keep one open slide per path (with its tile cache); an H&E re-exported to the same path must be
+    opened again, not read from the old handle's tiles (the chunk cache keys on the file too)."""
+    import os
+    import shutil
+    import time
+
+    from morphology_helpers import PIXEL_SIZE, tissue, write_he
+
+    from cellsymphony.pp._patch_source import PatchSource
+
+    path, align, xy = tissue(str(tmp_path), n_cells=4)
+    he = tmp_path / "he.ome.tif"
+    shutil.copy(path, he)
+    src = dist._worker_source(PatchSource(str(he), align, PIXEL_SIZE))
+    before = src.read(xy[:1], size=32, mpp=1.0)
+    assert dist._worker_source(PatchSource(str(he), align, PIXEL_SIZE)) is src  # kept while the file is unchanged
+    stamp = os.stat(he).st_mtime_ns
+    write_he(he, np.full((900, 1100, 3), 128, dtype=np.uint8))
+    if os.stat(he).st_mtime_ns == stamp:  # coarse file-system clock
+        time.sleep(0.01)
+        os.utime(he)
+    again = dist._worker_source(PatchSource(str(he), align, PIXEL_SIZE))
+    after = again.read(xy[:1], size=32, mpp=1.0)
+    assert again is not src
+    assert (after == 128).all() and not (before == 128).all()
+    again.close()

@@ -62,6 +62,20 @@ def test_import_labels_integer_ids_per_sample():
     assert lab.iloc[:3].tolist() == ["p", "q", "r"] and lab.iloc[4:7].tolist() == ["x", "y", "z"]
 
 
+def test_import_labels_numeric_labels_with_gaps(tmp_path):
+    """Cluster numbers in a CSV column with missing values are read as floats: they stay "3", not "3.0"."""
+    mdata = small_mdata()
+    table = pd.DataFrame({"cell_id": list(mdata.obs_names[:4]), "label": [3, None, 12, 3]})
+    csv = tmp_path / "clusters.csv"
+    table.to_csv(csv, index=False)
+    out = cs.pp.import_labels(mdata, csv, key_added="cluster", copy=True)
+    assert list(out.obs["cluster"].cat.categories) == ["12", "3"]
+    assert out.obs["cluster"].iloc[:4].astype(object).tolist() == ["3", np.nan, "12", "3"]
+    # non-integral numbers are kept as they are
+    cs.pp.import_labels(mdata, table.assign(label=[0.5, None, 1.0, 0.5]), key_added="score")
+    assert list(mdata.obs["score"].cat.categories) == ["0.5", "1.0"]
+
+
 def test_import_labels_bad_input():
     mdata = small_mdata()
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['label'\]"):

@@ -164,6 +164,25 @@ def test_resume_after_interrupt_equals_uninterrupted(slide, tmp_path, monkeypatc
     assert len(sorted(tmp_path.rglob("chunk_*.npy"))) == 10
 
 
+def test_cache_is_not_reused_after_the_slide_changes(slide, tmp_path):
+    import shutil
+
+    path, align, xy = slide
+    he = tmp_path / "he.ome.tif"
+    shutil.copy(path, he)
+    m = make_mudata(xy, he, align)
+    kw = {"model": "tiny", "size": SIZE, "mpp": MPP, "batch_size": 8, "chunk_size": 8}
+    cs.pp.embed_morphology(m, **kw, key_added="emb", cache_dir=tmp_path / "cache")
+    old = m["morphology"].obsm["emb"].copy()
+    # the same path now holds other pixels (a re-export): same cells, same registration, same key
+    write_he(he, np.full((900, 1100, 3), 128, dtype=np.uint8))
+    cs.pp.embed_morphology(m, **kw, key_added="fresh")
+    cs.pp.embed_morphology(m, **kw, key_added="emb", cache_dir=tmp_path / "cache")
+    x = m["morphology"].obsm
+    assert not np.allclose(x["fresh"], old)
+    np.testing.assert_array_equal(x["emb"], x["fresh"])
+
+
 def test_dataloader_workers_give_the_same_result(slide):
     m = _mdata(slide)
     cs.pp.embed_morphology(m, model="tiny", size=SIZE, mpp=MPP, batch_size=6, key_added="w0")
@@ -253,3 +272,8 @@ def test_per_chunk_function_equals_the_annotator(slide, encoder):
     half = embed_cells(encoder, src, xy[12:], mode="tile", size=SIZE, mpp=MPP, tile_stride=56, batch_size=5)
     src.close()
     np.testing.assert_allclose(half, m["morphology"].obsm["X_tiny"][12:], rtol=1e-4, atol=1e-5)
+    # tile_stride=None is the annotator's default (size // 2), as documented there
+    cs.pp.embed_morphology(m, model=encoder, mode="tile", size=SIZE, mpp=MPP, key_added="default_stride")
+    default = embed_cells(encoder, src, xy[12:], mode="tile", size=SIZE, mpp=MPP, batch_size=5)
+    src.close()
+    np.testing.assert_allclose(default, m["morphology"].obsm["default_stride"][12:], rtol=1e-4, atol=1e-5)

@@ -62,6 +62,9 @@ def test_tiny_is_uni2h_family_and_warns():
     # the same input channels-first / as floats in [0, 1] gives the same tokens
     p2, g2 = enc.forward_tokens(x.permute(0, 3, 1, 2).float() / 255.0)
     torch.testing.assert_close(g2, grid)
+    # floats on the 0..255 scale are scaled like uint8 (the documented input contract)
+    p3, g3 = enc.forward_tokens(x.float())
+    torch.testing.assert_close(g3, grid)
     # deterministic random init
     torch.testing.assert_close(_tiny().forward_tokens(x)[1], grid)
     # intermediate layer differs from the final normalised output

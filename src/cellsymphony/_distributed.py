@@ -123,9 +123,9 @@ def _quiet_load(fn: Callable[[], Any]):
 def _worker_source(src):
     """One open :class:`PatchSource` per slide and thread (its tile cache lives across chunks)."""
     key = (
-        threading.get_ident(), src.he_path, np.asarray(src.alignment, dtype=np.float64).tobytes(),
+        threading.get_ident(), src.he_path, _file_stamp(src.he_path), np.asarray(src.alignment, dtype=np.float64).tobytes(),
         float(src.pixel_size), src.he_mpp, src.sample,
-    )
+    )  # the file's size and mtime: a slide re-exported to the same path is opened again, not read from old tiles
     with _LOCK:
         if key in _SOURCES:
             _SOURCES.move_to_end(key)
@@ -385,7 +385,7 @@ def morphology_on_cluster(
         valid = pos[inside]
         chunks = plan(
             xy[valid], mode=p["mode"], size=p["size"], mpp=p["mpp"], batch_size=p["batch_size"],
-            chunk_size=p["chunk_size"], tile_stride=p["tile_stride"] or p["size"] // 2,
+            chunk_size=p["chunk_size"], tile_stride=p["tile_stride"],
         )
         folder = None
         if cache_dir is not None:
@@ -433,7 +433,19 @@ def _scgpt_model(model_dir: str, device: str | None):
 
     dev = resolve_device(device)
     path = os.path.realpath(model_dir)
-    return _cached_model(("scgpt", path, dev), lambda: _quiet_load(lambda: load_scgpt(path, device=dev))), dev
+    # the files' size and modification time are part of the key: a checkpoint replaced in the same folder
+    # while the cluster stays up is loaded again, never served (and cached under its new checksum) stale
+    stamp = tuple(_file_stamp(os.path.join(path, f)) for f in ("args.json", "vocab.json", "best_model.pt"))
+    key = ("scgpt", path, stamp, dev)
+    return _cached_model(key, lambda: _quiet_load(lambda: load_scgpt(path, device=dev))), dev
+
+
+def _file_stamp(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:  # load_scgpt names the missing file
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _expression_chunk(

@@ -52,6 +52,10 @@ def _fingerprint(src, names: np.ndarray, xy: np.ndarray, params: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     h.update(json.dumps([src.he_path, src.pixel_size, src.he_mpp, src.sample]).encode())
+    # the slide itself (size and modification time, as a full hash of a multi-GB file is too slow): an H&E
+    # re-exported to the same path must not reuse chunks computed from the old pixels
+    st = os.stat(src.he_path)
+    h.update(json.dumps([st.st_size, st.st_mtime_ns]).encode())
     h.update(np.ascontiguousarray(src.alignment, dtype=np.float64).tobytes())
     h.update("\x00".join(map(str, names)).encode())
     h.update(np.ascontiguousarray(xy, dtype=np.float64).tobytes())

@@ -112,7 +112,8 @@ def import_labels(
         scope = (col.astype(str) == str(sample)).to_numpy()
 
     ids = _id_strings(table[cell_id_col].to_numpy())
-    labels = table[label_col].to_numpy(dtype=object)
+    # integral floats (cluster numbers in a CSV column with gaps) read as "3", not "3.0", as the ids are
+    labels = np.asarray(_id_strings(table[label_col].to_numpy()), dtype=object)
     frame = pd.DataFrame({"id": ids, "label": labels}).dropna(subset=["id"])
     frame["label"] = [None if pd.isna(v) else str(v) for v in frame["label"]]
     dup = frame.drop_duplicates()

@@ -67,7 +67,7 @@ def plan(
                 batches.append(Batch(xy[r], r, np.arange(len(r)), np.repeat(centre, len(r), axis=0)))
             chunks.append(Chunk(c, rows, batches))
         return chunks
-    stride = int(tile_stride)
+    stride = size // 2 if tile_stride is None else int(tile_stride)  # embed_morphology's default
     ij, pos = tile_assignment(xy, size=size, mpp=mpp, stride=stride)
     tiles, inverse = np.unique(ij, axis=0, return_inverse=True)
     inverse = inverse.ravel()

@@ -31,12 +31,6 @@ def um_to_level(alignment: np.ndarray, pixel_size: float, downsample: float) -> 
     return lvl @ inv @ scale_um
 
 
-def he_um_per_px(alignment: np.ndarray, pixel_size: float) -> float:
-    """Micrometres per H&E level-0 pixel implied by the registration (geometric mean of the axes)."""
-    a = np.asarray(alignment, dtype=np.float64)[:2, :2] * float(pixel_size)
-    return float(np.sqrt(abs(np.linalg.det(a))))
-
-
 def spatial_order(xy: np.ndarray, band: float) -> np.ndarray:
     """Indices that visit points in serpentine bands of height ``band`` (good locality for tile caches)."""
     xy = np.asarray(xy, dtype=np.float64)

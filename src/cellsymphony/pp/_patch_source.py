@@ -22,9 +22,9 @@ from .._constants import (
     SAMPLE_KEY,
     SPATIAL_KEY,
 )
-from .._registration import check_alignment
+from .._registration import check_alignment, he_px_per_um
 from .._validate import samples_registry
-from ._patch_geometry import he_um_per_px, patch_to_um, spatial_order, um_to_level
+from ._patch_geometry import patch_to_um, spatial_order, um_to_level
 
 
 @dataclass
@@ -64,7 +64,7 @@ class PatchSource:
     @property
     def um_per_px(self) -> float:
         """Micrometres per H&E level-0 pixel from the registration."""
-        return he_um_per_px(self.alignment, self.pixel_size)
+        return 1.0 / he_px_per_um(self.alignment, self.pixel_size)
 
     def level_for(self, mpp: float) -> int:
         """The coarsest pyramid level whose pixels are at or finer than ``mpp`` micrometres."""

@@ -250,7 +250,12 @@ class MorphologyEncoder(nn.Module):
         if x.shape[-1] == 3 and x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)
         x = x.to(self.mean.device, non_blocking=True)
-        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        else:  # floats: [0, 1] as they are, 0..255 (any value above 1) scaled, as documented
+            x = x.float()
+            if x.numel() and bool(x.amax() > 1.0):
+                x = x / 255.0
         return (x - self.mean) / self.std
 
     def forward_tokens(self, x: torch.Tensor, layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -479,3 +479,17 @@ def test_he_pixel_size_from_alignment_and_mismatch(tmp_path):
     assert mdata.uns["cellsymphony"]["samples"]["Region 1"]["he_mpp"] == pytest.approx(HE_MPP)
     with pytest.warns(UserWarning, match=r"has 1 um per pixel but the alignment implies 0\.5"):
         cs.io.read_xenium(b.path, he_image=bare, he_alignment=b.alignment, he_mpp=1.0)
+
+
+def test_concat_registries_are_copies(tmp_path):
+    """The joined registry is the output's own: changing it leaves the inputs (and the other sample) untouched."""
+    a = make_bundle(tmp_path / "a", seed=3, region_name="A")
+    ma = cs.io.read_xenium(a.path)
+    joined = cs.io.concat([ma, ma], keys=["s1", "s2"])
+    reg = joined.uns["cellsymphony"]["samples"]
+    reg["s1"]["alignment"][0, 2] += 100.0
+    reg["s1"]["he_path"] = "elsewhere.tif"
+    np.testing.assert_allclose(reg["s2"]["alignment"], a.alignment)
+    assert reg["s2"]["he_path"].endswith("test_he_image.ome.tif")
+    np.testing.assert_allclose(ma.uns["cellsymphony"]["samples"]["A"]["alignment"], a.alignment)
+    assert ma.uns["cellsymphony"]["samples"]["A"]["he_path"].endswith("test_he_image.ome.tif")

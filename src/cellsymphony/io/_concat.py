@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
@@ -106,7 +107,7 @@ def concat(
                     f"Sample id {name!r} occurs in more than one input; give each section its own id with "
                     "concat(..., keys=[...]) or cs.io.read_xenium(..., sample=...)."
                 )
-            merged_reg[name] = entry
+            merged_reg[name] = copy.deepcopy(entry)  # the output's own, not a view of an input's
 
     all_ids = [m.obs_names.to_numpy().astype(str) for m in mdatas]
     clash = pd.Index(np.concatenate(all_ids)).has_duplicates

@@ -493,3 +493,18 @@ def test_concat_registries_are_copies(tmp_path):
     assert reg["s2"]["he_path"].endswith("test_he_image.ome.tif")
     np.testing.assert_allclose(ma.uns["cellsymphony"]["samples"]["A"]["alignment"], a.alignment)
     assert ma.uns["cellsymphony"]["samples"]["A"]["he_path"].endswith("test_he_image.ome.tif")
+
+
+def test_nucleus_rows_without_cell_id_are_not_given_to_another_cell(tmp_path):
+    """Vertices whose cell_id is missing belong to no cell (pandas codes them -1, which must not index a cell)."""
+    from cellsymphony.io._xenium_files import read_nucleus_centroids
+
+    def square(cid, cx, cy, r):
+        xs, ys = [cx - r, cx + r, cx + r, cx - r], [cy - r, cy - r, cy + r, cy + r]
+        return pd.DataFrame({"cell_id": [cid] * 4, "vertex_x": xs, "vertex_y": ys})
+
+    df = pd.concat([square("aaaa-1", 10, 10, 1), square("bbbb-1", 50, 50, 1), square(None, 200, 200, 0.5)])
+    df.to_parquet(tmp_path / "nucleus_boundaries.parquet")
+    centroid, n_nuclei = read_nucleus_centroids(tmp_path, np.array(["aaaa-1", "bbbb-1"]))
+    np.testing.assert_allclose(centroid, [[10, 10], [50, 50]])
+    np.testing.assert_array_equal(n_nuclei, [1, 1])

@@ -508,3 +508,18 @@ def test_nucleus_rows_without_cell_id_are_not_given_to_another_cell(tmp_path):
     centroid, n_nuclei = read_nucleus_centroids(tmp_path, np.array(["aaaa-1", "bbbb-1"]))
     np.testing.assert_allclose(centroid, [[10, 10], [50, 50]])
     np.testing.assert_array_equal(n_nuclei, [1, 1])
+
+
+def test_concat_column_on_some_inputs_only_survives_h5mu(tmp_path):
+    """A MuData obs column that only some inputs have (bool, str) is missing for the others, not unwritable."""
+    ma = cs.io.read_xenium(make_bundle(tmp_path / "a", seed=3, region_name="A").path)
+    mb = cs.io.read_xenium(make_bundle(tmp_path / "b", seed=4, region_name="B").path)
+    ma.obs["flag"] = np.arange(ma.n_obs) % 2 == 0
+    ma.obs["note"] = "x"
+    joined = cs.io.concat([ma, mb])
+    cs.io.write(joined, tmp_path / "j.h5mu")
+    back = mudata.read_h5mu(tmp_path / "j.h5mu")
+    flag = back.obs["flag"]
+    assert flag.iloc[: ma.n_obs].tolist() == (np.arange(ma.n_obs) % 2 == 0).tolist()
+    assert flag.iloc[ma.n_obs :].isna().all()
+    assert back.obs["note"].iloc[: ma.n_obs].eq("x").all() and back.obs["note"].iloc[ma.n_obs :].isna().all()

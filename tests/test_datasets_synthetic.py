@@ -414,3 +414,25 @@ def test_synthetic_reads_cached_bundle(tmp_path, monkeypatch):
     assert {"rna", "morphology"} <= set(m1.mod)
     m1.mod["rna"].obs["x"] = 1
     assert "x" not in m2.mod["rna"].obs
+
+
+def test_synthetic_path_keeps_a_bundle_another_process_completed(tmp_path, monkeypatch):
+    """Two processes generating the same bundle: the one finishing second must not delete the first one's
+    complete folder (which a reader may be using); it discards its own copy."""
+    from cellsymphony.datasets import _synthetic
+
+    monkeypatch.setattr(cs.settings, "cache_dir", tmp_path)
+    real = _synthetic.synthetic_xenium
+
+    def racing(path, **kwargs):
+        # another process completes the bundle while this one is still generating
+        final = tmp_path / f"synthetic_v{_synthetic.GENERATOR_VERSION}_n10_s0_string"
+        final.mkdir()
+        (final / "in_use.txt").write_text("the other process's bundle\n")
+        (final / ".complete").write_text("ok\n")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(_synthetic, "synthetic_xenium", racing)
+    folder = cs.datasets.synthetic_path(n_cells=10, seed=0)
+    assert (folder / "in_use.txt").exists() and (folder / ".complete").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary folder left behind

@@ -210,3 +210,16 @@ def test_errors_name_the_file(tmp_path, svs):
 
     with pytest.raises(ValueError, match=r"cut\.svs"):
         open_and_read()
+
+
+def test_ome_pixel_size_of_the_slide_not_of_a_macro_listed_first(tmp_path):
+    """An OME-TIFF listing a macro image before the slide: mpp is the slide's PhysicalSizeX."""
+    path = tmp_path / "macro_first.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(np.zeros((64, 96, 3), np.uint8), photometric="rgb",
+                 metadata={"axes": "YXS", "Name": "macro", "PhysicalSizeX": 20.0, "PhysicalSizeY": 20.0})
+        tw.write(_rgb(512, 512), photometric="rgb", tile=(256, 256),
+                 metadata={"axes": "YXS", "Name": "slide", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    with cs.io.read_he(path) as he:
+        assert he.shapes[0] == (512, 512)
+        assert he.mpp == pytest.approx(0.5)

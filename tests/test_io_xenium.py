@@ -479,3 +479,47 @@ def test_he_pixel_size_from_alignment_and_mismatch(tmp_path):
     assert mdata.uns["cellsymphony"]["samples"]["Region 1"]["he_mpp"] == pytest.approx(HE_MPP)
     with pytest.warns(UserWarning, match=r"has 1 um per pixel but the alignment implies 0\.5"):
         cs.io.read_xenium(b.path, he_image=bare, he_alignment=b.alignment, he_mpp=1.0)
+
+
+def test_concat_registries_are_copies(tmp_path):
+    """The joined registry is the output's own: changing it leaves the inputs (and the other sample) untouched."""
+    a = make_bundle(tmp_path / "a", seed=3, region_name="A")
+    ma = cs.io.read_xenium(a.path)
+    joined = cs.io.concat([ma, ma], keys=["s1", "s2"])
+    reg = joined.uns["cellsymphony"]["samples"]
+    reg["s1"]["alignment"][0, 2] += 100.0
+    reg["s1"]["he_path"] = "elsewhere.tif"
+    np.testing.assert_allclose(reg["s2"]["alignment"], a.alignment)
+    assert reg["s2"]["he_path"].endswith("test_he_image.ome.tif")
+    np.testing.assert_allclose(ma.uns["cellsymphony"]["samples"]["A"]["alignment"], a.alignment)
+    assert ma.uns["cellsymphony"]["samples"]["A"]["he_path"].endswith("test_he_image.ome.tif")
+
+
+def test_nucleus_rows_without_cell_id_are_not_given_to_another_cell(tmp_path):
+    """Vertices whose cell_id is missing belong to no cell (pandas codes them -1, which must not index a cell)."""
+    from cellsymphony.io._xenium_files import read_nucleus_centroids
+
+    def square(cid, cx, cy, r):
+        xs, ys = [cx - r, cx + r, cx + r, cx - r], [cy - r, cy - r, cy + r, cy + r]
+        return pd.DataFrame({"cell_id": [cid] * 4, "vertex_x": xs, "vertex_y": ys})
+
+    df = pd.concat([square("aaaa-1", 10, 10, 1), square("bbbb-1", 50, 50, 1), square(None, 200, 200, 0.5)])
+    df.to_parquet(tmp_path / "nucleus_boundaries.parquet")
+    centroid, n_nuclei = read_nucleus_centroids(tmp_path, np.array(["aaaa-1", "bbbb-1"]))
+    np.testing.assert_allclose(centroid, [[10, 10], [50, 50]])
+    np.testing.assert_array_equal(n_nuclei, [1, 1])
+
+
+def test_concat_column_on_some_inputs_only_survives_h5mu(tmp_path):
+    """A MuData obs column that only some inputs have (bool, str) is missing for the others, not unwritable."""
+    ma = cs.io.read_xenium(make_bundle(tmp_path / "a", seed=3, region_name="A").path)
+    mb = cs.io.read_xenium(make_bundle(tmp_path / "b", seed=4, region_name="B").path)
+    ma.obs["flag"] = np.arange(ma.n_obs) % 2 == 0
+    ma.obs["note"] = "x"
+    joined = cs.io.concat([ma, mb])
+    cs.io.write(joined, tmp_path / "j.h5mu")
+    back = mudata.read_h5mu(tmp_path / "j.h5mu")
+    flag = back.obs["flag"]
+    assert flag.iloc[: ma.n_obs].tolist() == (np.arange(ma.n_obs) % 2 == 0).tolist()
+    assert flag.iloc[ma.n_obs :].isna().all()
+    assert back.obs["note"].iloc[: ma.n_obs].eq("x").all() and back.obs["note"].iloc[ma.n_obs :].isna().all()

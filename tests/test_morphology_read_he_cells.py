@@ -113,3 +113,17 @@ def test_bad_tables(he, tmp_path):
         cs.io.read_he_cells(he, tmp_path / "bad.geojson")
     with pytest.raises(ValueError, match="units="):
         cs.io.read_he_cells(he, pd.DataFrame({"x": [1.0], "y": [2.0]}), units="mm")
+
+
+def test_mudata_level_layout_like_read_xenium(he, tmp_path):
+    """As read_xenium: mdata.obs['sample'] (categorical) and mdata.obsm coordinates; mudata's warnings silenced."""
+    df = pd.DataFrame({"x": [10.0, 300.0], "y": [20.0, 200.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        m = cs.io.read_he_cells(he, df, sample="s1")
+    assert m.obs["sample"].dtype == "category" and m.obs["sample"].tolist() == ["s1", "s1"]
+    np.testing.assert_allclose(m.obsm["spatial"], df[["x", "y"]].to_numpy() * MPP)
+    np.testing.assert_allclose(m.obsm["nucleus_centroid"], m.obsm["spatial"])
+    m.write(tmp_path / "m.h5mu")
+    back = md.read_h5mu(tmp_path / "m.h5mu")
+    assert back.obs["sample"].tolist() == ["s1", "s1"]

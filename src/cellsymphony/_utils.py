@@ -79,15 +79,22 @@ def package_version() -> str:
 
 def params_record(**params) -> dict:
     """A ``params`` dict safe to store in ``uns`` (h5mu-serialisable): ``None`` becomes ``"None"``,
-    tuples become arrays, paths become strings, and the package version is added."""
-    out = {}
-    for k, v in params.items():
-        if v is None:
-            v = "None"
-        elif isinstance(v, os.PathLike):
-            v = str(v)
-        elif isinstance(v, tuple | list):
-            v = np.asarray([str(x) for x in v]) if any(isinstance(x, str) for x in v) else np.asarray(v)
-        out[k] = v
+    tuples and lists become arrays (of strings when an item is a string or ``None``), paths become strings,
+    nested dicts are treated alike, and the package version is added."""
+    out = {k: _uns_safe(v) for k, v in params.items()}
     out["version"] = package_version()
     return out
+
+
+def _uns_safe(v):
+    if v is None:
+        return "None"
+    if isinstance(v, os.PathLike):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k): _uns_safe(x) for k, x in v.items()}
+    if isinstance(v, tuple | list):
+        if any(x is None or isinstance(x, str | os.PathLike) for x in v):
+            return np.asarray([str(_uns_safe(x)) for x in v])
+        return np.asarray(v)
+    return v

@@ -710,9 +710,16 @@ def synthetic_path(*, n_cells: int = 4000, seed: int = 0, id_style: Literal["str
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        synthetic_xenium(tmp, n_cells=n_cells, seed=seed, id_style=id_style)
-        (tmp / ".complete").write_text("ok\n")
-        if folder.exists():
+        try:
+            synthetic_xenium(tmp, n_cells=n_cells, seed=seed, id_style=id_style)
+            (tmp / ".complete").write_text("ok\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if done.exists():  # another process finished first: keep its bundle (a reader may be using it)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return folder
+        if folder.exists():  # an incomplete leftover of an interrupted run
             shutil.rmtree(folder)
         try:
             os.replace(tmp, folder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
@@ -106,7 +107,7 @@ def concat(
                     f"Sample id {name!r} occurs in more than one input; give each section its own id with "
                     "concat(..., keys=[...]) or cs.io.read_xenium(..., sample=...)."
                 )
-            merged_reg[name] = entry
+            merged_reg[name] = copy.deepcopy(entry)  # the output's own, not a view of an input's
 
     all_ids = [m.obs_names.to_numpy().astype(str) for m in mdatas]
     clash = pd.Index(np.concatenate(all_ids)).has_duplicates
@@ -165,10 +166,7 @@ def concat(
             out.obsm[key] = pd.concat(frames).reindex(out.obs_names).to_numpy()
     extra = pd.concat(global_obs).reindex(out.obs_names)
     for col in extra.columns:
-        values = extra[col]
-        if values.dtype == object and values.dropna().map(lambda v: isinstance(v, str)).all():
-            values = values.astype("category")  # categorical columns of different categories end up here
-        out.obs[col] = values
+        out.obs[col] = _writable(extra[col])
 
     block: dict = {SAMPLES_KEY: merged_reg}
     latest = [m.uns.get(UNS_KEY, {}).get(LATEST_KEY) for m in mdatas]
@@ -177,6 +175,19 @@ def concat(
     out.uns[UNS_KEY] = block
     logger.info("joined %d sections: %d cells, samples %s", len(mdatas), out.n_obs, categories)
     return out
+
+
+def _writable(values: pd.Series) -> pd.Series:
+    """An object column of the joined obs in a dtype h5mu can store: a column absent from some inputs (NaN
+    there) or categorical with different categories per input comes out of the join as ``object``."""
+    if values.dtype != object:
+        return values
+    present = values.dropna()
+    if present.map(lambda v: isinstance(v, str)).all():
+        return values.astype("category")
+    if present.map(lambda v: isinstance(v, bool | np.bool_)).all():
+        return values.astype("boolean")
+    return values
 
 
 def _same(a, b) -> bool:

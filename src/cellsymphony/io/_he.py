@@ -162,7 +162,7 @@ class HEImage:
         if tif.is_svs:
             found = _svs_mpp(page.description)
         if found is None and tif.is_ome:
-            found = _ome_mpp(tif.ome_metadata)
+            found = _ome_mpp(tif.ome_metadata, self.shapes[0])
         if found is None:
             found = _tiff_mpp(page)
         if found is None:
@@ -407,26 +407,30 @@ def _svs_mpp(description: str | None) -> float | None:
     return v if v > 0 and math.isfinite(v) else None
 
 
-def _ome_mpp(xml: str | None) -> float | None:
-    """PhysicalSizeX of the first OME Pixels element, in micrometres."""
+def _ome_mpp(xml: str | None, shape: tuple[int, int] | None = None) -> float | None:
+    """PhysicalSizeX in micrometres of the OME Pixels element of the slide: the one whose ``SizeY x SizeX`` is
+    ``shape`` (level 0), else the first one (a file may list a macro or label image before the slide)."""
     if not xml:
         return None
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
         return None
-    for el in root.iter():
-        if el.tag.endswith("Pixels") and "PhysicalSizeX" in el.attrib:
-            try:
-                v = float(el.attrib["PhysicalSizeX"])
-            except ValueError:
-                return None
-            unit = el.attrib.get("PhysicalSizeXUnit", "µm")
-            factor = _OME_UNITS.get(unit)
-            if factor is None or not (v > 0 and math.isfinite(v)):
-                return None
-            return v * factor
-    return None
+    pixels = [el for el in root.iter() if el.tag.endswith("Pixels") and "PhysicalSizeX" in el.attrib]
+    if not pixels:
+        return None
+    el = pixels[0]
+    if shape is not None:
+        size = (str(shape[0]), str(shape[1]))
+        el = next((p for p in pixels if (p.attrib.get("SizeY"), p.attrib.get("SizeX")) == size), el)
+    try:
+        v = float(el.attrib["PhysicalSizeX"])
+    except ValueError:
+        return None
+    factor = _OME_UNITS.get(el.attrib.get("PhysicalSizeXUnit", "µm"))
+    if factor is None or not (v > 0 and math.isfinite(v)):
+        return None
+    return v * factor
 
 
 def _tiff_mpp(page) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -120,11 +121,16 @@ def read_he_cells(
     px = xy_um / he_mpp
     inside = (px[:, 0] >= -0.5) & (px[:, 0] < width - 0.5) & (px[:, 1] >= -0.5) & (px[:, 1] < height - 0.5)
     obs[IN_IMAGE_KEY] = inside
-    obs[SAMPLE_KEY] = pd.Categorical([sample] * n)
+    obs[SAMPLE_KEY] = pd.Categorical([sample] * n, categories=[sample])
     adata = ad.AnnData(X=np.zeros((n, 0), dtype=np.float32), obs=obs)
     adata.obsm[SPATIAL_KEY] = xy_um.copy()
     adata.obsm[NUCLEUS_KEY] = xy_um.copy()
-    mdata = md.MuData({MOD_MORPH: adata})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # mudata's pull_on_update notice, as in read_xenium
+        mdata = md.MuData({MOD_MORPH: adata})
+    mdata.obs[SAMPLE_KEY] = pd.Categorical([sample] * n, categories=[sample])
+    mdata.obsm[SPATIAL_KEY] = xy_um.copy()
+    mdata.obsm[NUCLEUS_KEY] = xy_um.copy()
     mdata.uns[UNS_KEY] = {
         SAMPLES_KEY: {
             sample: {

@@ -468,12 +468,16 @@ def read_nucleus_centroids(folder: Path, cell_ids: np.ndarray) -> tuple[np.ndarr
     # convert each distinct id once (the file has one row per vertex)
     codes, uniques = pd.factorize(df["cell_id"], sort=False)
     unique_ids, _ = to_cell_ids(np.asarray(uniques), str(path))
+    # vertices without a cell id (code -1) belong to no cell; -1 must not index unique_ids below
+    has_id = codes >= 0
+    if not has_id.any():
+        return centroid, n_nuclei
     df = pd.DataFrame(
         {
-            "cell_id": codes,
-            "vertex_x": df["vertex_x"].to_numpy(),
-            "vertex_y": df["vertex_y"].to_numpy(),
-            **({"label_id": df["label_id"].to_numpy()} if "label_id" in df.columns else {}),
+            "cell_id": codes[has_id],
+            "vertex_x": df["vertex_x"].to_numpy()[has_id],
+            "vertex_y": df["vertex_y"].to_numpy()[has_id],
+            **({"label_id": df["label_id"].to_numpy()[has_id]} if "label_id" in df.columns else {}),
         }
     )
     keys = ["cell_id", "label_id"] if "label_id" in df.columns else ["cell_id"]

@@ -1,0 +1,23 @@
+"""Shared helpers of cellsymphony._utils."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+from cellsymphony._utils import params_record
+
+
+def test_params_record_survives_h5ad_with_none_inside_lists_and_dicts(tmp_path):
+    rec = params_record(a=None, b=[1, None], c=("x", None), d={"k": None, "p": Path("/tmp/f")}, e=(1, 2), f=0.5)
+    adata = ad.AnnData(np.zeros((2, 1), dtype=np.float32))
+    adata.uns["params"] = rec
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    back = ad.read_h5ad(tmp_path / "a.h5ad").uns["params"]
+    assert back["a"] == "None"
+    assert list(back["b"]) == ["1", "None"] and list(back["c"]) == ["x", "None"]
+    assert back["d"] == {"k": "None", "p": "/tmp/f"}
+    np.testing.assert_array_equal(back["e"], [1, 2])
+    assert back["f"] == 0.5 and isinstance(back["version"], str)

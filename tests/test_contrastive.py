@@ -172,9 +172,9 @@ def test_training_is_reproducible():
 
 def test_save_load_transform_round_trip_exact(tmp_path):
     mdata, aligner = trained()
-    aligner.save(tmp_path / "aligner")
+    assert aligner.save(tmp_path / "aligner") == tmp_path / "aligner"
     assert sorted(p.name for p in (tmp_path / "aligner").iterdir()) == ["config.json", "model.safetensors"]
-    with pytest.raises(ValueError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="overwrite=True"):
         aligner.save(tmp_path / "aligner")
     aligner.save(tmp_path / "aligner", overwrite=True)
     loaded = cs.models.ContrastiveAligner.load(tmp_path / "aligner")

@@ -514,7 +514,7 @@ class ContrastiveAligner:
         return float(info_nce(zg, zm, self.temperature))
 
     # ------------------------------------------------------------------ persistence
-    def save(self, dir_path: str | Path, *, overwrite: bool = False) -> None:
+    def save(self, dir_path: str | Path, *, overwrite: bool = False) -> Path:
         """Save weights (``model.safetensors``) and configuration, history and retrieval (``config.json``).
 
         Parameters
@@ -526,14 +526,16 @@ class ContrastiveAligner:
 
         Returns
         -------
-        None; writes ``dir_path/model.safetensors`` and ``dir_path/config.json`` (each atomically).
+        The folder; it holds ``model.safetensors`` and ``config.json`` (each written atomically). An existing
+        saved model without ``overwrite=True`` raises ``FileExistsError``, as
+        :meth:`cellsymphony.models.CellTypeClassifier.save` does.
         """
         from safetensors.torch import save_file
 
         self._check_trained()
         d = Path(dir_path)
         if not overwrite and ((d / WEIGHTS_FILE).exists() or (d / CONFIG_FILE).exists()):
-            raise ValueError(f"{d} already holds a saved model: pass overwrite=True to replace it.")
+            raise FileExistsError(f"{d} already holds a saved model: pass overwrite=True to replace it.")
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
         meta = {
@@ -557,6 +559,7 @@ class ContrastiveAligner:
         with atomic_path(d / CONFIG_FILE) as tmp:
             tmp.write_text(json.dumps(meta, indent=1, allow_nan=True))
         logger.info("saved the contrastive aligner to %s", d)
+        return d
 
     @classmethod
     def load(cls, dir_path: str | Path, *, device: str | None = None) -> ContrastiveAligner:

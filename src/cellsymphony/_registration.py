@@ -50,3 +50,14 @@ def he_px_per_um(alignment, pixel_size: float) -> float:
     """Mean number of H&E level-0 pixels per micrometre along the axes (from the affine's scale)."""
     a = np.asarray(alignment, dtype=np.float64)[:2, :2] * float(pixel_size)
     return float(1.0 / np.sqrt(abs(np.linalg.det(a))))
+
+
+def inside_image(px, shape) -> np.ndarray:
+    """Whether H&E level-0 pixel coordinates ``(n, 2)`` (x, y) fall inside an image of ``shape`` (height, width).
+
+    Coordinates are continuous, pixel ``i`` covering ``[i, i + 1)``; NaN coordinates are outside.
+    """
+    px = np.asarray(px, dtype=np.float64).reshape(-1, 2)
+    h, w = shape[:2]
+    return (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
+

@@ -30,7 +30,7 @@ from .._constants import (
     SPATIAL_KEY,
     UNS_KEY,
 )
-from .._registration import um_to_he_px
+from .._registration import inside_image, um_to_he_px
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -65,9 +65,7 @@ def in_image_flags(nucleus_um: np.ndarray, section: Section) -> np.ndarray:
     """Whether each cell's nucleus centroid maps inside the H&E level 0."""
     if section.he_shape is None or section.alignment is None:
         return np.zeros(len(nucleus_um), dtype=bool)
-    px = um_to_he_px(nucleus_um, section.alignment, section.pixel_size)
-    h, w = section.he_shape
-    return (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
+    return inside_image(um_to_he_px(nucleus_um, section.alignment, section.pixel_size), section.he_shape)
 
 
 def _var(var: pd.DataFrame) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from .._constants import (
     SPATIAL_KEY,
     UNS_KEY,
 )
+from .._registration import inside_image
 from .._settings import logger
 from ._nuclei import read_nuclei
 
@@ -118,8 +119,7 @@ def read_he_cells(
     obs["nucleus_area"] = table["area"].to_numpy(np.float64) * (he_mpp**2 if table.attrs["area_units"] == "px" else 1.0)
     if table["class"].notna().any():
         obs[NUCLEUS_CLASS_KEY] = pd.Categorical(table["class"].astype("string").fillna("unknown").to_numpy())
-    px = xy_um / he_mpp
-    inside = (px[:, 0] >= -0.5) & (px[:, 0] < width - 0.5) & (px[:, 1] >= -0.5) & (px[:, 1] < height - 0.5)
+    inside = inside_image(xy_um / he_mpp, (height, width))
     obs[IN_IMAGE_KEY] = inside
     obs[SAMPLE_KEY] = pd.Categorical([sample] * n, categories=[sample])
     adata = ad.AnnData(X=np.zeros((n, 0), dtype=np.float32), obs=obs)

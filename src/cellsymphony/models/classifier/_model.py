@@ -384,11 +384,15 @@ class CellTypeClassifier:
         return hist
 
     # ------------------------------------------------------------------ outputs
-    def _write(self, mdata, key_added: str, proba: np.ndarray, split_arr: np.ndarray | None, train_info: bool) -> None:
+    def _labels(self, proba: np.ndarray) -> pd.Categorical:
+        """The most probable class of each row; missing for rows without probabilities (NaN inputs)."""
         has = np.isfinite(proba).all(axis=1)
-        pred = np.full(mdata.n_obs, None, dtype=object)
+        pred = np.full(len(proba), None, dtype=object)
         pred[has] = np.asarray(self.classes, dtype=object)[proba[has].argmax(axis=1)]
-        mdata.obs[key_added] = pd.Categorical(pred, categories=self.classes)
+        return pd.Categorical(pred, categories=self.classes)
+
+    def _write(self, mdata, key_added: str, proba: np.ndarray, split_arr: np.ndarray | None, train_info: bool) -> None:
+        mdata.obs[key_added] = self._labels(proba)
         mdata.obsm[f"{key_added}_proba"] = proba
         written = [f"obs[{key_added!r}]", f"obsm[{key_added + '_proba'!r}]"]
         block = {"classes": np.asarray(self.classes, dtype=object), "model": self._model_record()}
@@ -514,10 +518,7 @@ class CellTypeClassifier:
         arr = proba.to_numpy()
         if key_added is not None:
             self._write(mdata, key_added, arr, None, train_info=False)
-        has = np.isfinite(arr).all(axis=1)
-        pred = np.full(len(arr), None, dtype=object)
-        pred[has] = np.asarray(self.classes, dtype=object)[arr[has].argmax(axis=1)]
-        return pd.Series(pd.Categorical(pred, categories=self.classes), index=mdata.obs_names, name=key_added)
+        return pd.Series(self._labels(arr), index=mdata.obs_names, name=key_added)
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict:

@@ -10,7 +10,7 @@ from scipy import sparse
 
 from .._constants import MOD_RNA, SINGLER_KEY
 from .._docs import inject_docs
-from .._settings import logger
+from .._settings import logger, settings
 from .._utils import params_record
 from .._validate import get_modality, is_mudata
 
@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 # fewer shared genes than this still runs, but SingleR's rank correlations get noisy
 _FEW_GENES = 100
+# the query is classified in blocks of cells whose dense log-normalised matrix (and its genes x cells copy
+# for singler) stays under this many bytes each: a 460k-cell Xenium Prime 5k section would be 18 GB whole.
+# SingleR scores every cell on its own, so the blocks give exactly the whole-matrix result.
+_QUERY_BLOCK_BYTES = 256 * 2**20
 
 
 def _matrix(adata: AnnData, layer: str | None, what: str, arg: str):
@@ -61,20 +65,26 @@ def _input_kind(x, what: str, arg: str) -> str:
     return "log" if v.max() <= 30 else "linear"
 
 
-def _log_normalise(x, kind: str, cols: np.ndarray) -> np.ndarray:
+def _library_sizes(x) -> np.ndarray:
+    """Per-cell totals over all genes (float64), without densifying a sparse matrix."""
+    if sparse.issparse(x):
+        return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    return np.asarray(x).sum(axis=1, dtype=np.float64)
+
+
+def _log_normalise(x, kind: str, cols: np.ndarray, *, mean_lib: float | None = None) -> np.ndarray:
     """cells x genes -> dense float64 cells x ``cols``: log1p of size-factor-normalised counts.
 
     Library sizes are taken over all genes and centred at one (as scuttle's ``logNormCounts``, in
     natural log); only the selected columns are densified, so a whole-transcriptome atlas stays sparse.
+    ``mean_lib`` is the mean library size of the positive cells of the whole matrix, for a block of rows
+    (a chunk) to be normalised exactly as it would be in the whole.
     """
+    lib = _library_sizes(x)
     if sparse.issparse(x):
-        x = sparse.csr_matrix(x)
-        lib = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
-        sub = x[:, cols].toarray().astype(np.float64)
+        sub = sparse.csr_matrix(x)[:, cols].toarray().astype(np.float64)
     else:
-        x = np.asarray(x)
-        lib = x.sum(axis=1, dtype=np.float64)
-        sub = x[:, cols].astype(np.float64)
+        sub = np.asarray(x)[:, cols].astype(np.float64)
     if kind == "log":
         return sub
     if kind == "linear":
@@ -82,8 +92,13 @@ def _log_normalise(x, kind: str, cols: np.ndarray) -> np.ndarray:
     positive = lib > 0
     sf = np.ones_like(lib)
     if positive.any():
-        sf[positive] = lib[positive] / lib[positive].mean()
+        sf[positive] = lib[positive] / (lib[positive].mean() if mean_lib is None else mean_lib)
     return np.log1p(sub / sf[:, None])
+
+
+def _mean_positive(lib: np.ndarray) -> float | None:
+    positive = lib > 0
+    return float(lib[positive].mean()) if positive.any() else None
 
 
 def prune_scores(
@@ -232,6 +247,7 @@ def annotate_singler(
       detected shared gene).
     """
     import singler
+    from tqdm.auto import tqdm
 
     data = mdata.copy() if copy else mdata
     adata = get_modality(data, mod)
@@ -295,7 +311,6 @@ def annotate_singler(
     # --- normalise each side over all its genes, then keep the shared genes (genes x cells for singler)
     q_idx = np.flatnonzero(q_first)[q_names[q_first].get_indexer(shared)]
     r_idx = np.flatnonzero(r_first)[r_names[r_first].get_indexer(shared)]
-    q_log = _log_normalise(qx, q_kind, q_idx)
     r_log = _log_normalise(rx, r_kind, r_idx)
     genes = list(shared)
 
@@ -307,22 +322,36 @@ def annotate_singler(
         check_missing=False,
         num_threads=num_threads,
     )
-    res = singler.classify_single(
-        np.ascontiguousarray(q_log.T),
-        built,
-        quantile=quantile,
-        use_fine_tune=fine_tune,
-        num_threads=num_threads,
-    )
+    del r_log
     labels = [str(x) for x in built.labels]
-    best = np.asarray([str(x) for x in res.get_column("best")], dtype=object)
-    score_frame = res.get_column("scores")
-    scores = np.column_stack([np.asarray(score_frame.get_column(lab), dtype=np.float64) for lab in labels])
-    delta_next = np.asarray(res.get_column("delta"), dtype=np.float64)
-    codes = pd.Index(labels).get_indexer(best)
-    chosen = scores[np.arange(len(best)), codes]
-    # a cell with no detected shared gene ties every label: never a confident call
-    empty = ~(q_log > 0).any(axis=1)
+    cats = pd.Index(labels)
+    n = adata.n_obs
+    codes = np.empty(n, dtype=np.int64)
+    scores = np.empty((n, len(labels)), dtype=np.float64)
+    delta_next = np.empty(n, dtype=np.float64)
+    empty = np.empty(n, dtype=bool)
+    q_mean_lib = _mean_positive(_library_sizes(qx))
+    block = max(1, _QUERY_BLOCK_BYTES // (8 * len(genes)))
+    starts = range(0, n, block)
+    for start in tqdm(starts, desc="SingleR", unit="block", disable=not settings.progress or len(starts) < 2):
+        rows = slice(start, min(n, start + block))
+        q_log = _log_normalise(qx[rows], q_kind, q_idx, mean_lib=q_mean_lib)
+        res = singler.classify_single(
+            np.ascontiguousarray(q_log.T),
+            built,
+            quantile=quantile,
+            use_fine_tune=fine_tune,
+            num_threads=num_threads,
+        )
+        codes[rows] = cats.get_indexer(res.get_column("best"))
+        score_frame = res.get_column("scores")
+        scores[rows] = np.column_stack([np.asarray(score_frame.get_column(lab), dtype=np.float64) for lab in labels])
+        delta_next[rows] = np.asarray(res.get_column("delta"), dtype=np.float64)
+        # a cell with no detected shared gene ties every label: never a confident call
+        empty[rows] = ~(q_log > 0).any(axis=1)
+        del q_log, res
+    best = pd.Categorical.from_codes(codes, categories=cats)
+    chosen = scores[np.arange(n), codes]
     pruned, delta_med = _prune(
         chosen, scores, codes, nmads, min_diff_med, delta_next if fine_tune else None, min_diff_next, ~empty
     )
@@ -330,9 +359,8 @@ def annotate_singler(
         pruned = empty
 
     # --- write
-    cats = pd.Index(labels)
-    adata.obs[key_added] = pd.Categorical(best, categories=cats)
-    adata.obs[f"{key_added}_pruned"] = pd.Categorical(np.where(pruned, None, best), categories=cats)
+    adata.obs[key_added] = best
+    adata.obs[f"{key_added}_pruned"] = pd.Categorical.from_codes(np.where(pruned, -1, codes), categories=cats)
     adata.obs[f"{key_added}_delta"] = delta_next
     adata.obs[f"{key_added}_delta_med"] = delta_med
     adata.obs[f"{key_added}_confident"] = ~pruned
@@ -372,7 +400,7 @@ def annotate_singler(
     logger.info(
         "annotate_singler: %d cells labelled with %d reference labels on %d shared genes (%d markers), %d pruned; "
         "added %s, %s_pruned, %s_delta, %s_delta_med, %s_confident to %s.obs, %s_scores to .obsm, %s to .uns",
-        len(best), len(labels), len(genes), len(markers), int(pruned.sum()),
+        n, len(labels), len(genes), len(markers), int(pruned.sum()),
         key_added, key_added, key_added, key_added, key_added, mod, key_added, key_added,
     )
     return data if copy else None

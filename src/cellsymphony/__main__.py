@@ -169,6 +169,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.d_model % args.n_heads:
         raise CLIError(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}")
     out = _out_dir(args.out, overwrite=args.overwrite, product="cellsymphony.h5mu")
+    if not args.skip_memory_check:
+        # before anything heavy: a section whose largest step cannot fit fails now, not an hour in
+        from ._memory import check_memory
+
+        try:
+            check_memory(
+                xenium, morph_model=args.morph_model, morph_weights=uni2, scgpt_dir=scgpt, labels=labels is not None,
+                n_archs=len(archs), train_cells=args.train_cells,
+            )  # fmt: skip
+        except ValueError as err:
+            raise CLIError(str(err)) from None
     from ._run import run_pipeline
 
     run_pipeline(
@@ -176,7 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         morph_mode=args.morph_mode, scgpt=scgpt, labels=labels, reference=reference,
         ref_label_key=args.ref_label_key, cell_id_col=args.cell_id_col, label_col=args.label_col,
         epochs=args.epochs, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, archs=archs,
-        device=args.device, seed=args.seed,
+        train_cells=args.train_cells, device=args.device, seed=args.seed,
     )  # fmt: skip
     return 0
 
@@ -272,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-heads", type=_positive_int, default=8, help="classifier attention heads (default 8)")
     run.add_argument("--archs", default="unimodal,spatial,dual,multi_input,morphology",
                      help="architectures to compare, comma-separated (default all five)")  # fmt: skip
+    run.add_argument("--train-cells", type=_positive_int, default=None, metavar="N",
+                     help="train the classifiers on at most N labelled cells drawn at random (default all); "
+                     "predictions still cover every cell")  # fmt: skip
+    run.add_argument("--skip-memory-check", action="store_true",
+                     help="run even when the section's estimated memory exceeds what is available")  # fmt: skip
     run.add_argument("--device", default=None, help="torch device (default: CUDA when available)")
     run.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     run.add_argument("--out", required=True, metavar="DIR", help="output folder")

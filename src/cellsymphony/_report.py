@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,19 @@ def _classifier_summary(mdata: Any, keys: Sequence[str]) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------- the report
+UMAP_MAX_CELLS = 50_000
+
+
+def umap_cells(mdata: Any, max_cells: int | None, seed: int = 0) -> tuple[Any, str]:
+    """The cells a report's UMAP is drawn from: all of them, or a view of ``max_cells`` drawn at random
+    (the same ones for the same data and ``seed``), with the caption text that says so."""
+    n = int(mdata.n_obs)
+    if max_cells is None or n <= max_cells:
+        return mdata, ""
+    rows = np.sort(np.random.default_rng(seed).choice(n, int(max_cells), replace=False))
+    return mdata[rows], f"; {int(max_cells):,} of the {n:,} cells, drawn at random (seed {seed})"
+
+
 def write_report(
     mdata: Any,
     out_dir: str | os.PathLike,
@@ -184,6 +198,7 @@ def write_report(
     niche_key: str = NICHE_KEY,
     title: str = "cellsymphony report",
     dpi: int = 110,
+    umap_max_cells: int | None = UMAP_MAX_CELLS,
 ) -> Path:
     """Write ``out_dir/figures/*.png`` and ``out_dir/report.html`` for an analysed MuData.
 
@@ -218,6 +233,11 @@ def write_report(
         Title of the page.
     dpi
         Resolution of the PNG figures.
+    umap_max_cells
+        The UMAP figures of a larger section are drawn from this many cells drawn at random (seed 0, so
+        the same cells every time; the caption says so): the neighbour graph and UMAP of a whole section take
+        many minutes per figure on a CPU, and hundreds of thousands of points add nothing to the picture.
+        ``None`` draws every cell.
 
     Returns
     -------
@@ -238,8 +258,11 @@ def write_report(
     problems: list[tuple[str, str]] = []
     sections: list[tuple[str, str, list[str]]] = []  # (id, heading, html parts)
 
+    drawn: list[str] = []
+
     def figure(name: str, caption: str, draw: Callable[[], Any]) -> str:
         path = fig_dir / f"{name}.png"
+        t0 = time.perf_counter()
         try:
             obj = draw()
             fig = obj if hasattr(obj, "savefig") else obj.figure
@@ -251,6 +274,9 @@ def write_report(
             return ""
         finally:
             plt.close("all")
+        drawn.append(name)
+        # progress: on a whole section each figure takes seconds to a minute
+        logger.info("report: figure %d (%s) drawn in %.1f s", len(drawn), name, time.perf_counter() - t0)
         rel = path.relative_to(out).as_posix()
         return (
             f'<figure><a href="{rel}"><img src="{rel}" alt="{html.escape(caption)}"></a>'
@@ -331,10 +357,11 @@ def write_report(
             parts.append("<h3>Held-out retrieval (recall@k, with chance)</h3>" + _table_html(ret, index=not isinstance(ret.index, pd.RangeIndex)))
         parts.append(figure(f"history_{_slug(contrastive_key)}", "Contrastive training curves", lambda: pl.history(mdata, contrastive_key)))
         color = niche_key if niche_key in label_keys else (label_keys[0] if label_keys else None)
+        shown, subsampled = umap_cells(mdata, umap_max_cells)
         for mod in (MOD_MORPH, MOD_RNA):
             if mod in getattr(mdata, "mod", {}) and contrastive_key in mdata.mod[mod].obsm:
-                parts.append(figure(f"umap_{_slug(contrastive_key)}_{mod}", f"UMAP of the {mod} projection ({contrastive_key})",
-                                    lambda m=mod: pl.embedding(mdata, contrastive_key, color, mod=m)))  # fmt: skip
+                parts.append(figure(f"umap_{_slug(contrastive_key)}_{mod}", f"UMAP of the {mod} projection ({contrastive_key}){subsampled}",
+                                    lambda m=mod: pl.embedding(shown, contrastive_key, color, mod=m)))  # fmt: skip
         sections.append(("contrastive", "Contrastive alignment", parts))
 
     # ---- enrichment

@@ -17,6 +17,29 @@ RUN_SETTINGS_NOTE = {
 }
 
 
+TRAIN_CELLS_KEY = "cs_train_cells"
+
+
+def training_subset(mdata, label_key: str, confident_key: str | None, n_cells: int, seed: int) -> str:
+    """Mark at most ``n_cells`` labelled (and confident) cells, drawn at random, in
+    ``mdata.obs["cs_train_cells"]``, and return that column's name: the classifiers' ``confident_key``,
+    so that they train and test on those cells only."""
+    import numpy as np
+
+    from ._validate import find_obs_column
+
+    usable = find_obs_column(mdata, label_key).notna().to_numpy()
+    if confident_key is not None:
+        conf = find_obs_column(mdata, confident_key)
+        usable &= conf.astype(object).where(conf.notna(), False).astype(bool).to_numpy()
+    rows = np.flatnonzero(usable)
+    chosen = np.zeros(mdata.n_obs, dtype=bool)
+    chosen[np.random.default_rng(seed).permutation(rows)[: int(n_cells)]] = True
+    mdata.obs[TRAIN_CELLS_KEY] = chosen
+    logger.info("training the classifiers on %d of the %d labelled cells (--train-cells)", int(chosen.sum()), len(rows))
+    return TRAIN_CELLS_KEY
+
+
 class Steps:
     """Numbered, timed pipeline steps: ``with steps("embedding"):`` logs ``[2/8] embedding`` and its time."""
 
@@ -55,11 +78,16 @@ def run_pipeline(
     n_layers: int = 6,
     n_heads: int = 8,
     archs: tuple[str, ...] = ("unimodal", "spatial", "dual", "multi_input", "morphology"),
+    train_cells: int | None = None,
     device: str | None,
     seed: int,
 ) -> Path:
     """Run the whole pipeline on one Xenium section and write ``out/cellsymphony.h5mu``, the trained models
-    and ``out/report.html``; return the path of the ``.h5mu``."""
+    and ``out/report.html``; return the path of the ``.h5mu``.
+
+    ``train_cells``: train (and compare) the classifiers on at most this many labelled cells drawn at random
+    (``mdata.obs["cs_train_cells"]``), which bounds the memory and time of training on a whole section;
+    predictions are made for every cell."""
     import cellsymphony as cs
 
     from ._report import write_report
@@ -87,6 +115,8 @@ def run_pipeline(
         steps.run("importing labels", lambda: cs.pp.import_labels(
             mdata, labels, cell_id_col=cell_id_col, label_col=label_col, key_added="labels"))  # fmt: skip
         label_key = "labels"
+    if label_key is not None and train_cells is not None:
+        confident_key = training_subset(mdata, label_key, confident_key, train_cells, seed)
     if label_key is not None:
         steps.run("comparing classifiers", lambda: cs.tl.compare_classifiers(
             mdata, label_key, archs=archs, confident_key=confident_key, device=device, seed=seed,
@@ -109,6 +139,8 @@ def run_pipeline(
     for k, v in size.items():
         if v != paper[k]:
             note[f"classifier {k}"] = (str(paper[k]), str(v))
+    if train_cells is not None and TRAIN_CELLS_KEY in mdata.obs:
+        note["classifier training cells"] = ("every labelled cell", f"{int(mdata.obs[TRAIN_CELLS_KEY].sum()):,} drawn at random")
     write_report(mdata, out, settings_note=note, timings=steps.timings, title=f"cellsymphony: {xenium.name}")
     logger.info("results in %s (cellsymphony.h5mu, report.html, figures/, classifier/, contrastive/)", out)
     return h5mu

@@ -86,7 +86,7 @@ def build(section: Section) -> MuData:
 
     n = len(section.cell_ids)
     index = pd.Index(np.asarray(section.cell_ids, dtype=str), name=None)
-    sample_cat = pd.Categorical([section.sample] * n, categories=[section.sample])
+    sample_cat = pd.Categorical.from_codes(np.zeros(n, dtype=np.int8), categories=[section.sample])
 
     obs = section.obs.copy()
     obs.index = index

@@ -115,6 +115,7 @@ def read_xenium(
     ids = table["cell_id"].to_numpy()
     x = _match_cells(ids, matrix_ids, x, table, table_path, matrix_path)
     parts = split_features(x, feats)
+    del x  # the genes were copied out: free the whole matrix before the MuData is built
     if parts["gene_x"].shape[1] == 0:
         raise ValueError(
             f"{str(matrix_path)!r} has no 'Gene Expression' features (feature types: "

@@ -81,11 +81,18 @@ def cell_id_from_prefix_suffix(ids: np.ndarray) -> np.ndarray:
     The prefix is written in hexadecimal with the digits 0-f shifted to the letters a-p and padded
     to 8 letters with ``a``; the suffix (dataset number) follows a dash.
     """
-    table = str.maketrans("0123456789abcdef", "abcdefghijklmnop")
-    out = []
-    for prefix, suffix in np.asarray(ids, dtype=np.uint64).reshape(-1, 2):
-        out.append(format(int(prefix), "x").translate(table).rjust(8, "a") + f"-{int(suffix)}")
-    return np.asarray(out, dtype=str)
+    pairs = np.asarray(ids, dtype=np.uint64).reshape(-1, 2)
+    prefix, suffix = pairs[:, 0], pairs[:, 1]
+    if len(pairs) and prefix.max() >= 1 << 32:  # wider than Xenium's uint32: one cell at a time
+        table = str.maketrans("0123456789abcdef", "abcdefghijklmnop")
+        out = [format(int(p), "x").translate(table).rjust(8, "a") + f"-{int(s)}" for p, s in pairs]
+        return np.asarray(out, dtype=str)
+    # the 8 hexadecimal digits of each prefix, most significant first, as the letters a-p (vectorised: a
+    # section has up to ~10^6 cells)
+    shifts = np.arange(28, -1, -4, dtype=np.uint64)
+    letters = ((prefix[:, None] >> shifts) & np.uint64(15)).astype(np.uint8) + np.uint8(ord("a"))
+    head = np.ascontiguousarray(letters).view("S8").ravel().astype("U8")
+    return np.char.add(np.char.add(head, "-"), suffix.astype(np.int64).astype(str))
 
 
 # ---------------------------------------------------------------------- experiment.xenium
@@ -177,8 +184,21 @@ def read_cells_table(folder: Path) -> tuple[pd.DataFrame, Path]:
     df.attrs["id_style"] = style
     for col in df.columns:
         if df[col].dtype == object and col != "cell_id":
-            df[col] = [v.decode("utf-8") if isinstance(v, bytes) else v for v in df[col]]
+            df[col] = _decode_bytes(df[col].to_numpy())
     return df, path
+
+
+def _decode_bytes(values: np.ndarray) -> np.ndarray:
+    """An object column with its bytes values decoded as UTF-8 (other values kept), decoding each distinct
+    value once: such columns (e.g. ``segmentation_method``) repeat a few values over every cell."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    decoded = np.empty(len(uniques) + 1, dtype=object)
+    decoded[:-1] = [v.decode("utf-8") if isinstance(v, bytes) else v for v in uniques]
+    out = decoded[codes]  # code -1 (missing) takes the last slot, filled below
+    missing = codes < 0
+    if missing.any():
+        out[missing] = values[missing]
+    return out
 
 
 # ---------------------------------------------------------------------- count matrix
@@ -195,7 +215,7 @@ def find_matrix(folder: Path) -> Path:
 
 
 def read_matrix(path: Path) -> tuple[sparse.csr_matrix, pd.DataFrame, np.ndarray]:
-    """``(X cells x features CSR float64, features [id, name, feature_type], cell ids as str)``."""
+    """``(X cells x features CSR float32, features [id, name, feature_type], cell ids as str)``."""
     try:
         if path.name.endswith(".h5"):
             x, feats, ids = _read_h5(path)
@@ -256,8 +276,11 @@ def _read_h5(path: Path):
         if "name" not in fg or "id" not in fg:
             raise ValueError(f"{str(path)!r} lacks matrix/features/name or id.")
         n_feat, n_cells = (int(v) for v in _int_array(g["shape"][()], "shape", path)[:2])
-        data = np.asarray(g["data"][()])
-        indices = _int_array(g["indices"][()], "indices", path)
+        # read straight into the final types (HDF5 converts while reading): float32 values (the counts are
+        # integers far below 2**24, and the MuData holds float32) and int32 feature indices. A whole
+        # section has 10^8-10^9 non-zero values, so every intermediate copy costs gigabytes.
+        data = _h5_read(g["data"], np.float32)
+        indices = _index_array(g["indices"], "indices", path, n_feat)
         indptr = _int_array(g["indptr"][()], "indptr", path)
         names = fg["name"][()]
         feats = pd.DataFrame(
@@ -275,14 +298,30 @@ def _read_h5(path: Path):
         raise ValueError(
             f"{str(path)!r}: indptr has {len(indptr)} entries for {n_cells} cells; the file is inconsistent."
         )
-    x = sparse.csc_matrix((data.astype(np.float64), indices, indptr), shape=(n_feat, n_cells)).T.tocsr()
+    # the 10x layout is CSC over cells (features x cells): its transpose is cells x features CSR on the same
+    # arrays, no copy
+    x = sparse.csc_matrix((data, indices, indptr), shape=(n_feat, n_cells)).T.tocsr()
     if scaling is not None:
-        prot = np.flatnonzero(_kinds(feats["feature_type"]) == "protein")
-        if len(prot):
-            x = x.tolil()
-            x[:, prot] = x[:, prot] / float(np.asarray(scaling).ravel()[0])
-            x = x.tocsr()
+        is_prot = _kinds(feats["feature_type"]) == "protein"
+        if is_prot.any():  # in place, on the stored values of the protein columns
+            x.data[is_prot[x.indices]] /= np.float32(np.asarray(scaling).ravel()[0])
     return x, feats, ids
+
+
+def _h5_read(dset, dtype) -> np.ndarray:
+    """A whole HDF5 dataset as ``dtype``, converted by HDF5 while reading (no copy in the file's type)."""
+    if dset.dtype == dtype or dset.dtype.kind not in "iuf":
+        return np.asarray(dset[()], dtype=dtype)
+    return dset.astype(dtype)[()]
+
+
+def _index_array(dset, name: str, path: Path, bound: int) -> np.ndarray:
+    """Column indices (int32 when ``bound`` allows), read without an int64 copy, checked to lie in [0, bound)."""
+    dtype = np.int32 if bound < 2**31 else np.int64
+    a = _h5_read(dset, dtype) if dset.dtype.kind in "iu" else _int_array(dset[()], name, path).astype(dtype)
+    if a.size and (a.min() < 0 or a.max() >= bound):
+        raise ValueError(f"{str(path)!r}: {name} holds values outside [0, {bound}); the file is damaged.")
+    return a
 
 
 def _read_mex(folder: Path):
@@ -303,7 +342,7 @@ def _read_mex(folder: Path):
         )
 
     mtx, feat_path, bc_path = pick("matrix.mtx"), pick("features.tsv"), pick("barcodes.tsv")
-    m = sparse.csr_matrix(mmread(str(mtx))).astype(np.float64)  # features x cells
+    m = sparse.csr_matrix(mmread(str(mtx))).astype(np.float32)  # features x cells
     feats = pd.read_csv(feat_path, sep="\t", header=None, dtype=str)
     if feats.shape[1] < 2:
         raise ValueError(f"{str(feat_path)!r} must have at least two columns (id, name[, type]).")
@@ -334,7 +373,7 @@ def _read_zarr(path: Path):
         types = attrs.get("feature_types") or [GENE_EXPRESSION] * len(names)
         fids = attrs.get("feature_ids") or names
         raw_ids = np.asarray(g["cell_id"][...])
-        data = np.asarray(g["data"][...], dtype=np.float64)
+        data = np.asarray(g["data"][...], dtype=np.float32)
         indices = _int_array(g["indices"][...], "indices", path)
         indptr = _int_array(g["indptr"][...], "indptr", path)
     finally:
@@ -401,8 +440,9 @@ def split_features(x: sparse.csr_matrix, feats: pd.DataFrame) -> dict:
         col = control_column(t)
         total = np.asarray(x[:, cols].sum(axis=1)).ravel()
         controls[col] = controls.get(col, 0) + total
+    every = len(gene) == x.shape[1]  # nothing to split off: no copy of the whole matrix
     return {
-        "gene_x": x[:, gene].tocsr(),
+        "gene_x": x if every else x[:, gene].tocsr(),
         "gene_var": feats.iloc[gene].reset_index(drop=True),
         "protein_x": x[:, prot].tocsr() if len(prot) else None,
         "protein_var": feats.iloc[prot].reset_index(drop=True),

@@ -232,11 +232,19 @@ def spatial(
             if unknown:
                 raise ValueError(f"groups {unknown} are not categories of {color!r} ({cats}).")
             colours = {c: (v if c in groups else "#d3d3d3") for c, v in colours.items()}
-        s = cat.astype(str).where(cat.notna(), None)
-        face = np.array([colours.get(v, "#d3d3d3") if v is not None else "#d3d3d3" for v in s], dtype=object)
+        # one colour per category, picked per cell by its code (a whole section has ~10^5-10^6 cells: no
+        # per-cell strings); the last row is for missing values
+        from matplotlib.colors import to_rgba
+
+        grey = "#d3d3d3"
+        hexes = [colours.get(str(c), grey) for c in cat.cat.categories] + [grey]
+        table = np.array([to_rgba(h) for h in hexes])
+        greyed = np.array([h.lower() == grey for h in hexes])
+        codes = cat.cat.codes.to_numpy()
+        which = np.where(codes < 0, len(hexes) - 1, codes)
         # draw the unlabelled / greyed cells first so coloured ones sit on top
-        order = np.argsort(face != "#d3d3d3", kind="stable")
-        ax.scatter(xy[order, 0], xy[order, 1], s=size, c=list(face[order]), alpha=alpha, linewidths=0, zorder=2)
+        order = np.argsort(~greyed[which], kind="stable")
+        ax.scatter(xy[order, 0], xy[order, 1], s=size, c=table[which[order]], alpha=alpha, linewidths=0, zorder=2)
         if legend:
             from matplotlib.lines import Line2D
 

@@ -25,13 +25,15 @@ def _logistic(inputs, y_all, train_rows, test_rows, class_weight, seed) -> np.nd
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x = np.concatenate([a for a in (inputs.gene, inputs.morph) if a is not None], axis=1)
+    def rows(r):  # the inputs of these rows only: no copy of every cell's embeddings
+        return np.concatenate([a[r] for a in (inputs.gene, inputs.morph) if a is not None], axis=1)
+
     clf = make_pipeline(
         StandardScaler(),
         LogisticRegression(max_iter=2000, class_weight=class_weight, random_state=seed),
     )
-    clf.fit(x[train_rows], y_all[train_rows])
-    return clf.predict(x[test_rows]).astype(np.int64)
+    clf.fit(rows(train_rows), y_all[train_rows])
+    return clf.predict(rows(test_rows)).astype(np.int64)
 
 
 def _rows_of(method: str, y_true, y_pred, samples, classes) -> list[dict]:

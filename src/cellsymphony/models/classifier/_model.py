@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,6 +122,9 @@ class CellTypeClassifier:
         self.exclusions: dict[str, int] | None = None
         self.params: dict | None = None
         self.saved_version: str | None = None
+        # wall-clock seconds of the last fit (per epoch, with its test evaluation; predicting every cell), for
+        # benchmarks; not saved with the model (they vary between runs)
+        self.timings: dict = {}
 
     # ------------------------------------------------------------------ helpers
     def __repr__(self) -> str:
@@ -161,19 +165,29 @@ class CellTypeClassifier:
         return out
 
     @torch.no_grad()
-    def _proba(self, tensors: dict[str, torch.Tensor], device: torch.device, batch_size: int) -> np.ndarray:
-        """Class probabilities of the rows held in ``tensors``, batched on ``device``."""
+    def _proba(
+        self, source, device: torch.device, batch_size: int, rows: np.ndarray | None = None, desc: str | None = None
+    ) -> np.ndarray:
+        """Class probabilities, batched on ``device``: of the rows held in ``source`` (tensors, e.g. the
+        test cells kept on the device during training), or with ``rows`` of the inputs ``source``, taken
+        batch by batch so that no copy of the whole section's inputs is made. ``desc`` shows a progress bar
+        (in cells)."""
+        from tqdm.auto import tqdm
+
         module = self.module.to(device).eval()
-        n = len(next(iter(tensors.values())))
-        out = []
-        for start in range(0, n, batch_size):
-            batch = {k: v[start : start + batch_size] for k, v in tensors.items()}
-            with _autocast(device):
-                logits = module(**batch)
-            out.append(torch.softmax(logits.float(), dim=1).cpu())
-        if not out:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return torch.cat(out).numpy().astype(np.float32)
+        n = len(rows) if rows is not None else len(next(iter(source.values())))
+        out = np.empty((n, len(self.classes)), dtype=np.float32)
+        with tqdm(total=n, desc=desc, unit="cell", disable=desc is None or not settings.progress, leave=False) as bar:
+            for start in range(0, n, batch_size):
+                if rows is None:
+                    batch = {k: v[start : start + batch_size] for k, v in source.items()}
+                else:
+                    batch = self._tensors(source, rows[start : start + batch_size], device)
+                with _autocast(device):
+                    logits = module(**batch)
+                out[start : start + len(logits)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                bar.update(len(logits))
+        return out
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -217,6 +231,7 @@ class CellTypeClassifier:
         if class_weight not in ("balanced", None):
             raise ValueError(f"class_weight={class_weight!r} is not one of ['balanced', None].")
         dev = torch.device(resolve_device(device))
+        self.timings = {}
 
         inputs = gather_inputs(mdata, self.tokens, gene_rep, morph_rep)
         labels, exclusions = usable_labels(mdata, label_key, exclude, confident_key, inputs.available)
@@ -299,7 +314,9 @@ class CellTypeClassifier:
         avail = np.flatnonzero(inputs.available)
         proba = np.full((mdata.n_obs, len(classes)), np.nan, dtype=np.float32)
         bs = max(batch_size, PREDICT_BATCH)
-        proba[avail] = self._proba(self._tensors(inputs, avail, dev), dev, bs)
+        t_pred = time.perf_counter()
+        proba[avail] = self._proba(inputs, dev, bs, rows=avail, desc=f"classifier {self.arch}: predict")
+        self.timings["predict"] = time.perf_counter() - t_pred
         pred = proba[test_rows].argmax(axis=1) if len(test_rows) else np.zeros(0, dtype=np.int64)
         self.metrics = classification_metrics(y_all[test_rows], pred, classes)
         self.split = split_arr
@@ -350,8 +367,13 @@ class CellTypeClassifier:
         gen = torch.Generator().manual_seed(int(seed))
         n = len(train_rows)
         hist = {k: np.full(epochs, np.nan) for k in ("train_loss", "test_loss", "test_macro_f1", "test_accuracy")}
-        bar = tqdm(range(epochs), desc=f"classifier {self.arch}", disable=not settings.progress, leave=False)
-        for epoch in bar:
+        # one bar over every training cell of every epoch: an epoch of a whole section is long on a CPU
+        bar = tqdm(total=epochs * n, desc=f"classifier {self.arch}", unit="cell", disable=not settings.progress,
+                   leave=False, mininterval=1.0)  # fmt: skip
+        self.timings["epochs"] = []
+        for epoch in range(epochs):
+            t_epoch = time.perf_counter()
+            bar.set_description(f"classifier {self.arch}: epoch {epoch + 1}/{epochs}")
             module.train()
             order = torch.randperm(n, generator=gen).to(dev)
             total = torch.zeros((), device=dev)
@@ -365,6 +387,7 @@ class CellTypeClassifier:
                 loss.backward()
                 opt.step()
                 total += loss.detach() * len(idx)
+                bar.update(len(idx))
             hist["train_loss"][epoch] = float(total) / n
             if test is not None:
                 proba = self._proba(test, dev, max(batch_size, PREDICT_BATCH))
@@ -374,6 +397,7 @@ class CellTypeClassifier:
                 hist["test_macro_f1"][epoch] = m["macro_f1"]
                 hist["test_accuracy"][epoch] = m["accuracy"]
             bar.set_postfix(loss=f"{hist['train_loss'][epoch]:.3f}", f1=f"{hist['test_macro_f1'][epoch]:.3f}")
+            self.timings["epochs"].append(time.perf_counter() - t_epoch)
             logger.debug(
                 "epoch %d: train loss %.4f, test loss %.4f, test macro F1 %.4f",
                 epoch,
@@ -381,6 +405,7 @@ class CellTypeClassifier:
                 hist["test_loss"][epoch],
                 hist["test_macro_f1"][epoch],
             )
+        bar.close()
         return hist
 
     # ------------------------------------------------------------------ outputs
@@ -475,7 +500,7 @@ class CellTypeClassifier:
                 ", ".join(f"{k}: {v}" for k, v in inputs.missing.items()),
             )
         proba = np.full((mdata.n_obs, len(self.classes)), np.nan, dtype=np.float32)
-        proba[avail] = self._proba(self._tensors(inputs, avail, dev), dev, batch_size or PREDICT_BATCH)
+        proba[avail] = self._proba(inputs, dev, batch_size or PREDICT_BATCH, rows=avail, desc=f"classifier {self.arch}: predict")
         return pd.DataFrame(proba, index=mdata.obs_names, columns=pd.Index(self.classes))
 
     def predict(

@@ -1,0 +1,452 @@
+"""Whole sections: every stage of ``cellsymphony run`` on synthetic sections of 50k, 150k and 460k cells.
+
+Run: ``python -m benchmarks.bench_section [--sizes 50000 150000 460000] [--stages ...] [--bundle-dir DIR]``.
+
+Each size runs in a fresh process, one stage after the other on the same MuData, as ``cellsymphony run``
+does (on CPU): ``read_xenium``; morphology with the ``tiny`` ViT in tile mode and the ``handcrafted``
+encoder (cell mode, the representation used downstream, as in the demo); the tiny scGPT
+(``cs.datasets.tiny_scgpt_checkpoint``); SingleR against the bundle's ``reference.h5ad``; the H&E
+nucleus-label transfer (``he_nuclei.csv``); the dual classifier at the paper's sizes (d_model 512, 6 layers,
+8 heads) for one epoch, then its predictions for every cell; the contrastive alignment, 2 epochs; niches,
+enrichment and spatial coherence; the ``.h5mu`` write; the report.
+
+For every stage the table gives wall-clock seconds, the peak resident memory of the process during the
+stage (``VmHWM`` of ``/proc/self/status``, reset before each stage through ``/proc/self/clear_refs``; a
+sampling thread where that is not allowed) and, between consecutive sizes, the scaling exponent
+``log(t2 / t1) / log(n2 / n1)`` (1 is linear; the baseline of each exponent is the same stage at the
+smaller size, measured by this script). The last row is the peak of the whole run. Stages too slow for
+a whole section on 2 CPU cores (the classifier's training epoch: about 90 cells/s at the paper's size)
+are timed on a random subset of cells (``--subset``) and extrapolated linearly to the section; such rows
+say so, and their exponent is linear by construction, so none is given.
+
+Bundles are made with ``cs.datasets.synthetic_xenium`` in ``--bundle-dir`` (``synth50k``, ``synth150k``,
+...) when absent, each in its own process; ``--bundle SIZE=PATH`` names an existing one (a 460k bundle is
+looked for at ``/tmp/synth460k`` too). Results of each size are kept in ``--work-dir``/``n<size>/results.json``
+and merged when parts are rerun with ``--stages``; a run whose first stage is not ``read_xenium`` starts
+from the ``.h5mu`` that an earlier run of that size wrote. ``--table`` prints the table of the kept results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+STAGES = {
+    "read_xenium": "cs.io.read_xenium",
+    "morph_handcrafted": "morphology, handcrafted, cell mode",
+    "morph_tiny_tile": "morphology, tiny ViT, tile mode",
+    "scgpt": "expression, tiny scGPT",
+    "singler": "SingleR labels",
+    "nucleus_labels": "H&E nucleus-label transfer",
+    "classifier_epoch": "dual classifier, 1 epoch (paper size)",
+    "classifier_predict": "dual classifier, predict every cell",
+    "contrastive": "contrastive alignment, 2 epochs",
+    "niches": "niches (kNN + Leiden)",
+    "enrichment": "niche x label enrichment",
+    "coherence": "spatial coherence (1000 permutations)",
+    "write": "write .h5mu",
+    "report": "report (HTML + figures)",
+}
+# stages run together: the predictions come from the model trained in the epoch stage
+_TOGETHER = {"classifier_predict": "classifier_epoch"}
+DEFAULT_SIZES = (50_000, 150_000, 460_000)
+DEFAULT_SUBSET = {"classifier_epoch": 20_000, "morph_handcrafted": 150_000}
+LABEL_KEY, CONFIDENT_KEY = "singler", "singler_confident"
+
+
+def size_label(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+# ------------------------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakRSS:
+    """High-water mark of this process's resident memory, per stage and over the whole run (GiB).
+
+    Linux lets a process reset its own ``VmHWM`` (``echo 5 > /proc/self/clear_refs``); where it cannot, a
+    thread samples ``VmRSS`` every 20 ms. Resetting ``VmHWM`` also resets what ``ru_maxrss`` reports, so
+    the whole-run peak is the maximum of the readings taken before each reset.
+    """
+
+    def __init__(self) -> None:
+        self.run_peak_kib = 0
+        self.can_reset = self._try_reset()
+        self._sampled = 0
+        self._stop = threading.Event()
+        if not self.can_reset:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def _try_reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            return True
+        except OSError:
+            return False
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self._sampled = max(self._sampled, _status_kib("VmRSS"))
+
+    def start(self) -> float:
+        """Begin a stage: reset the high-water mark; return the current RSS (GiB)."""
+        self.run_peak_kib = max(self.run_peak_kib, self._hwm())
+        if self.can_reset:
+            self._try_reset()
+        self._sampled = _status_kib("VmRSS")
+        return self._sampled / 2**20
+
+    def _hwm(self) -> int:
+        return _status_kib("VmHWM") if self.can_reset else self._sampled
+
+    def stage_peak(self) -> float:
+        kib = self._hwm()
+        self.run_peak_kib = max(self.run_peak_kib, kib)
+        return kib / 2**20
+
+    def whole_run(self) -> float:
+        self.run_peak_kib = max(self.run_peak_kib, self._hwm())
+        if not self.can_reset:  # nothing was reset: the kernel's own figure covers every moment
+            self.run_peak_kib = max(self.run_peak_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return self.run_peak_kib / 2**20
+
+
+# ------------------------------------------------------------------------------------------- bundles
+def find_bundle(n: int, bundle_dir: Path, given: dict[int, Path]) -> Path:
+    if n in given:
+        return given[n]
+    for cand in (bundle_dir / f"synth{size_label(n)}", Path("/tmp") / f"synth{size_label(n)}"):
+        if (cand / "experiment.xenium").is_file():
+            return cand
+    return bundle_dir / f"synth{size_label(n)}"
+
+
+def make_bundle(n: int, path: Path) -> None:
+    """Generate a bundle in its own process (its memory does not count against the run)."""
+    code = (
+        "import cellsymphony as cs, sys; "
+        f"cs.datasets.synthetic_xenium({str(path)!r}, n_cells={n}, seed=0)"
+    )
+    print(f"... generating {path} ({n:,} cells)", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------- stages
+class Run:
+    """One size: the MuData, the stage results, and the files of the run."""
+
+    def __init__(self, n: int, bundle: Path, work: Path, subset: dict[str, int], seed: int = 0):
+        self.n, self.bundle, self.work, self.subset, self.seed = n, bundle, work, subset, seed
+        self.mdata = None
+        self.timings: dict[str, float] = {}
+        self.extra_rows: list[dict] = []
+
+    # each stage returns a note (or None); extra rows go to self.extra_rows
+    def read_xenium(self):
+        import cellsymphony as cs
+
+        self.mdata = cs.io.read_xenium(self.bundle)
+
+    def morph_tiny_tile(self):
+        import cellsymphony as cs
+
+        cs.pp.embed_morphology(self.mdata, model="tiny", mode="tile")
+
+    def _subset(self, stage: str):
+        """``(rows, n_sub)``: a random subset of cells for ``stage``, or ``(None, n)`` for all of them."""
+        import numpy as np
+
+        n_sub = min(self.subset.get(stage) or self.n, self.n)
+        if n_sub == self.n:
+            return None, self.n
+        return np.sort(np.random.default_rng(self.seed).choice(self.n, n_sub, replace=False)), n_sub
+
+    def _extrapolated(self, seconds: float, n_sub: int, t0: float) -> dict:
+        if n_sub == self.n:
+            return {}
+        scale = self.n / n_sub
+        return {"seconds": seconds * scale, "measured_s": seconds, "cells timed": n_sub,
+                "note": f"on {n_sub:,} random cells, x{scale:.3g} extrapolated", "setup_s": t0}  # fmt: skip
+
+    def morph_handcrafted(self):
+        import cellsymphony as cs
+
+        rows, n_sub = self._subset("morph_handcrafted")
+        t_setup = time.perf_counter()
+        target = self.mdata if rows is None else self.mdata[rows].copy()  # a subset is timed, then dropped
+        t0 = time.perf_counter()
+        cs.pp.embed_morphology(target, model="handcrafted")
+        # the tiny ViT (next stage, every cell) is the representation used downstream at every size
+        return self._extrapolated(time.perf_counter() - t0, n_sub, t0 - t_setup)
+
+    def scgpt(self):
+        import cellsymphony as cs
+
+        ckpt = self.work / "scgpt_tiny"
+        if not (ckpt / "best_model.pt").is_file():  # setup, not timed separately (a fraction of a second)
+            cs.datasets.tiny_scgpt_checkpoint(ckpt, list(self.mdata["rna"].var_names), seed=self.seed)
+        cs.pp.embed_expression(self.mdata, model_dir=ckpt, seed=self.seed)
+
+    def singler(self):
+        import anndata as ad
+
+        import cellsymphony as cs
+
+        ref = ad.read_h5ad(self.bundle / "reference.h5ad")
+        cs.pp.annotate_singler(self.mdata, ref, ref_label_key="cell_type", seed=self.seed)
+
+    def nucleus_labels(self):
+        import cellsymphony as cs
+
+        cs.pp.transfer_nucleus_labels(self.mdata, self.bundle / "he_nuclei.csv", x="x", y="y", label="class")
+
+    def classifier_epoch(self):
+        import numpy as np
+
+        import cellsymphony as cs
+        from cellsymphony._constants import PRED_KEY
+
+        n_sub = min(self.subset.get("classifier_epoch") or self.n, self.n)
+        rng = np.random.default_rng(self.seed)
+        split = np.full(self.n, "unused", dtype=object)
+        rows = rng.permutation(self.n)[:n_sub]
+        split[rows[: int(0.8 * n_sub)]] = "train"
+        split[rows[int(0.8 * n_sub) :]] = "test"
+        clf = cs.tl.train_classifier(
+            self.mdata, LABEL_KEY, arch="dual", confident_key=CONFIDENT_KEY, split=split, epochs=1,
+            d_model=512, n_layers=6, n_heads=8, seed=self.seed, key_added=PRED_KEY,
+        )  # fmt: skip
+        clf.save(self.work / "classifier", overwrite=True)
+        t = clf.timings
+        scale = self.n / n_sub
+        note = "" if n_sub == self.n else f"on {n_sub:,} random cells; x{scale:.3g} extrapolated"
+        self.extra_rows.append({"stage": "classifier_predict", "seconds": t["predict"], "cells timed": self.n, "note": ""})
+        return {"seconds": t["epochs"][0] * scale, "measured_s": t["epochs"][0], "cells timed": n_sub, "note": note}
+
+    def contrastive(self):
+        import cellsymphony as cs
+        from cellsymphony._constants import CONTRASTIVE_KEY
+
+        aligner = cs.tl.align_contrastive(self.mdata, epochs=2, seed=self.seed, key_added=CONTRASTIVE_KEY)
+        aligner.save(self.work / "contrastive", overwrite=True)
+
+    def niches(self):
+        import cellsymphony as cs
+        from cellsymphony._constants import CONTRASTIVE_KEY, NICHE_KEY
+
+        cs.tl.niches(self.mdata, use_rep=CONTRASTIVE_KEY, key_added=NICHE_KEY, seed=self.seed)
+
+    def enrichment(self):
+        import cellsymphony as cs
+        from cellsymphony._constants import NICHE_KEY
+
+        cs.tl.cluster_enrichment(self.mdata, NICHE_KEY, LABEL_KEY, key_added=f"{NICHE_KEY}_enrichment")
+
+    def coherence(self):
+        import cellsymphony as cs
+        from cellsymphony._constants import NICHE_KEY
+
+        cs.tl.spatial_coherence(self.mdata, NICHE_KEY, seed=self.seed, key_added=f"{NICHE_KEY}_coherence")
+
+    def write(self):
+        import cellsymphony as cs
+
+        cs.io.write(self.mdata, self.work / "cellsymphony.h5mu")
+
+    def report(self):
+        from cellsymphony._report import write_report
+        from cellsymphony._run import RUN_SETTINGS_NOTE
+
+        write_report(self.mdata, self.work, settings_note=RUN_SETTINGS_NOTE, timings=self.timings,
+                     title=f"bench_section: {self.n:,} cells")  # fmt: skip
+
+
+def worker(n: int, bundle: Path, work: Path, stages: list[str], subset: dict[str, int]) -> None:
+    """Run ``stages`` on one size in this process and merge the rows into ``work/results.json``."""
+    warnings.filterwarnings("ignore")
+    mem = PeakRSS()
+    import cellsymphony as cs
+
+    cs.settings.progress = False
+    work.mkdir(parents=True, exist_ok=True)
+    run = Run(n, bundle, work, subset)
+    rows: dict[str, dict] = {}
+    if stages[0] != "read_xenium":
+        import mudata as md
+
+        saved = work / "cellsymphony.h5mu"
+        if not saved.is_file():
+            raise SystemExit(f"{saved} does not exist: run the stages up to 'write' once for {n} cells first.")
+        run.mdata = md.read_h5mu(saved)
+    for stage in stages:
+        if stage == "classifier_predict":
+            continue  # measured by classifier_epoch
+        print(f"... {size_label(n)}: {stage}", file=sys.stderr, flush=True)
+        rss0 = mem.start()
+        t0, c0 = time.perf_counter(), time.process_time()
+        got = getattr(run, stage)() or {}
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        peak = mem.stage_peak()
+        run.timings[STAGES[stage]] = wall
+        row = {"stage": stage, "seconds": wall, "cpu_s": cpu, "cells timed": n, "note": "", **got,
+               "wall_s": wall, "rss_start_gib": rss0, "peak_gib": peak, "load": os.getloadavg()[0]}  # fmt: skip
+        rows[stage] = row
+        for extra in run.extra_rows:  # stages measured inside another (same memory window)
+            rows[extra["stage"]] = {**extra, "wall_s": wall, "rss_start_gib": rss0, "peak_gib": peak}
+        run.extra_rows = []
+        print(f"    {stage}: {row['seconds']:.1f} s, peak {peak:.2f} GiB", file=sys.stderr, flush=True)
+    results_file = work / "results.json"
+    old = json.loads(results_file.read_text()) if results_file.is_file() else {"stages": {}}
+    old["stages"].update(rows)
+    old.update(n_cells=n, bundle=str(bundle), subset=subset)
+    whole = {"peak_gib": mem.whole_run(), "stages": stages, "complete": stages == list(STAGES)}
+    if whole["complete"] or "whole_run" not in old or not old["whole_run"].get("complete"):
+        old["whole_run"] = whole
+    old["mem_method"] = "VmHWM reset per stage" if mem.can_reset else "VmRSS sampled every 20 ms"
+    results_file.write_text(json.dumps(old, indent=1))
+
+
+# ------------------------------------------------------------------------------------------- table
+def exponent(t1: float | None, t2: float | None, n1: int, n2: int) -> float | None:
+    if not t1 or not t2 or t1 <= 0 or t2 <= 0:
+        return None
+    return math.log(t2 / t1) / math.log(n2 / n1)
+
+
+def table(sizes: list[int], work_dir: Path) -> str:
+    from ._common import print_table
+
+    res = {}
+    for n in sizes:
+        f = work_dir / f"n{n}" / "results.json"
+        if f.is_file():
+            res[n] = json.loads(f.read_text())
+    sizes = [n for n in sizes if n in res]
+    if not sizes:
+        print("no results yet")
+        return ""
+    rows = []
+    for stage, what in STAGES.items():
+        row = {"stage": what}
+        notes = []
+        prev = None
+        for n in sizes:
+            r = res[n]["stages"].get(stage)
+            lab = size_label(n)
+            row[f"{lab} s"] = "" if r is None else float(r["seconds"])
+            row[f"{lab} peak GiB"] = "" if r is None else float(r["peak_gib"])
+            if prev is not None:
+                sub = r is not None and prev[1] is not None and (r["note"] or prev[1]["note"])
+                e = None if r is None or prev[1] is None or sub else exponent(
+                    prev[1]["seconds"], r["seconds"], prev[0], n)  # fmt: skip
+                row[f"exp {size_label(prev[0])}-{lab}"] = "linear (subset)" if sub else ("" if e is None else e)
+            if r is not None and r["note"]:
+                notes.append(f"{lab}: {r['note']}")
+            prev = (n, r)
+        row["note"] = "; ".join(notes)
+        rows.append(row)
+    total = {"stage": "whole run (peak RSS; s = sum of stages)"}
+    prev = None
+    for n in sizes:
+        lab = size_label(n)
+        st = res[n]["stages"]
+        total[f"{lab} s"] = float(sum(r["seconds"] for r in st.values()))
+        w = res[n].get("whole_run", {})
+        total[f"{lab} peak GiB"] = float(w.get("peak_gib", float("nan")))
+        if prev is not None:
+            e = exponent(prev[1], total[f"{lab} s"], prev[0], n)
+            total[f"exp {size_label(prev[0])}-{lab}"] = "" if e is None else e
+        prev = (n, total[f"{lab} s"])
+    total["note"] = "; ".join(f"{size_label(n)}: peak of a partial run" for n in sizes
+                              if not res[n].get("whole_run", {}).get("complete"))  # fmt: skip
+    rows.append(total)
+    method = {res[n].get("mem_method", "") for n in sizes}
+    text = print_table(rows, f"cellsymphony run, stage by stage, on synthetic sections (CPU; memory: {', '.join(method)})")
+    (work_dir / "table.md").write_text(text + "\n")
+    return text
+
+
+# ------------------------------------------------------------------------------------------- main
+def _size(text: str) -> int:
+    text = text.lower().replace("_", "").replace(",", "")
+    return int(float(text[:-1]) * 1000) if text.endswith("k") else int(text)
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"{flag} {it}: expected KEY=VALUE")
+        k, v = it.split("=", 1)
+        out[k] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_section", description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", type=_size, default=list(DEFAULT_SIZES), help="cells per section (50k, 150000, ...)")
+    ap.add_argument("--stages", nargs="+", choices=list(STAGES), default=None, help="stages to run (default all)")
+    ap.add_argument("--bundle-dir", type=Path, default=Path("/tmp/section_bench"), help="where bundles are found or made")
+    ap.add_argument("--bundle", nargs="*", default=[], metavar="SIZE=PATH", help="an existing bundle for a size")
+    ap.add_argument("--work-dir", type=Path, default=None, help="results and outputs (default BUNDLE_DIR/runs)")
+    ap.add_argument("--subset", nargs="*", default=[], metavar="STAGE=CELLS",
+                    help=f"time a stage on a random subset and extrapolate (default {DEFAULT_SUBSET}; 0 = all cells)")
+    ap.add_argument("--no-generate", action="store_true", help="skip sizes without a bundle instead of generating one")
+    ap.add_argument("--table", action="store_true", help="only print the table of the kept results")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    work_dir = args.work_dir or args.bundle_dir / "runs"
+    subset = dict(DEFAULT_SUBSET)
+    subset.update({k: int(v) for k, v in _pairs(args.subset, "--subset").items()})
+    unknown = set(subset) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--subset: unknown stage(s) {sorted(unknown)}")
+    given = {_size(k): Path(v) for k, v in _pairs(args.bundle, "--bundle").items()}
+    stages = list(STAGES) if args.stages is None else [s for s in STAGES if s in args.stages or
+                                                       any(_TOGETHER.get(x) == s for x in args.stages)]  # fmt: skip
+
+    if args.worker is not None:
+        n = args.worker
+        worker(n, find_bundle(n, args.bundle_dir, given), work_dir / f"n{n}", stages, subset)
+        return
+    if args.table:
+        table(args.sizes, work_dir)
+        return
+    from .__main__ import machine
+
+    print(f"# bench_section: {machine()}", flush=True)
+    for n in args.sizes:
+        bundle = find_bundle(n, args.bundle_dir, given)
+        if not (bundle / "experiment.xenium").is_file():
+            if args.no_generate:
+                print(f"... {size_label(n)}: no bundle at {bundle}; skipped", file=sys.stderr, flush=True)
+                continue
+            make_bundle(n, bundle)
+        cmd = [sys.executable, "-m", "benchmarks.bench_section", "--worker", str(n), "--bundle-dir", str(args.bundle_dir),
+               "--work-dir", str(work_dir), "--stages", *stages, "--bundle", f"{n}={bundle}",
+               "--subset", *[f"{k}={v}" for k, v in subset.items()]]  # fmt: skip
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        print(f"... {size_label(n)}: {time.perf_counter() - t0:.0f} s (exit {proc.returncode})", file=sys.stderr, flush=True)
+    table(args.sizes, work_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 PIXEL_SIZE = 0.2125  # um per Xenium morphology pixel
-GENERATOR_VERSION = 4  # bump when the generated data change, to invalidate caches
+GENERATOR_VERSION = 5  # bump when the generated data change, to invalidate caches
 LAST_TIMINGS: dict[str, float] = {}  # seconds per stage of the last synthetic_xenium call (for benchmarks)
 _SW = {"string": "xenium-2.0.0.10", "integer": "Xenium-1.0.2"}
 
@@ -74,10 +76,14 @@ def _library_sizes(types: np.ndarray, area: np.ndarray, rng: np.random.Generator
 
 
 # ----------------------------------------------------------------------------------------------- writers
-def _write_h5(path: Path, counts, cell_ids, feat_names, feat_ids, feat_types, sw: str) -> None:
+def _write_h5(path: Path, counts, ctrl, cell_ids, feat_names, feat_ids, feat_types, sw: str,
+              block: int = 100_000) -> None:
+    """The 10x HDF5 matrix of ``[counts, ctrl]`` (cells x features CSR), written in blocks of cells."""
     import h5py
+    import scipy.sparse as sp
 
-    csc = counts.tocsr()  # cells x features CSR has the arrays of 10x's features x cells CSC
+    n = counts.shape[0]
+    nnz = counts.nnz + ctrl.nnz
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["chemistry_description"] = "Xenium"
         f.attrs["filetype"] = "matrix"
@@ -87,9 +93,19 @@ def _write_h5(path: Path, counts, cell_ids, feat_names, feat_ids, feat_types, sw
         f.attrs["version"] = np.int64(2)
         m = f.create_group("matrix")
         m.create_dataset("barcodes", data=np.array([str(c).encode() for c in cell_ids]))
-        m.create_dataset("data", data=csc.data.astype(np.int32), compression="gzip", compression_opts=1)
-        m.create_dataset("indices", data=csc.indices.astype(np.int64), compression="gzip", compression_opts=1)
-        m.create_dataset("indptr", data=csc.indptr.astype(np.int64))
+        # cells x features CSR has the arrays of 10x's features x cells CSC
+        gz = {"compression": "gzip", "compression_opts": 1}
+        data = m.create_dataset("data", shape=(nnz,), dtype=np.int32, **gz)
+        indices = m.create_dataset("indices", shape=(nnz,), dtype=np.int64, **gz)
+        indptr = np.zeros(n + 1, np.int64)
+        pos = 0
+        for s in range(0, n, block):
+            blk = sp.hstack([counts[s : s + block], ctrl[s : s + block]], format="csr")
+            data[pos : pos + blk.nnz] = blk.data.astype(np.int32)
+            indices[pos : pos + blk.nnz] = blk.indices
+            indptr[s + 1 : s + blk.shape[0] + 1] = pos + blk.indptr[1:]
+            pos += blk.nnz
+        m.create_dataset("indptr", data=indptr)
         m.create_dataset("shape", data=np.array([len(feat_names), len(cell_ids)], dtype=np.int32))
         ft = m.create_group("features")
         ft.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
@@ -107,46 +123,172 @@ def _ome_meta(axes: str, mpp: float, channel: str | None = None) -> dict:
     return meta
 
 
-def _write_pyramid(path: Path, levels: list[np.ndarray], mpp: float, *, rgb: bool, compression: str,
-                   channel: str | None = None, tile: int = 512) -> None:
+def _band_tiles(bands: Iterator[np.ndarray], width: int, tile: int) -> Iterator[np.ndarray]:
+    """The tiles of an image given as consecutive bands of rows, in TIFF order (rows of tiles, left to right).
+
+    Bands of any height: rows short of a tile are kept for the next band. Edge tiles are yielded partial
+    (tifffile pads them with zeros, as it does for a whole array).
+    """
+    pending = None
+    for band in bands:
+        buf = band if pending is None else np.concatenate([pending, band])
+        full = len(buf) // tile * tile
+        for r in range(0, full, tile):
+            for c in range(0, width, tile):
+                yield buf[r : r + tile, c : c + tile]
+        pending = buf[full:] if full < len(buf) else None
+        del buf, band
+    if pending is not None:
+        for c in range(0, width, tile):
+            yield pending[:, c : c + tile]
+
+
+def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
+    """The items of ``items``, produced ``depth`` ahead in a thread (the next band is rendered while this one
+    is compressed and written); an error in the thread is raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as err:  # handed to the consumer
+            put((end, err))
+
+    worker = threading.Thread(target=work, name="cellsymphony-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            yield item
+            del item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
+            worker.join(timeout=0.1)
+
+
+def _write_pyramid(path: Path, shape: tuple[int, ...], dtype, bands: Iterator[np.ndarray], mpp: float, *,
+                   rgb: bool, compression: str, channel: str | None = None, tile: int = 512,
+                   min_size: int = 512) -> None:
+    """A tiled OME-TIFF pyramid (levels 1.. in SubIFDs) of an image given as consecutive bands of rows.
+
+    Level 0 is streamed tile by tile from ``bands`` (even heights, except the last); level 1 (a quarter of
+    the pixels) is pooled from each band as it passes and kept, the smaller levels are pooled from it.
+    """
     import tifffile
 
+    from . import _render
+
+    dtype = np.dtype(dtype)
+    n_lev = _render.n_levels(shape, min_size)
+    level1 = np.empty((shape[0] // 2, shape[1] // 2) + shape[2:], dtype) if n_lev > 1 else None
+    done = [0]
+
+    def pooled(bands):
+        for band in bands:
+            r0 = done[0]
+            if level1 is not None:
+                if r0 % 2:
+                    raise ValueError("bands of the image must have an even number of rows (but the last)")
+                part = _render.downsample2(band)
+                level1[r0 // 2 : r0 // 2 + len(part)] = part
+            done[0] += len(band)
+            yield band
+
+    # tiles are compressed in two threads, 64 MB at a time (the tiles waiting are views of the bands)
     kw = {"photometric": "rgb" if rgb else "minisblack", "tile": (tile, tile), "compression": compression,
-          "maxworkers": 2}
+          "maxworkers": 2, "buffersize": 1 << 26}
     if compression == "jpeg":
         kw["compressionargs"] = {"level": 90}
     elif compression == "zlib":
         kw["compressionargs"] = {"level": 1}
     res = 1e4 / mpp  # pixels per cm
+    ahead = _prefetch(bands)
+    tiles = _band_tiles(pooled(ahead), shape[1], tile)
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
-        tw.write(levels[0], subifds=len(levels) - 1, resolution=(res, res), resolutionunit="CENTIMETER",
-                 metadata=_ome_meta("YXS" if rgb else "YX", mpp, channel), **kw)
-        for k, lvl in enumerate(levels[1:], start=1):
+        try:
+            tw.write(tiles, shape=shape, dtype=dtype, subifds=n_lev - 1, resolution=(res, res),
+                     resolutionunit="CENTIMETER", metadata=_ome_meta("YXS" if rgb else "YX", mpp, channel), **kw)
+        finally:  # tifffile takes just the tiles it needs: stop the producers here
+            tiles.close()
+            ahead.close()
+        if done[0] != shape[0]:
+            raise RuntimeError(f"{path.name}: {done[0]} rows were rendered for an image of {shape[0]}")
+        levels = _render.pyramid(level1, min_size) if level1 is not None else []
+        for k, lvl in enumerate(levels, start=1):
             r = res / 2**k
             tw.write(lvl, subfiletype=1, resolution=(r, r), resolutionunit="CENTIMETER", metadata=None, **kw)
 
 
-def _write_cells_zarr(path: Path, nuc, cell, ids_prefix, id_style, summary: pd.DataFrame, polys: dict,
-                      n_cells: int) -> None:
-    import zarr
+class _CellsZarr:
+    """``cells.zarr.zip`` written in one pass: ids, then the masks band by band, then summary and polygons.
 
-    with atomic_path(path) as tmp:
-        tmp.unlink()
-        store = zarr.storage.ZipStore(tmp, mode="w")
-        root = zarr.open_group(store=store, mode="w", zarr_format=2,
-                               attributes={"major_version": 5, "minor_version": 0, "number_cells": int(n_cells),
-                                           "segmentation_methods": ["Segmented by nucleus expansion of 5.0µm"]})
-        if id_style == "string":
-            cid = np.stack([ids_prefix.astype(np.uint32), np.ones(n_cells, np.uint32)], axis=1)
-        else:
-            cid = ids_prefix.astype(np.uint32)
-        root.create_array("cell_id", data=cid, chunks=(min(n_cells, 100_000),) + cid.shape[1:])
-        masks = root.create_group("masks", attributes={"0": "nucleus", "1": "cell"})
+    A ZipStore cannot rewrite an entry, so the mask bands are whole chunk rows: every chunk is written once.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int], band_rows: int, ids_prefix, id_style: str,
+                 n_cells: int):
+        import zarr
         from numcodecs import Blosc
 
-        lz4 = Blosc(cname="lz4", clevel=5, shuffle=Blosc.BITSHUFFLE)
-        for k, m in (("0", nuc), ("1", cell)):
-            masks.create_array(k, data=m, chunks=(min(4096, m.shape[0]), min(4096, m.shape[1])), compressors=lz4)
+        self._atomic = atomic_path(path)
+        tmp = self._atomic.__enter__()
+        self.store = None
+        self.n_cells, self.band_rows = n_cells, band_rows
+        try:
+            tmp.unlink()
+            self.store = zarr.storage.ZipStore(tmp, mode="w")
+            self.root = root = zarr.open_group(
+                store=self.store, mode="w", zarr_format=2,
+                attributes={"major_version": 5, "minor_version": 0, "number_cells": int(n_cells),
+                            "segmentation_methods": ["Segmented by nucleus expansion of 5.0µm"]})
+            if id_style == "string":
+                cid = np.stack([ids_prefix.astype(np.uint32), np.ones(n_cells, np.uint32)], axis=1)
+            else:
+                cid = ids_prefix.astype(np.uint32)
+            root.create_array("cell_id", data=cid, chunks=(min(n_cells, 100_000),) + cid.shape[1:])
+            masks = root.create_group("masks", attributes={"0": "nucleus", "1": "cell"})
+            lz4 = Blosc(cname="lz4", clevel=5, shuffle=Blosc.BITSHUFFLE)
+            chunks = (min(band_rows, shape[0]), min(4096, shape[1]))
+            self.masks = [masks.create_array(k, shape=shape, dtype=np.uint32, chunks=chunks, compressors=lz4,
+                                             fill_value=0) for k in ("0", "1")]
+        except BaseException:
+            self.abort()
+            raise
+
+    def write_masks(self, r0: int, nuc: np.ndarray, cell: np.ndarray) -> None:
+        if r0 % self.band_rows:
+            raise ValueError("mask bands must start on a chunk row")
+        for arr, band in zip(self.masks, (nuc, cell), strict=True):
+            step = arr.chunks[1]
+            for c in range(0, band.shape[1], step):  # a chunk at a time: zarr copies what it encodes
+                arr[r0 : r0 + len(band), c : c + step] = band[:, c : c + step]
+
+    def finish(self, summary: pd.DataFrame, polys: dict) -> None:
+        n_cells, root = self.n_cells, self.root
         root.create_array("cell_summary", data=summary.to_numpy(np.float64),
                           chunks=(min(n_cells, 100_000), summary.shape[1]),
                           attributes={"column_names": list(summary.columns)})
@@ -160,7 +302,15 @@ def _write_cells_zarr(path: Path, nuc, cell, ids_prefix, id_style, summary: pd.D
             g.create_array("method", data=np.zeros(n_cells, np.uint32))
             g.create_array("num_vertices", data=np.full(n_cells, nv, np.int32))
             g.create_array("vertices", data=verts, chunks=(min(n_cells, 50_000), 2 * nv))
-        store.close()
+        self.store.close()
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Close the store and remove the partial file."""
+        if self.store is not None:
+            self.store.close()
+        err = RuntimeError("cells.zarr.zip aborted")
+        self._atomic.__exit__(type(err), err, None)  # atomic_path removes its temporary file
 
 
 def _boundaries(ids, vx, vy, id_style):
@@ -178,56 +328,104 @@ def _boundaries(ids, vx, vy, id_style):
     return pa.table(cols)
 
 
-def _transcripts(counts, ctrl, ctrl_names, genes, cells, ids, id_style, nuc_area, cell_area, width, height,
-                 rng):
-    """One row per detected molecule: the matrix counts (qv >= 20), plus low-quality and unassigned ones."""
+_TX_CHUNK_CELLS = 20_000  # cells whose molecules are drawn at once
+_TX_ROW_GROUP = 1 << 20  # rows per row group of transcripts.parquet
+
+
+def _transcripts(path: Path, counts, ctrl, ctrl_names, genes, cells, ids, id_style, nuc_area, cell_area, width,
+                 height, rng) -> int:
+    """Write ``transcripts.parquet``: one row per detected molecule, the matrix counts (qv >= 20) plus
+    low-quality and unassigned ones, sorted by field of view and y; returns the number of rows.
+
+    Molecules are drawn in chunks of cells into compact arrays (float32, int32 / int16), sorted once, and
+    written by row groups, each building its own string columns.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import scipy.sparse as sp
 
-    allc = sp.hstack([counts, ctrl], format="csr")
-    names = np.asarray(list(genes) + list(ctrl_names), dtype=object)
-    n_per_cell = np.diff(allc.indptr)
-    cell_of = np.repeat(np.arange(counts.shape[0]), n_per_cell)
-    feat = np.repeat(allc.indices, allc.data)
-    cell_of = np.repeat(cell_of, allc.data)
-    m = len(feat)
-    nuclear = rng.random(m) < 0.38
-    r_n = np.sqrt(nuc_area / np.pi)[cell_of]
-    r_c = np.sqrt(cell_area / np.pi)[cell_of]
-    rr = np.where(nuclear, r_n * np.sqrt(rng.random(m)) * 0.95,
-                  r_n + (np.maximum(r_c - r_n, 0.3)) * np.sqrt(rng.random(m)))
-    ang = rng.uniform(0, 2 * np.pi, m)
-    x = cells.x.to_numpy()[cell_of] + rr * np.cos(ang)
-    y = cells.y.to_numpy()[cell_of] + rr * np.sin(ang)
-    qv = np.minimum(40.0, 20.0 + rng.exponential(9.0, m))
-    # extra molecules: low quality (not in the matrix) and unassigned (outside cells)
-    k_low, k_un = int(0.07 * m), int(0.05 * m)
-    fx = rng.integers(0, len(genes), k_low + k_un)
-    low_cell = rng.integers(0, counts.shape[0], k_low)
-    x_extra = np.concatenate([cells.x.to_numpy()[low_cell] + rng.normal(0, 3, k_low), rng.uniform(0, width, k_un)])
-    y_extra = np.concatenate([cells.y.to_numpy()[low_cell] + rng.normal(0, 3, k_low), rng.uniform(0, height, k_un)])
-    import pyarrow as pa
-
-    total = m + k_low + k_un
-    cell_code = np.concatenate([cell_of, low_cell, np.full(k_un, len(ids))])
-    fx_all = np.clip(np.concatenate([x, x_extra]), 0, width).astype(np.float32)
-    fy_all = np.clip(np.concatenate([y, y_extra]), 0, height).astype(np.float32)
+    names = list(genes) + list(ctrl_names)
+    n = counts.shape[0]
+    per_cell = np.asarray(counts.sum(axis=1)).ravel().astype(np.int64) + np.asarray(ctrl.sum(axis=1)).ravel()
+    starts = list(range(0, n, _TX_CHUNK_CELLS))
+    m_chunk = [int(per_cell[s : s + _TX_CHUNK_CELLS].sum()) for s in starts]
+    extra = [(int(0.07 * m), int(0.05 * m)) for m in m_chunk]
+    total = sum(m + lo + un for m, (lo, un) in zip(m_chunk, extra, strict=True))
+    fx_all = np.empty(total, np.float32)
+    fy_all = np.empty(total, np.float32)
+    qv_all = np.empty(total, np.float32)
+    nd_all = np.empty(total, np.float32)
+    cell_code = np.empty(total, np.int32)
+    feat_all = np.empty(total, np.int16 if len(names) < 2**15 else np.int32)
+    nuclear_all = np.empty(total, np.uint8)
+    cx_all, cy_all = cells.x.to_numpy(), cells.y.to_numpy()
+    rn_all, rc_all = np.sqrt(nuc_area / np.pi), np.sqrt(cell_area / np.pi)
+    pos = 0
+    for s, m, (k_low, k_un) in zip(starts, m_chunk, extra, strict=True):
+        e = min(n, s + _TX_CHUNK_CELLS)
+        allc = sp.hstack([counts[s:e], ctrl[s:e]], format="csr")
+        cell_of = np.repeat(np.arange(s, e, dtype=np.int32), np.diff(allc.indptr))
+        feat = np.repeat(allc.indices, allc.data)
+        cell_of = np.repeat(cell_of, allc.data)
+        nuclear = rng.random(m) < 0.38
+        r_n, r_c = rn_all[cell_of], rc_all[cell_of]
+        rr = np.where(nuclear, r_n * np.sqrt(rng.random(m)) * 0.95,
+                      r_n + (np.maximum(r_c - r_n, 0.3)) * np.sqrt(rng.random(m)))
+        ang = rng.uniform(0, 2 * np.pi, m)
+        x = cx_all[cell_of] + rr * np.cos(ang)
+        y = cy_all[cell_of] + rr * np.sin(ang)
+        qv = np.minimum(40.0, 20.0 + rng.exponential(9.0, m))
+        # extra molecules: low quality (not in the matrix) and unassigned (outside cells)
+        fx = rng.integers(0, len(genes), k_low + k_un)
+        low_cell = rng.integers(s, e, k_low).astype(np.int32)
+        x_extra = np.concatenate([cx_all[low_cell] + rng.normal(0, 3, k_low), rng.uniform(0, width, k_un)])
+        y_extra = np.concatenate([cy_all[low_cell] + rng.normal(0, 3, k_low), rng.uniform(0, height, k_un)])
+        sl = slice(pos, pos + m + k_low + k_un)
+        fx_all[sl] = np.clip(np.concatenate([x, x_extra]), 0, width)
+        fy_all[sl] = np.clip(np.concatenate([y, y_extra]), 0, height)
+        cell_code[sl] = np.concatenate([cell_of, low_cell, np.full(k_un, n, np.int32)])
+        feat_all[sl] = np.concatenate([feat, fx])
+        nuclear_all[sl] = np.concatenate([nuclear, np.zeros(k_low + k_un, bool)])
+        qv_all[sl] = np.concatenate([qv, rng.uniform(5, 19.9, k_low), rng.uniform(20, 40, k_un)])
+        nd_all[sl] = np.concatenate([np.where(nuclear, 0.0, rr - r_n), rng.uniform(0, 5, k_low),
+                                     rng.uniform(5, 30, k_un)])
+        pos = sl.stop
     fov_codes, fov_labels = _fov_codes(fx_all, fy_all)
-    order = np.lexsort((fy_all, fov_codes))
-    cols = {
-        "transcript_id": pa.array(np.arange(total, dtype=np.uint64) + np.uint64(281474976710656)),
-        "cell_id": _ids_array(ids, cell_code[order], id_style),
-        "overlaps_nucleus": pa.array(np.concatenate([nuclear, np.zeros(k_low + k_un, bool)]).astype(np.uint8)[order]),
-        "feature_name": _dict_strings(np.concatenate([feat, fx])[order], names),
-        "x_location": pa.array(fx_all[order]),
-        "y_location": pa.array(fy_all[order]),
-        "z_location": pa.array(rng.uniform(8, 22, total).astype(np.float32)),
-        "qv": pa.array(np.concatenate([qv, rng.uniform(5, 19.9, k_low), rng.uniform(20, 40, k_un)])
-                       .astype(np.float32)[order]),
-        "fov_name": _dict_strings(fov_codes[order], fov_labels),
-        "nucleus_distance": pa.array(np.concatenate([np.where(nuclear, 0.0, rr - r_n), rng.uniform(0, 5, k_low),
-                                                     rng.uniform(5, 30, k_un)]).astype(np.float32)[order]),
-    }
-    return pa.table(cols)
+    order = np.lexsort((fy_all, fov_codes))  # the Xenium order: by field of view, then y
+    feat_dict = pa.array([str(v) for v in names], pa.string())
+    fov_dict = pa.array(fov_labels, pa.string())
+    if id_style == "string":
+        id_dict = pa.array([str(v) for v in ids] + ["UNASSIGNED"], pa.string())
+    else:
+        id_int = np.append(np.asarray(ids, np.int32), np.int32(-1))
+
+    def strings(codes, dictionary):
+        return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), dictionary).cast(pa.string())
+
+    schema = pa.schema([("transcript_id", pa.uint64()),
+                        ("cell_id", pa.string() if id_style == "string" else pa.int32()),
+                        ("overlaps_nucleus", pa.uint8()), ("feature_name", pa.string()),
+                        ("x_location", pa.float32()), ("y_location", pa.float32()), ("z_location", pa.float32()),
+                        ("qv", pa.float32()), ("fov_name", pa.string()), ("nucleus_distance", pa.float32())])
+    first_id = np.uint64(281474976710656)
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for a in range(0, total, _TX_ROW_GROUP):
+            o = order[a : a + _TX_ROW_GROUP]
+            codes = cell_code[o]
+            cols = [
+                pa.array(np.arange(a, a + len(o), dtype=np.uint64) + first_id),
+                strings(codes, id_dict) if id_style == "string" else pa.array(id_int[codes]),
+                pa.array(nuclear_all[o]),
+                strings(feat_all[o], feat_dict),
+                pa.array(fx_all[o]),
+                pa.array(fy_all[o]),
+                pa.array(rng.uniform(8, 22, len(o)).astype(np.float32)),
+                pa.array(qv_all[o]),
+                strings(fov_codes[o], fov_dict),
+                pa.array(nd_all[o]),
+            ]
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema), row_group_size=_TX_ROW_GROUP)
+    return total
 
 
 def _dict_strings(codes: np.ndarray, labels):
@@ -248,10 +446,15 @@ def _ids_array(ids: np.ndarray, codes: np.ndarray, id_style: str):
 
 
 def _fov_codes(x, y):
-    r = np.clip((y // 560).astype(int), 0, 25)
-    c = np.clip((x // 560).astype(int), 0, 98) + 1
-    uniq, inv = np.unique(r * 100 + c, return_inverse=True)
-    return inv, [f"{chr(65 + u // 100)}{u % 100}" for u in uniq]
+    """Field-of-view code of each position (int16, ranks of the fields present) and the fields' names."""
+    from ._tissue import FOV_COLS, FOV_ROWS, FOV_UM
+
+    key = (np.clip((y // FOV_UM).astype(np.int16), 0, FOV_ROWS - 1) * 100
+           + np.clip((x // FOV_UM).astype(np.int16), 0, FOV_COLS - 1) + 1).astype(np.int16)
+    present = np.bincount(key, minlength=FOV_ROWS * 100) > 0
+    rank = (np.cumsum(present) - 1).astype(np.int16)
+    uniq = np.flatnonzero(present)
+    return rank[key], [f"{chr(65 + u // 100)}{u % 100}" for u in uniq]
 
 
 # ----------------------------------------------------------------------------------------------- H&E classifier
@@ -385,12 +588,19 @@ def synthetic_xenium(
     :func:`cellsymphony.io.read_xenium` and by ``spatialdata_io.xenium``. See the docs page *Synthetic tissue*
     for the tissue model and how its realism is measured.
 
+    Images and masks are rendered and written in bands of rows and the transcripts by row groups, so memory
+    stays a few GB at real section sizes (460,000 cells: about 6.5 GB on disk). The bundle is generated in a
+    hidden folder beside ``path`` and renamed into place when complete: an interrupted run leaves no partial
+    bundle at ``path``, and ``overwrite`` replaces an old bundle only with a complete one. The free disk
+    space is checked against an estimate of the bundle's size before anything is written.
+
     Parameters
     ----------
     path
         Output folder (created; must be empty or absent unless ``overwrite``).
     n_cells
-        Number of cells of the section.
+        Number of cells of the section, from 10 to 1,800,000 (the largest section whose fields of view the
+        bundle can name).
     seed
         Random seed; the same seed gives the same bundle.
     id_style
@@ -406,7 +616,7 @@ def synthetic_xenium(
     reference_cells
         Cells of the matching single-cell reference ``reference.h5ad`` (0: none).
     overwrite
-        Replace an existing non-empty folder.
+        Replace an existing non-empty folder (once the new bundle is complete).
 
     Returns
     -------
@@ -417,24 +627,132 @@ def synthetic_xenium(
     rendered nucleus area / elongation / darkness, H&E nucleus centroid), ``he_nuclei.csv`` (a simulated
     H&E nucleus classifier's output) and ``reference.h5ad``.
     """
-    from . import _panel, _render, _tissue
+    from ._tissue import max_cells
 
     if id_style not in ("string", "integer"):
         raise ValueError(f"id_style must be 'string' or 'integer', got {id_style!r}")
+    if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer):
+        raise ValueError(f"n_cells must be an integer, got {n_cells!r}")
     if n_cells < 10:
         raise ValueError(f"n_cells must be at least 10, got {n_cells}")
+    if n_cells > max_cells():
+        raise ValueError(f"n_cells={n_cells:,} is more than the synthetic tissue model can lay out: at most "
+                         f"{max_cells():,} cells (the section must fit the field-of-view rows A-Z of the bundle)")
     if not 0.1 <= he_mpp <= 2.0:
         raise ValueError(f"he_mpp must be between 0.1 and 2 um per pixel, got {he_mpp}")
+    if reference_cells < 0:
+        raise ValueError(f"reference_cells must be 0 or more, got {reference_cells}")
     path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} exists and is not a folder")
+        if any(path.iterdir()) and not overwrite:
+            raise ValueError(f"{path} exists and is not empty; pass overwrite=True or choose another folder")
+    t0 = time.perf_counter()
+    _check_disk(path, n_cells=int(n_cells), transcripts=transcripts, reference_cells=reference_cells, he_mpp=he_mpp)
+    # generate into a hidden sibling and rename it into place at the end: an interrupted run leaves no
+    # half bundle at `path` (and an old bundle there is replaced only by a complete one)
+    _remove_stale_partials(path)
+    tmp = path.parent / f".{path.name}.partial-{_partial_tag()}"
+    tmp.mkdir(parents=True)
+    try:
+        _generate(tmp, n_cells=int(n_cells), seed=seed, id_style=id_style, he_mpp=he_mpp, name=name,
+                  transcripts=transcripts, reference_cells=reference_cells)
+        _move_into_place(tmp, path, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote a synthetic Xenium bundle of %d cells to %s in %.1f s", n_cells, path, time.perf_counter() - t0)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- bundle folder
+# bytes per cell of each part of a bundle (measured at 50,000 cells with the default he_mpp, plus ~10 %)
+_BYTES_PER_CELL = {"dapi": 5_800, "he": 1_300, "masks": 2_100, "tables": 900, "transcripts": 4_300}
+_BYTES_PER_REFERENCE_CELL = 1_900
+
+
+def _estimate_bytes(n_cells: int, *, transcripts: bool, reference_cells: int, he_mpp: float) -> int:
+    """About what a bundle takes on disk (an over-estimate by some 10 %)."""
+    b = _BYTES_PER_CELL
+    per_cell = b["dapi"] + b["he"] * (0.2738 / he_mpp) ** 2 + b["masks"] + b["tables"]
+    if transcripts:
+        per_cell += b["transcripts"]
+    return int(n_cells * per_cell + reference_cells * _BYTES_PER_REFERENCE_CELL + 20e6)
+
+
+def _check_disk(path: Path, *, n_cells: int, transcripts: bool, reference_cells: int, he_mpp: float) -> None:
+    need = _estimate_bytes(n_cells, transcripts=transcripts, reference_cells=reference_cells, he_mpp=he_mpp)
+    parent = path.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        tx = _estimate_bytes(n_cells, transcripts=True, reference_cells=0, he_mpp=he_mpp) - _estimate_bytes(
+            n_cells, transcripts=False, reference_cells=0, he_mpp=he_mpp)
+        hint = f"transcripts=False (saves about {tx / 1e9:.1f} GB), " if transcripts else ""
+        raise ValueError(f"not enough disk space for a synthetic bundle of {n_cells:,} cells at {path}: it needs about "
+                         f"{need / 1e9:.1f} GB and {parent} has {free / 1e9:.1f} GB free. Reduce it ({hint}fewer "
+                         f"cells, reference_cells=0) or choose a folder on a larger disk.")
+
+
+def _partial_tag() -> str:
+    import secrets
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Remove the hidden folders of runs for ``path`` on this host whose process is gone (killed runs)."""
+    import glob
+    import socket
+
+    prefix = f".{path.name}.partial-{socket.gethostname()}-"
+    for p in path.parent.glob(glob.escape(prefix) + "*"):
+        try:
+            pid = int(p.name[len(prefix):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError, OSError):
+            continue
+
+
+def _move_into_place(tmp: Path, path: Path, *, overwrite: bool) -> None:
+    for f in tmp.rglob("*"):  # temporary files of atomic writes are private (0600); the bundle is not
+        if f.is_file():
+            f.chmod(0o644)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     if path.exists() and any(path.iterdir()):
         if not overwrite:
-            raise ValueError(f"{path} exists and is not empty; pass overwrite=True or choose another folder")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    LAST_TIMINGS.clear()
-    last = [t0]
+            raise ValueError(f"{path} was filled by someone else while the bundle was generated; it is left as it "
+                             f"is (pass overwrite=True to replace it)")
+        old = path.parent / f".{path.name}.old-{_partial_tag()}"
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
 
+
+def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: float, name: str, transcripts: bool,
+              reference_cells: int) -> None:
+    """Write the bundle into the (new, empty) folder ``path``."""
+    import scipy.sparse as sp
+
+    from . import _panel, _render, _tissue
+
+    LAST_TIMINGS.clear()
+    last = [time.perf_counter()]
     cpu = [time.process_time()]
 
     def _mark(stage):
@@ -446,30 +764,64 @@ def synthetic_xenium(
     rng = np.random.default_rng(seed)
     genes, profiles, theta = _model(seed)
 
-    _mark('setup')
+    _mark("setup")
     # ---- tissue and cell order (Xenium sorts cells by id, which follows the imaging order)
     tissue = _tissue.make_tissue(n_cells, rng)
     c = tissue.cells
     order = np.lexsort((c.x.to_numpy(), (c.y.to_numpy() // 400).astype(int)))
     tissue.cells = c = c.iloc[order].reset_index(drop=True)
     if id_style == "string":
-        prefix = np.sort(rng.choice(np.arange(1 << 16, 1 << 26), size=n_cells, replace=False)).astype(np.uint32)
+        lo, hi = 1 << 16, 1 << 26
+        prefix = (np.sort(rng.choice(hi - lo, size=n_cells, replace=False)) + lo).astype(np.uint32)
         ids = _encode_ids(prefix)
     else:
         prefix = np.arange(1, n_cells + 1, dtype=np.uint32)
         ids = prefix.astype(np.int32)
-
-    _mark('tissue')
-    # ---- segmentation at Xenium resolution
-    nuc, cell = _render.morphology_masks(tissue, PIXEL_SIZE)
-    nuc_area = _render.label_areas(nuc, n_cells, PIXEL_SIZE)
-    cell_area = _render.label_areas(cell, n_cells, PIXEL_SIZE)
-    cell_cent, tiny = _render.mask_centroids(cell, n_cells, PIXEL_SIZE)
-    cell_cent[tiny] = c[["x", "y"]].to_numpy()[tiny]
     nvx, nvy = _tissue.nucleus_polygons(c)
     cvx, cvy = _tissue.cell_polygons(c)
 
-    _mark('masks')
+    _mark("tissue")
+    # ---- segmentation masks and DAPI at Xenium resolution, band by band, in one pass
+    shape = _render.morphology_shape(tissue, PIXEL_SIZE)
+    band_rows = _render.MASK_BAND_ROWS
+    nuc_stats, cell_stats = _render.LabelStats(n_cells, PIXEL_SIZE), _render.LabelStats(n_cells, PIXEL_SIZE)
+    brightness = 900.0 + 1300.0 * c.dark.to_numpy()
+    noise = _render.dapi_noise(np.random.default_rng([seed, 13]))
+    zw = _CellsZarr(path / "cells.zarr.zip", shape, band_rows, prefix, id_style, n_cells)
+
+    def dapi_bands():
+        for r0, nuc, cell in _render.mask_bands(tissue, PIXEL_SIZE, band_rows):
+            zw.write_masks(r0, nuc, cell)
+            nuc_stats.add(nuc, r0)
+            cell_stats.add(cell, r0)
+            del cell
+            yield _render.dapi_band(nuc, r0, brightness, noise)
+
+    focus = (path / "morphology_focus" / "morphology_focus_0000.ome.tif" if id_style == "string"
+             else path / "morphology_focus.ome.tif")
+    focus.parent.mkdir(exist_ok=True)
+    try:
+        _write_pyramid(focus, shape, np.uint16, dapi_bands(), PIXEL_SIZE, rgb=False, compression="zlib",
+                       channel="DAPI", tile=1024, min_size=1024)
+        nuc_area, cell_area = nuc_stats.areas(), cell_stats.areas()
+        cell_cent, tiny = cell_stats.centroids()
+        cell_cent[tiny] = c[["x", "y"]].to_numpy()[tiny]
+        summary = pd.DataFrame({
+            "cell_centroid_x": cell_cent[:, 0], "cell_centroid_y": cell_cent[:, 1], "cell_area": cell_area,
+            "nucleus_centroid_x": nvx.mean(axis=1), "nucleus_centroid_y": nvy.mean(axis=1), "nucleus_area": nuc_area,
+            "z_level": np.full(n_cells, 1.0), "nucleus_count": np.ones(n_cells),
+        })
+        zw.finish(summary, {"0": (nvx, nvy), "1": (cvx, cvy)})
+    except BaseException:
+        zw.abort()
+        raise
+    if id_style == "integer":
+        try:
+            os.link(focus, path / "morphology_mip.ome.tif")
+        except OSError:
+            shutil.copyfile(focus, path / "morphology_mip.ome.tif")
+
+    _mark("masks_dapi")
     # ---- expression
     types = c.cell_type.to_numpy()
     fine = c.cell_type_fine.to_numpy()
@@ -480,9 +832,9 @@ def synthetic_xenium(
         ctrl_types = ["Blank Codeword" if t == "Unassigned Codeword" else t for t in ctrl_types]
         ctrl_names = [f"BLANK_{i:04d}" if n.startswith("Unassigned") else n for i, n in enumerate(ctrl_names)]
     rate = np.where(np.asarray(ctrl_types) == "Negative Control Probe", 0.004, 0.0015)
-    import scipy.sparse as sp
-
-    ctrl = sp.csr_matrix(rng.poisson(rate[None, :] * (size[:, None] / 100.0)).astype(np.int32))
+    step = 100_000  # in blocks of cells (the same draws as one call)
+    ctrl = sp.vstack([sp.csr_matrix(rng.poisson(rate[None, :] * (size[s : s + step, None] / 100.0)).astype(np.int32))
+                      for s in range(0, n_cells, step)], format="csr")
     ct = np.asarray(ctrl_types)
     tx = np.asarray(counts.sum(axis=1)).ravel()
 
@@ -490,7 +842,7 @@ def synthetic_xenium(
         cols = np.flatnonzero(ct == kind)
         return np.asarray(ctrl[:, cols].sum(axis=1)).ravel().astype(np.int32)
 
-    _mark('expression')
+    _mark("expression")
     # ---- cells table (Xenium columns)
     cells_df = pd.DataFrame({
         "cell_id": ids,
@@ -509,49 +861,25 @@ def synthetic_xenium(
     cells_df["nucleus_area"] = nuc_area
     if id_style == "string":
         cells_df["nucleus_count"] = np.ones(n_cells, np.uint32)
-        cells_df["segmentation_method"] = pd.Categorical(["Segmented by nucleus expansion of 5.0µm"] * n_cells)
+        cells_df["segmentation_method"] = pd.Categorical.from_codes(
+            np.zeros(n_cells, np.int8), ["Segmented by nucleus expansion of 5.0µm"])
     with atomic_path(path / "cells.parquet") as tmp:
         cells_df.to_parquet(tmp, index=False)
+    del cells_df
 
     feat_names = list(genes) + list(ctrl_names)
     feat_ids = _gene_ids(genes) + list(ctrl_names)
     feat_types = ["Gene Expression"] * len(genes) + list(ctrl_types)
-    _write_h5(path / "cell_feature_matrix.h5", sp.hstack([counts, ctrl], format="csr"), ids, feat_names,
-              feat_ids, feat_types, _SW[id_style])
+    _write_h5(path / "cell_feature_matrix.h5", counts, ctrl, ids, feat_names, feat_ids, feat_types, _SW[id_style])
 
     import pyarrow.parquet as pq
 
     for fname, (vx, vy) in (("nucleus_boundaries.parquet", (nvx, nvy)), ("cell_boundaries.parquet", (cvx, cvy))):
         with atomic_path(path / fname) as tmp:
             pq.write_table(_boundaries(ids, vx, vy, id_style), tmp, compression="zstd")
+    del cvx, cvy
 
-    summary = pd.DataFrame({
-        "cell_centroid_x": cell_cent[:, 0], "cell_centroid_y": cell_cent[:, 1], "cell_area": cell_area,
-        "nucleus_centroid_x": nvx.mean(axis=1), "nucleus_centroid_y": nvy.mean(axis=1), "nucleus_area": nuc_area,
-        "z_level": np.full(n_cells, 1.0), "nucleus_count": np.ones(n_cells),
-    })
-    _write_cells_zarr(path / "cells.zarr.zip", nuc, cell, prefix, id_style, summary,
-                      {"0": (nvx, nvy), "1": (cvx, cvy)}, n_cells)
-
-    _mark('tables_zarr')
-    # ---- DAPI morphology image
-    dapi = _render.dapi_image(nuc, 900.0 + 1300.0 * c.dark.to_numpy(), rng)
-    del cell
-    levels = _render.pyramid(dapi, min_size=1024)
-    if id_style == "string":
-        (path / "morphology_focus").mkdir(exist_ok=True)
-        _write_pyramid(path / "morphology_focus" / "morphology_focus_0000.ome.tif", levels, PIXEL_SIZE, rgb=False,
-                       compression="zlib", channel="DAPI", tile=1024)
-    else:
-        _write_pyramid(path / "morphology_focus.ome.tif", levels, PIXEL_SIZE, rgb=False, compression="zlib",
-                       channel="DAPI", tile=1024)
-        try:
-            os.link(path / "morphology_focus.ome.tif", path / "morphology_mip.ome.tif")
-        except OSError:
-            shutil.copyfile(path / "morphology_focus.ome.tif", path / "morphology_mip.ome.tif")
-    del dapi, levels, nuc
-
-    _mark('dapi')
+    _mark("tables")
     # ---- H&E: similarity transform H&E pixel -> morphology pixel (rotation, scale, shift)
     ang = np.deg2rad(rng.uniform(4.0, 11.0) * rng.choice([-1, 1]))
     s = he_mpp / PIXEL_SIZE
@@ -566,16 +894,16 @@ def synthetic_xenium(
     he_shape = tuple(int(v) for v in np.ceil(he_c.max(axis=0) - offset + margin[::-1])[::-1])
     he2um = np.diag([PIXEL_SIZE, PIXEL_SIZE, 1.0]) @ align
     renderer = _render.HERenderer(tissue, he2um, he_shape, rng)
-    renderer.render_nuclei()
-    he = renderer.render()
+    he_rows = _render.HE_BAND_ROWS
+    he_bands = (renderer.render_band(r0, min(he_shape[0], r0 + he_rows)) for r0 in range(0, he_shape[0], he_rows))
+    _write_pyramid(path / f"{name}_he_image.ome.tif", (*he_shape, 3), np.uint8, he_bands, he_mpp, rgb=True,
+                   compression="jpeg")
     truth_he = renderer.nucleus_truth(he_mpp, n_cells)
     del renderer
-    _write_pyramid(path / f"{name}_he_image.ome.tif", _render.pyramid(he), he_mpp, rgb=True, compression="jpeg")
-    del he
     with atomic_path(path / f"{name}_he_imagealignment.csv") as tmp:
         np.savetxt(tmp, align, delimiter=",", fmt="%.10g")
 
-    _mark('he')
+    _mark("he")
     # ---- truth and label sources
     truth = pd.DataFrame({
         "cell_id": ids,
@@ -595,23 +923,21 @@ def synthetic_xenium(
         truth.to_parquet(tmp, index=False)
     with atomic_path(path / "he_nuclei.csv") as tmp:
         _he_nuclei(truth, rng).to_csv(tmp, index=False)
+    del truth
     if reference_cells:
         ref = _reference(genes, profiles, theta, reference_cells, np.random.default_rng([seed, 11]))
         with atomic_path(path / "reference.h5ad") as tmp:
             ref.write_h5ad(tmp)
+        del ref
 
-    _mark('truth_reference')
+    _mark("truth_reference")
     if transcripts:
-        tr = _transcripts(counts, ctrl, ctrl_names, genes, c, ids, id_style, nuc_area, cell_area,
-                          tissue.width_um, tissue.height_um, rng)
-        with atomic_path(path / "transcripts.parquet") as tmp:
-            pq.write_table(tr, tmp, compression="zstd")
-        n_tx = tr.num_rows
-        del tr
+        n_tx = _transcripts(path / "transcripts.parquet", counts, ctrl, ctrl_names, genes, c, ids, id_style,
+                            nuc_area, cell_area, tissue.width_um, tissue.height_um, rng)
     else:
         n_tx = int(tx.sum())
 
-    _mark('transcripts')
+    _mark("transcripts")
     area_mm2 = tissue.width_um * tissue.height_um / 1e6
     spec = {
         "major_version": 5 if id_style == "string" else 1,
@@ -654,11 +980,6 @@ def synthetic_xenium(
     }
     with atomic_path(path / "experiment.xenium") as tmp:
         tmp.write_text(json.dumps(spec, indent=4))
-    for f in path.rglob("*"):  # temporary files of atomic writes are private (0600); the bundle is not
-        if f.is_file():
-            f.chmod(0o644)
-    logger.info("wrote a synthetic Xenium bundle of %d cells to %s in %.1f s", n_cells, path, time.perf_counter() - t0)
-    return path
 
 
 def synthetic(*, n_cells: int = 4000, seed: int = 0, id_style: Literal["string", "integer"] = "string") -> MuData:

@@ -47,6 +47,20 @@ SHAPE = {
                         vesicular=0.0, cyto=0.8),
 }
 EXPANSION_UM = 5.0  # Xenium nucleus-expansion distance
+FOV_UM = 560.0  # side of a field of view (the fov_name of each molecule)
+FOV_ROWS, FOV_COLS = 26, 99  # fields of view are named A1 .. Z99
+MEAN_AREA_UM2 = 133.0  # um^2 per cell, the average over the compartment mix
+ASPECT = 1.15  # width / height of the section is ASPECT**2
+
+
+def max_cells() -> int:
+    """The largest section the model lays out: its height must fit the FOV rows A-Z (14.56 mm).
+
+    The section is ``side * ASPECT`` by ``side / ASPECT`` um with ``side = sqrt(n * MEAN_AREA_UM2 * 1.06)``, grown by
+    up to a few per cent when the first placement falls short; this bound keeps 4 % in reserve for that.
+    """
+    side = FOV_ROWS * FOV_UM * ASPECT / 1.04
+    return int(side**2 / (MEAN_AREA_UM2 * 1.06)) // 100_000 * 100_000
 
 
 @dataclass
@@ -185,21 +199,29 @@ def _place(width, height, rng):
 
 
 def make_tissue(n_cells: int, rng: np.random.Generator) -> Tissue:
-    """Lay out a tumour section holding exactly ``n_cells`` cells."""
-    mean_area = 133.0  # um^2 per cell, the average over the compartment mix
-    side = np.sqrt(n_cells * mean_area * 1.06)
+    """Lay out a tumour section holding exactly ``n_cells`` cells (at most :func:`max_cells`)."""
+    if n_cells > max_cells():
+        raise ValueError(f"n_cells={n_cells:,} is more than the tissue model can lay out ({max_cells():,}: the section "
+                         f"must fit the {FOV_ROWS} field-of-view rows A-Z, {FOV_ROWS * FOV_UM / 1000:.2f} mm high)")
+    side = np.sqrt(n_cells * MEAN_AREA_UM2 * 1.06)
     for _ in range(4):
-        width, height = side * 1.15, side / 1.15
+        width, height = side * ASPECT, side / ASPECT
         raster, orientation, cells = _place(width, height, rng)
         if len(cells) >= n_cells:
             break
         side *= np.sqrt(n_cells / max(len(cells), 1)) * 1.04
-    else:  # pragma: no cover - the loop above always converges within a few rounds
-        raise RuntimeError("could not place enough cells")
+    else:
+        raise ValueError(f"the tissue model placed only {len(cells):,} of n_cells={n_cells:,} cells in four rounds")
+    if height > FOV_ROWS * FOV_UM:
+        raise ValueError(f"n_cells={n_cells:,} gives a section {height / 1000:.2f} mm high, more than the "
+                         f"{FOV_ROWS} field-of-view rows A-Z ({FOV_ROWS * FOV_UM / 1000:.2f} mm); use fewer cells")
     # drop surplus cells at random from the randomly filled compartments (structured ones stay whole)
     surplus = len(cells) - n_cells
     if surplus > 0:
         free = np.flatnonzero(cells.compartment.isin(["stroma", "tumour nest", "lymphoid aggregate"]).to_numpy())
+        if surplus > len(free):
+            raise ValueError(f"the tissue model cannot lay out n_cells={n_cells:,}: the ducts and vessels of the "
+                             f"section alone hold {len(cells) - len(free):,} cells")
         drop = rng.choice(free, size=surplus, replace=False)
         cells = cells.drop(index=drop).reset_index(drop=True)
     cells = _nuclei(cells, orientation, rng)
@@ -277,7 +299,7 @@ def nucleus_polygons(cells: pd.DataFrame, n_vertices: int = 16) -> tuple[np.ndar
     return x, y
 
 
-def cell_polygons(cells: pd.DataFrame, n_vertices: int = 24) -> tuple[np.ndarray, np.ndarray]:
+def cell_polygons(cells: pd.DataFrame, n_vertices: int = 24, chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
     """Cell outlines: the nucleus expanded by up to 5 um, stopped half-way to each neighbour (Voronoi)."""
     from scipy.spatial import cKDTree
 
@@ -285,22 +307,26 @@ def cell_polygons(cells: pd.DataFrame, n_vertices: int = 24) -> tuple[np.ndarray
     k = min(9, len(xy))
     _, nb = cKDTree(xy).query(xy, k=k)
     nb = nb[:, 1:]
-    d = xy[nb] - xy[:, None, :]  # (n, k-1, 2)
     alpha = np.linspace(0, 2 * np.pi, n_vertices, endpoint=False)
     u = np.stack([np.cos(alpha), np.sin(alpha)], axis=1)  # (V, 2)
-    proj = np.einsum("nkc,vc->nvk", d, u)  # distance along direction
-    dist2 = np.sum(d**2, axis=2)[:, None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lim = np.where(proj > 1e-6, dist2 / (2 * proj), np.inf).min(axis=2)  # (n, V)
-    # nucleus radius in these (unrotated) directions
-    phi = cells.phi.to_numpy()[:, None]
-    rel = alpha[None, :] - phi
-    a, b = cells.a.to_numpy()[:, None], cells.b.to_numpy()[:, None]
-    ca, sa = np.cos(rel), np.sin(rel)
-    r_n = 1.0 / np.sqrt((ca / a) ** 2 + (sa / b) ** 2)
-    r_n = r_n * radius_factor(cells.c3.to_numpy()[:, None], cells.p3.to_numpy()[:, None],
-                              cells.c4.to_numpy()[:, None], cells.p4.to_numpy()[:, None], ca, sa)
-    r = np.minimum(r_n + EXPANSION_UM, np.maximum(lim, r_n + 0.3))
-    x = xy[:, 0:1] + r * u[None, :, 0]
-    y = xy[:, 1:2] + r * u[None, :, 1]
+    a_all, b_all, phi_all = cells.a.to_numpy(), cells.b.to_numpy(), cells.phi.to_numpy()
+    c3, p3, c4, p4 = (cells[c].to_numpy() for c in ("c3", "p3", "c4", "p4"))
+    x = np.empty((len(xy), n_vertices))
+    y = np.empty((len(xy), n_vertices))
+    for s in range(0, len(xy), chunk):  # (cells, vertices, neighbours) blocks: bounded memory
+        sl = slice(s, s + chunk)
+        d = xy[nb[sl]] - xy[sl, None, :]  # (n, k-1, 2)
+        proj = np.einsum("nkc,vc->nvk", d, u)  # distance along direction
+        dist2 = np.sum(d**2, axis=2)[:, None, :]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lim = np.where(proj > 1e-6, dist2 / (2 * proj), np.inf).min(axis=2)  # (n, V)
+        # nucleus radius in these (unrotated) directions
+        rel = alpha[None, :] - phi_all[sl, None]
+        a, b = a_all[sl, None], b_all[sl, None]
+        ca, sa = np.cos(rel), np.sin(rel)
+        r_n = 1.0 / np.sqrt((ca / a) ** 2 + (sa / b) ** 2)
+        r_n = r_n * radius_factor(c3[sl, None], p3[sl, None], c4[sl, None], p4[sl, None], ca, sa)
+        r = np.minimum(r_n + EXPANSION_UM, np.maximum(lim, r_n + 0.3))
+        x[sl] = xy[sl, 0:1] + r * u[None, :, 0]
+        y[sl] = xy[sl, 1:2] + r * u[None, :, 1]
     return x, y

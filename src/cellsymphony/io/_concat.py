@@ -123,8 +123,9 @@ def concat(
     global_obsm: dict[str, list[pd.DataFrame]] = {k: [] for k in sorted(shared_obsm)}
     global_obs: list[pd.DataFrame] = []
     for m, s, ids in zip(mdatas, samples, all_ids, strict=True):
-        new = np.array([f"{a}{sep}{b}" for a, b in zip(s.to_numpy(), ids, strict=True)]) if prefix else ids
-        rename = dict(zip(ids, new, strict=True))
+        # vectorised (a section has up to ~10^6 cells): "<sample><sep><cell id>"
+        new = np.char.add(np.char.add(s.to_numpy().astype(str), sep), ids.astype(str)) if prefix else ids
+        rename = pd.Series(new, index=pd.Index(ids))
         cell_sample.append(pd.Series(s.to_numpy(), index=new))
         for key, frames in global_obsm.items():
             if key in m.obsm:
@@ -138,7 +139,7 @@ def concat(
             if "cell_id" not in adata.obs:
                 adata.obs["cell_id"] = adata.obs_names.astype(str)
             adata.obs[SAMPLE_KEY] = s.reindex(adata.obs_names.astype(str)).to_numpy()
-            adata.obs_names = [rename[c] for c in adata.obs_names.astype(str)]
+            adata.obs_names = pd.Index(rename.reindex(adata.obs_names.astype(str)).to_numpy())
             mods[name] = adata
         parts.append(mods)
 

@@ -286,7 +286,7 @@ def read_nuclei(
         n = len(raw)
         out = pd.DataFrame(
             {
-                "cell_id": raw[idk].astype(str).to_numpy() if idk else np.array([f"cell_{i}" for i in range(n)]),
+                "cell_id": raw[idk].astype(str).to_numpy() if idk else np.char.add("cell_", np.arange(n).astype(str)),
                 "x": pd.to_numeric(raw[xc], errors="coerce").to_numpy(np.float64),
                 "y": pd.to_numeric(raw[yc], errors="coerce").to_numpy(np.float64),
                 "class": raw[ck].astype(object).where(raw[ck].notna(), None).to_numpy() if ck else np.full(n, None),

@@ -31,6 +31,11 @@ REG_ALIGNMENT = "alignment"  # (3, 3) float64: H&E pixel (x, y, 1) -> Xenium mor
 REG_PIXEL_SIZE = "pixel_size"  # micrometres per Xenium morphology pixel
 REG_HE_MPP = "he_mpp"  # micrometres per H&E pixel at pyramid level 0
 REG_XENIUM_PATH = "xenium_path"  # str, "" for H&E-only slides
+REG_NONRIGID = "nonrigid"  # optional dict: grid_um (rows, cols, 2), origin_px (2,), step_px (cs.io.register_he)
+
+# automatic H&E registration (cs.io.register_he, Registration.apply)
+REGISTRATION_KEY = "he_registration"  # mdata.uns[...]["samples"][sample]: QC and residuals
+REGISTRATION_ERROR_KEY = "registration_error_um"  # obs of both modalities: local registration error
 
 # default result keys
 X_UNI2 = "X_uni2"

@@ -8,6 +8,17 @@ from ._he import HEImage
 from ._read_he import read_he
 from ._read_he_cells import read_he_cells
 from ._read_xenium import read_xenium
+from ._register_he import Registration, register_he
 from ._write import write
 
-__all__: list[str] = ["HEImage", "concat", "from_spatialdata", "read_he", "read_he_cells", "read_xenium", "write"]
+__all__: list[str] = [
+    "HEImage",
+    "Registration",
+    "concat",
+    "from_spatialdata",
+    "read_he",
+    "read_he_cells",
+    "read_xenium",
+    "register_he",
+    "write",
+]

@@ -36,7 +36,7 @@ def read_xenium(
     path: str | os.PathLike,
     *,
     he_image: str | os.PathLike | HEImage | Literal[False] | None = None,
-    he_alignment: str | os.PathLike | np.ndarray | None = None,
+    he_alignment: str | os.PathLike | np.ndarray | Literal["auto"] | None = None,
     sample: str | None = None,
     he_mpp: float | None = None,
     nucleus_boundaries: bool = True,
@@ -61,7 +61,10 @@ def read_xenium(
         The 3 x 3 affine mapping H&E level-0 pixels ``(x, y, 1)`` to Xenium morphology pixels: a path to
         10x's ``*_he_imagealignment.csv`` (no header) or an array. ``None``: the folder's
         ``*he_imagealignment.csv``, or the CSV named after the H&E file (``X_he_image.ome.tif`` ->
-        ``X_he_imagealignment.csv``). Required when an H&E is attached.
+        ``X_he_imagealignment.csv``). Required when an H&E is attached. ``"auto"``: register the H&E to the
+        section with :func:`cellsymphony.io.register_he` (DAPI image and nuclei, no file needed); a
+        registration that fails its QC raises a ``ValueError`` quoting the QC, and the registry then also
+        holds the per-cell ``obs["registration_error_um"]`` and ``uns["he_registration"]``.
     sample
         Sample id of this section. Default: ``region_name`` of ``experiment.xenium``, else its ``run_name``,
         else the folder name.
@@ -99,6 +102,11 @@ def read_xenium(
     >>> import cellsymphony as cs
     >>> mdata = cs.io.read_xenium("outs/")  # doctest: +SKIP
     """
+    if isinstance(he_alignment, str) and he_alignment == "auto":
+        from ._register_he import read_xenium_auto
+
+        return read_xenium_auto(path, he_image=he_image, sample=sample, he_mpp=he_mpp,
+                                nucleus_boundaries=nucleus_boundaries)
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"Xenium folder {str(folder)!r} does not exist; check the path.")
@@ -207,8 +215,8 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp, pixel_size: float) 
         if he_alignment is None:
             raise ValueError(
                 f"No alignment found for the H&E image {str(name)!r}: pass he_alignment= (10x's "
-                "*_he_imagealignment.csv, or a 3 x 3 array mapping H&E pixels to Xenium morphology pixels), or "
-                "he_image=False to read without the H&E."
+                "*_he_imagealignment.csv, or a 3 x 3 array mapping H&E pixels to Xenium morphology pixels), "
+                "he_alignment='auto' to register the H&E automatically, or he_image=False to read without the H&E."
             )
     alignment = read_alignment(he_alignment)
     # micrometres per H&E pixel implied by the alignment's scale

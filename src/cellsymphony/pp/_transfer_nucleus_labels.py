@@ -18,7 +18,7 @@ from .._constants import (
     SPATIAL_KEY,
 )
 from .._docs import inject_docs
-from .._registration import check_alignment, he_px_to_um
+from .._registration import apply_affine, check_alignment, fit_affine, he_px_to_um, mutual_nearest
 from .._settings import logger
 from .._utils import params_record
 from .._validate import check_choice, is_mudata, samples_registry
@@ -60,24 +60,6 @@ def _cell_coords(data, cells: pd.Index) -> tuple[np.ndarray, str]:
     )
 
 
-def _mutual_nearest(cells: np.ndarray, nuclei: np.ndarray, max_d: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One-to-one pairs (cell index, nucleus index, distance) that are each other's nearest within ``max_d``."""
-    from scipy.spatial import cKDTree
-
-    empty = (np.zeros(0, int), np.zeros(0, int), np.zeros(0))
-    ok_c = np.flatnonzero(np.isfinite(cells).all(axis=1))
-    ok_n = np.flatnonzero(np.isfinite(nuclei).all(axis=1))
-    if ok_c.size == 0 or ok_n.size == 0:
-        return empty
-    c, n = cells[ok_c], nuclei[ok_n]
-    d_n, j_n = cKDTree(c).query(n, distance_upper_bound=max_d)  # nearest cell of each nucleus
-    _, j_c = cKDTree(n).query(c, distance_upper_bound=max_d)  # nearest nucleus of each cell
-    has = np.flatnonzero(np.isfinite(d_n))
-    cand_c = j_n[has]
-    mutual = j_c[cand_c] == has
-    return ok_c[cand_c[mutual]], ok_n[has[mutual]], d_n[has[mutual]]
-
-
 def _qc(cells_xy, nuclei_xy, ci, ni, n_cells, n_nuclei) -> dict:
     off = cells_xy[ci] - nuclei_xy[ni]
     dist = np.hypot(off[:, 0], off[:, 1])
@@ -105,22 +87,6 @@ def _qc(cells_xy, nuclei_xy, ci, ni, n_cells, n_nuclei) -> dict:
             median_offset_um=np.full(2, np.nan), offset_sd_um=np.full(2, np.nan),
         )
     return out
-
-
-def _fit(kind: str, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """3 x 3 micrometre transform taking ``src`` onto ``dst`` (least squares)."""
-    t = np.eye(3)
-    if kind == "shift":
-        t[:2, 2] = (dst - src).mean(axis=0)
-        return t
-    design = np.column_stack([src, np.ones(len(src))])
-    coef, *_ = np.linalg.lstsq(design, dst, rcond=None)  # (3, 2)
-    t[:2, :] = coef.T
-    return t
-
-
-def _apply(t: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    return xy @ t[:2, :2].T + t[:2, 2]
 
 
 def _to_um(xy: np.ndarray, space: str, reg: dict | None) -> np.ndarray:
@@ -275,7 +241,7 @@ def transfer_nucleus_labels(
     n_cells = int(np.isfinite(cells_xy).all(axis=1).sum())
     n_nuc = len(table)
 
-    ci, ni, dist = _mutual_nearest(cells_xy, nuc_um, max_distance_um)
+    ci, ni, dist = mutual_nearest(cells_xy, nuc_um, max_distance_um)
     qc = _qc(cells_xy, nuc_um, ci, ni, n_cells, n_nuc)
 
     # --- wrong space? compare with the other interpretations of the numbers
@@ -284,7 +250,7 @@ def transfer_nucleus_labels(
         for alt in SPACES:
             if alt == space or (alt != "um" and (reg is None or (alt == "he_px" and REG_ALIGNMENT not in reg))):
                 continue
-            a_ci, _, _ = _mutual_nearest(cells_xy, _to_um(nuc_raw, alt, reg), max_distance_um)
+            a_ci, _, _ = mutual_nearest(cells_xy, _to_um(nuc_raw, alt, reg), max_distance_um)
             alternatives.append((alt, len(a_ci) / max(min(n_cells, n_nuc), 1)))
         hint = "; ".join(f"with space={alt!r} {rate:.0%} would match" for alt, rate in alternatives)
         better = [alt for alt, rate in alternatives if rate > max(2 * qc["match_rate"], _LOW_MATCH_RATE)]
@@ -310,11 +276,11 @@ def transfer_nucleus_labels(
         total = np.eye(3)
         iterations = 0
         for iterations in range(1, _MAX_ITER + 1):  # noqa: B007
-            moved = _apply(total, nuc_um)
-            r_ci, r_ni, _ = _mutual_nearest(cells_xy, moved, max_distance_um)
+            moved = apply_affine(total, nuc_um)
+            r_ci, r_ni, _ = mutual_nearest(cells_xy, moved, max_distance_um)
             if len(r_ci) < need:
                 break
-            step = _fit(refine, moved[r_ni], cells_xy[r_ci])
+            step = fit_affine(moved[r_ni], cells_xy[r_ci], refine)
             total = step @ total
             if np.abs(step[:2, 2]).max() < 1e-3 and np.abs(step[:2, :2] - np.eye(2)).max() < 1e-6:
                 break
@@ -324,7 +290,7 @@ def transfer_nucleus_labels(
         after = np.linalg.inv(scale) @ total @ scale @ before
         check_alignment(after, "refined alignment")
         new_um = he_px_to_um(nuc_raw, after, ps)
-        new = _mutual_nearest(cells_xy, new_um, max_distance_um)
+        new = mutual_nearest(cells_xy, new_um, max_distance_um)
         new_qc = _qc(cells_xy, new_um, *new[:2], n_cells, n_nuc)
         qc_before = qc
         improved = new_qc["n_matched"] >= need and not (

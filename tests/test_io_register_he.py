@@ -294,3 +294,30 @@ def test_bad_arguments(tmp_path):
         cs.io.register_he(tmp_path / "missing", tmp_path / "he.tif")
     with pytest.raises(ValueError, match="max_windows"):
         cs.io.register_he(_bundle(), next(_bundle().glob("*_he_image.ome.tif")), max_windows=0)
+
+
+def test_patch_reader_and_label_transfer_use_the_nonrigid_field(tmp_path_factory):
+    deform = Deformation(10.0 / 0.2738, 500.0 / 0.2738, seed=1)
+    path, q = _case(tmp_path_factory, "deformed", transform_px(70.0, False, 1.0), deform=deform)
+    truth_mdata = cs.io.read_xenium(_bundle())  # the undeformed H&E with its true alignment
+    cells = np.arange(0, N_CELLS, 40)
+    want = cs.pp.cell_patches(truth_mdata, cells=cells, size=32, mpp=0.5).astype(np.float64)
+
+    def mismatch(reg) -> float:
+        mdata = cs.io.read_xenium(_bundle(), he_image=False)
+        reg.apply(mdata, force=True)
+        got = cs.pp.cell_patches(mdata, cells=cells, size=32, mpp=0.5).astype(np.float64)
+        return float(np.median(np.abs(got - want)))
+
+    rigid = _register("deformed_rigid", path)
+    nonrigid = _register("deformed_nonrigid", path, nonrigid=True)
+    assert mismatch(nonrigid) < 0.5 * mismatch(rigid)
+
+    # label transfer through the registry: H&E nuclei in the deformed image's pixels land on their cells
+    ids, _, _ = _truth()
+    mdata = cs.io.read_xenium(_bundle(), he_image=False)
+    nonrigid.apply(mdata)
+    table = pd.DataFrame({"x": q[:, 0], "y": q[:, 1], "class": ids})
+    cs.pp.transfer_nucleus_labels(mdata, table, max_distance_um=3.0)
+    labels = mdata.obs["he_label"].astype(object)
+    assert (labels.to_numpy() == mdata.obs_names.to_numpy()).mean() > 0.95

@@ -123,7 +123,7 @@ def _quiet_load(fn: Callable[[], Any]):
 def _worker_source(src):
     """One open :class:`PatchSource` per slide and thread (its tile cache lives across chunks)."""
     key = (
-        threading.get_ident(), src.he_path, _file_stamp(src.he_path), np.asarray(src.alignment, dtype=np.float64).tobytes(),
+        threading.get_ident(), src.he_path, _file_stamp(src.he_path), src.geometry_bytes(),
         float(src.pixel_size), src.he_mpp, src.sample,
     )  # the file's size and mtime: a slide re-exported to the same path is opened again, not read from old tiles
     with _LOCK:

@@ -56,7 +56,7 @@ def _fingerprint(src, names: np.ndarray, xy: np.ndarray, params: dict) -> str:
     # re-exported to the same path must not reuse chunks computed from the old pixels
     st = os.stat(src.he_path)
     h.update(json.dumps([st.st_size, st.st_mtime_ns]).encode())
-    h.update(np.ascontiguousarray(src.alignment, dtype=np.float64).tobytes())
+    h.update(src.geometry_bytes())
     h.update("\x00".join(map(str, names)).encode())
     h.update(np.ascontiguousarray(xy, dtype=np.float64).tobytes())
     return h.hexdigest()[:20]

@@ -22,7 +22,7 @@ from .._constants import (
     SAMPLE_KEY,
     SPATIAL_KEY,
 )
-from .._registration import check_alignment, he_px_per_um
+from .._registration import check_alignment, he_px_per_um, local_um_to_he_affine, registry_warp, um_to_he_px
 from .._validate import samples_registry
 from ._patch_geometry import patch_to_um, spatial_order, um_to_level
 
@@ -37,6 +37,7 @@ class PatchSource:
     he_mpp: float | None = None
     sample: str = ""
     cache_tiles: int = 512
+    warp: dict | None = None  # the registry's non-rigid field (cs.io.register_he(nonrigid=True)), if any
     _he: object = field(default=None, init=False, repr=False, compare=False)
     _pid: int = field(default=-1, init=False, repr=False, compare=False)
 
@@ -72,11 +73,22 @@ class PatchSource:
         # the registration's scale is the truth for geometry; translate mpp into the image's own units
         return int(he.best_level(mpp * he.mpp / self.um_per_px * (1 + 1e-6)))
 
+    def geometry_bytes(self) -> bytes:
+        """The registration (alignment and non-rigid field) as bytes, for cache keys and fingerprints."""
+        out = np.ascontiguousarray(self.alignment, dtype=np.float64).tobytes()
+        if self.warp is not None:
+            for k in ("grid_um", "origin_px", "step_px"):
+                out += np.ascontiguousarray(self.warp[k], dtype=np.float64).tobytes()
+        return out
+
     def in_image(self, xy_um: np.ndarray) -> np.ndarray:
         """Whether each point (micrometres) falls inside the level-0 image."""
         xy = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2)
-        m = um_to_level(self.alignment, self.pixel_size, 1.0)
-        px = xy @ m[:2, :2].T + m[:2, 2]
+        if self.warp is not None:
+            px = um_to_he_px(xy, self.alignment, self.pixel_size, self.warp)
+        else:
+            m = um_to_level(self.alignment, self.pixel_size, 1.0)
+            px = xy @ m[:2, :2].T + m[:2, 2]
         h, w = self.he.shapes[0]
         ok = np.isfinite(px).all(axis=1)
         return ok & (px[:, 0] >= -0.5) & (px[:, 0] < w - 0.5) & (px[:, 1] >= -0.5) & (px[:, 1] < h - 0.5)
@@ -85,7 +97,8 @@ class PatchSource:
         """Patches ``(n, size, size, 3)`` uint8 centred on ``xy_um``, in the Xenium orientation.
 
         Each patch is read from ``level`` (default: the finest needed), low-pass filtered in proportion
-        to the downsampling and resampled with a bilinear affine warp; white outside the image.
+        to the downsampling and resampled with a bilinear affine warp; white outside the image. With a
+        non-rigid field, each patch uses the field's local affine at its centre.
         """
         xy = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2)
         if level is None:
@@ -93,6 +106,12 @@ class PatchSource:
         he = self.he
         ds = float(he.downsamples[level])
         to_level = um_to_level(self.alignment, self.pixel_size, ds)
+        local = None
+        if self.warp is not None:
+            lvl = np.array([[1.0 / ds, 0, 0.5 / ds - 0.5], [0, 1.0 / ds, 0.5 / ds - 0.5], [0, 0, 1]])
+            ok = np.isfinite(xy).all(axis=1)
+            local = np.zeros((len(xy), 3, 3))
+            local[ok] = lvl @ local_um_to_he_affine(xy[ok], self.alignment, self.pixel_size, self.warp)
         out = np.full((len(xy), size, size, 3), 255, dtype=np.uint8)
         import torch
 
@@ -103,7 +122,8 @@ class PatchSource:
                 if not (np.isfinite(cx) and np.isfinite(cy)):
                     continue
                 shift = np.array([[1.0, 0, cx], [0, 1.0, cy], [0, 0, 1.0]])
-                out[i] = _warp_patch(he, level, to_level @ shift @ patch_to_um(size, mpp), size)
+                m = to_level if local is None else local[i]
+                out[i] = _warp_patch(he, level, m @ shift @ patch_to_um(size, mpp), size)
         finally:
             torch.set_num_threads(threads)
         return out
@@ -244,7 +264,8 @@ def sample_sources(mdata, adata, rows: np.ndarray, sample: str | None, *, cache_
         align = check_alignment(entry[REG_ALIGNMENT], source=f"sample {s!r}")
         he_mpp = entry.get(REG_HE_MPP)
         he_mpp = float(he_mpp) if he_mpp is not None and np.isfinite(float(he_mpp)) and float(he_mpp) > 0 else None
-        src = PatchSource(path, align, float(entry[REG_PIXEL_SIZE]), he_mpp=he_mpp, sample=s, cache_tiles=cache_tiles)
+        src = PatchSource(path, align, float(entry[REG_PIXEL_SIZE]), he_mpp=he_mpp, sample=s, cache_tiles=cache_tiles,
+                          warp=registry_warp(entry))
         out.append((src, r))
     return out
 

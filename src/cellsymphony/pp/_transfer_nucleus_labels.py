@@ -18,7 +18,14 @@ from .._constants import (
     SPATIAL_KEY,
 )
 from .._docs import inject_docs
-from .._registration import apply_affine, check_alignment, fit_affine, he_px_to_um, mutual_nearest
+from .._registration import (
+    apply_affine,
+    check_alignment,
+    fit_affine,
+    he_px_to_um,
+    mutual_nearest,
+    registry_warp,
+)
 from .._settings import logger
 from .._utils import params_record
 from .._validate import check_choice, is_mudata, samples_registry
@@ -95,7 +102,7 @@ def _to_um(xy: np.ndarray, space: str, reg: dict | None) -> np.ndarray:
     ps = float(reg[REG_PIXEL_SIZE])
     if space == "xenium_px":
         return xy * ps
-    return he_px_to_um(xy, reg[REG_ALIGNMENT], ps)
+    return he_px_to_um(xy, reg[REG_ALIGNMENT], ps, registry_warp(reg))
 
 
 @inject_docs()
@@ -151,7 +158,8 @@ def transfer_nucleus_labels(
     label
         Class column (property for GeoJSON).
     space
-        Frame of the coordinates: ``"he_px"`` H&E level-0 pixels (mapped through the registration),
+        Frame of the coordinates: ``"he_px"`` H&E level-0 pixels (mapped through the registration,
+        including its non-rigid field when :func:`cellsymphony.io.register_he` stored one),
         ``"um"`` Xenium micrometres, ``"xenium_px"`` Xenium morphology-image pixels.
     sample
         Section the nuclei belong to; ``None`` when there is only one. Only its cells are matched.
@@ -289,7 +297,7 @@ def transfer_nucleus_labels(
         before = np.asarray(reg[REG_ALIGNMENT], dtype=np.float64).copy()
         after = np.linalg.inv(scale) @ total @ scale @ before
         check_alignment(after, "refined alignment")
-        new_um = he_px_to_um(nuc_raw, after, ps)
+        new_um = he_px_to_um(nuc_raw, after, ps, registry_warp(reg))
         new = mutual_nearest(cells_xy, new_um, max_distance_um)
         new_qc = _qc(cells_xy, new_um, *new[:2], n_cells, n_nuc)
         qc_before = qc

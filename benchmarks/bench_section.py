@@ -13,11 +13,14 @@ enrichment and spatial coherence; the ``.h5mu`` write; the report.
 For every stage the table gives wall-clock seconds, the peak resident memory of the process during the
 stage (``VmHWM`` of ``/proc/self/status``, reset before each stage through ``/proc/self/clear_refs``; a
 sampling thread where that is not allowed) and, between consecutive sizes, the scaling exponent
-``log(t2 / t1) / log(n2 / n1)`` (1 is linear; the baseline of each exponent is the same stage at the
-smaller size, measured by this script). The last row is the peak of the whole run. Stages too slow for
-a whole section on 2 CPU cores (the classifier's training epoch: about 90 cells/s at the paper's size)
-are timed on a random subset of cells (``--subset``) and extrapolated linearly to the section; such rows
-say so, and their exponent is linear by construction, so none is given.
+``log(t2 / t1) / log(n2 / n1)`` of the wall-clock and of the process's CPU seconds (1 is linear; the
+baseline of each exponent is the same stage at the smaller size, measured by this script). The last row
+is the peak of the whole run. Torch, BLAS and OpenMP run one thread (``--threads``): on a shared 2-core
+machine multi-threaded torch ops spin-wait and slow down many-fold whenever another job runs, while the
+CPU seconds of one thread do not depend on the other jobs. Stages too slow for a whole section on a CPU
+(the classifier's training epoch at the paper's size, the per-cell handcrafted features) are timed on a
+random subset of cells (``--subset``) and extrapolated linearly to the section; such rows say so, and
+their exponent is linear by construction, so none is given.
 
 Bundles are made with ``cs.datasets.synthetic_xenium`` in ``--bundle-dir`` (``synth50k``, ``synth150k``,
 ...) when absent, each in its own process; ``--bundle SIZE=PATH`` names an existing one (a 460k bundle is
@@ -59,7 +62,10 @@ STAGES = {
 # stages run together: the predictions come from the model trained in the epoch stage
 _TOGETHER = {"classifier_predict": "classifier_epoch"}
 DEFAULT_SIZES = (50_000, 150_000, 460_000)
-DEFAULT_SUBSET = {"classifier_epoch": 20_000, "morph_handcrafted": 150_000}
+DEFAULT_SUBSET = {"classifier_epoch": 10_000, "morph_handcrafted": 50_000}
+# one thread for torch, BLAS and OpenMP: on a shared 2-core machine, multi-threaded torch ops spin-wait and
+# slow down many-fold when another job runs, and the CPU seconds of one thread are the load-independent figure
+DEFAULT_THREADS = 1
 LABEL_KEY, CONFIDENT_KEY = "singler", "singler_confident"
 
 
@@ -278,11 +284,15 @@ class Run:
                      title=f"bench_section: {self.n:,} cells")  # fmt: skip
 
 
-def worker(n: int, bundle: Path, work: Path, stages: list[str], subset: dict[str, int]) -> None:
+def worker(n: int, bundle: Path, work: Path, stages: list[str], subset: dict[str, int], threads: int) -> None:
     """Run ``stages`` on one size in this process and merge the rows into ``work/results.json``."""
     warnings.filterwarnings("ignore")
     mem = PeakRSS()
+    import torch
+
     import cellsymphony as cs
+
+    torch.set_num_threads(threads)
 
     cs.settings.progress = False
     work.mkdir(parents=True, exist_ok=True)
@@ -312,15 +322,21 @@ def worker(n: int, bundle: Path, work: Path, stages: list[str], subset: dict[str
             rows[extra["stage"]] = {**extra, "wall_s": wall, "rss_start_gib": rss0, "peak_gib": peak}
         run.extra_rows = []
         print(f"    {stage}: {row['seconds']:.1f} s, peak {peak:.2f} GiB", file=sys.stderr, flush=True)
+        _save(work, n, bundle, subset, rows, mem, stages, done=stage == stages[-1])  # a failure keeps what ran
+
+
+def _save(work: Path, n: int, bundle: Path, subset: dict, rows: dict, mem: PeakRSS, stages: list[str], done: bool):
     results_file = work / "results.json"
     old = json.loads(results_file.read_text()) if results_file.is_file() else {"stages": {}}
     old["stages"].update(rows)
     old.update(n_cells=n, bundle=str(bundle), subset=subset)
-    whole = {"peak_gib": mem.whole_run(), "stages": stages, "complete": stages == list(STAGES)}
+    whole = {"peak_gib": mem.whole_run(), "stages": stages, "complete": done and stages == list(STAGES)}
     if whole["complete"] or "whole_run" not in old or not old["whole_run"].get("complete"):
         old["whole_run"] = whole
     old["mem_method"] = "VmHWM reset per stage" if mem.can_reset else "VmRSS sampled every 20 ms"
-    results_file.write_text(json.dumps(old, indent=1))
+    tmp = results_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(old, indent=1))
+    os.replace(tmp, results_file)
 
 
 # ------------------------------------------------------------------------------------------- table
@@ -328,6 +344,18 @@ def exponent(t1: float | None, t2: float | None, n1: int, n2: int) -> float | No
     if not t1 or not t2 or t1 <= 0 or t2 <= 0:
         return None
     return math.log(t2 / t1) / math.log(n2 / n1)
+
+
+def _exponents(r1: dict | None, r2: dict | None, n1: int, n2: int) -> str:
+    """``"wall (cpu CPU)"``: the exponent of wall-clock seconds, and of the process's CPU seconds, which
+    other jobs on a shared machine disturb less."""
+    if r1 is None or r2 is None:
+        return ""
+    e = exponent(r1["seconds"], r2["seconds"], n1, n2)
+    c = exponent(r1.get("cpu_s"), r2.get("cpu_s"), n1, n2)
+    if e is None:
+        return ""
+    return f"{e:.2f}" + ("" if c is None else f" (cpu {c:.2f})")
 
 
 def table(sizes: list[int], work_dir: Path) -> str:
@@ -354,9 +382,7 @@ def table(sizes: list[int], work_dir: Path) -> str:
             row[f"{lab} peak GiB"] = "" if r is None else float(r["peak_gib"])
             if prev is not None:
                 sub = r is not None and prev[1] is not None and (r["note"] or prev[1]["note"])
-                e = None if r is None or prev[1] is None or sub else exponent(
-                    prev[1]["seconds"], r["seconds"], prev[0], n)  # fmt: skip
-                row[f"exp {size_label(prev[0])}-{lab}"] = "linear (subset)" if sub else ("" if e is None else e)
+                row[f"exp {size_label(prev[0])}-{lab}"] = "linear (subset)" if sub else _exponents(prev[1], r, prev[0], n)
             if r is not None and r["note"]:
                 notes.append(f"{lab}: {r['note']}")
             prev = (n, r)
@@ -372,7 +398,7 @@ def table(sizes: list[int], work_dir: Path) -> str:
         total[f"{lab} peak GiB"] = float(w.get("peak_gib", float("nan")))
         if prev is not None:
             e = exponent(prev[1], total[f"{lab} s"], prev[0], n)
-            total[f"exp {size_label(prev[0])}-{lab}"] = "" if e is None else e
+            total[f"exp {size_label(prev[0])}-{lab}"] = "" if e is None else f"{e:.2f}"
         prev = (n, total[f"{lab} s"])
     total["note"] = "; ".join(f"{size_label(n)}: peak of a partial run" for n in sizes
                               if not res[n].get("whole_run", {}).get("complete"))  # fmt: skip
@@ -408,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work-dir", type=Path, default=None, help="results and outputs (default BUNDLE_DIR/runs)")
     ap.add_argument("--subset", nargs="*", default=[], metavar="STAGE=CELLS",
                     help=f"time a stage on a random subset and extrapolate (default {DEFAULT_SUBSET}; 0 = all cells)")
+    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                    help="torch / BLAS / OpenMP threads (default 1: CPU seconds independent of other jobs)")
     ap.add_argument("--no-generate", action="store_true", help="skip sizes without a bundle instead of generating one")
     ap.add_argument("--table", action="store_true", help="only print the table of the kept results")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -424,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker is not None:
         n = args.worker
-        worker(n, find_bundle(n, args.bundle_dir, given), work_dir / f"n{n}", stages, subset)
+        worker(n, find_bundle(n, args.bundle_dir, given), work_dir / f"n{n}", stages, subset, args.threads)
         return
     if args.table:
         table(args.sizes, work_dir)
@@ -441,9 +469,12 @@ def main(argv: list[str] | None = None) -> None:
             make_bundle(n, bundle)
         cmd = [sys.executable, "-m", "benchmarks.bench_section", "--worker", str(n), "--bundle-dir", str(args.bundle_dir),
                "--work-dir", str(work_dir), "--stages", *stages, "--bundle", f"{n}={bundle}",
-               "--subset", *[f"{k}={v}" for k, v in subset.items()]]  # fmt: skip
+               "--subset", *[f"{k}={v}" for k, v in subset.items()], "--threads", str(args.threads)]  # fmt: skip
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        threads = str(args.threads)
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               "OPENBLAS_NUM_THREADS": threads, "NUMBA_NUM_THREADS": threads}  # fmt: skip
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env)
         print(f"... {size_label(n)}: {time.perf_counter() - t0:.0f} s (exit {proc.returncode})", file=sys.stderr, flush=True)
     table(args.sizes, work_dir)
 

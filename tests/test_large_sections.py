@@ -216,11 +216,21 @@ def test_spatial_colours_are_picked_per_category_code():
     assert set(drawn[red]) == set(where[np.asarray(lab == "x")])
 
 
-def test_report_umap_uses_a_fixed_random_subsample(tmp_path):
+def test_report_umap_uses_a_fixed_random_subsample(tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from cellsymphony._report import umap_cells, write_report
+
+    given = []
+
+    def embedding(data, rep, color=None, *, mod=None, **kw):  # what the report hands to the UMAP figure
+        given.append((data.n_obs, list(data.obs_names[:5]), mod))
+        return plt.subplots()[1]
+
+    monkeypatch.setattr(cs.pl, "embedding", embedding)
 
     mdata = _embedded(1500)
     rng = np.random.default_rng(1)
@@ -237,6 +247,11 @@ def test_report_umap_uses_a_fixed_random_subsample(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert html.count("400 of the 1,500 cells, drawn at random (seed 0)") == 4  # alt text and caption, 2 figures
     assert (tmp_path / "figures" / "umap_X_cs_contrastive_morphology.png").exists()
+    assert [g[0] for g in given] == [400, 400] and {g[2] for g in given} == {"rna", "morphology"}
+    assert given[0][1] == list(view.obs_names[:5])  # the same cells in every figure and run
+    given.clear()
+    write_report(mdata, tmp_path / "all", settings_note="test", umap_max_cells=None, label_keys=["cell_type"])
+    assert [g[0] for g in given] == [1500, 1500]
 
 
 # ------------------------------------------------------------------------------------------- pre-flight

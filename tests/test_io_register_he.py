@@ -321,3 +321,56 @@ def test_patch_reader_and_label_transfer_use_the_nonrigid_field(tmp_path_factory
     cs.pp.transfer_nucleus_labels(mdata, table, max_distance_um=3.0)
     labels = mdata.obs["he_label"].astype(object)
     assert (labels.to_numpy() == mdata.obs_names.to_numpy()).mean() > 0.95
+
+
+# ---------------------------------------------------------------------------------------------- figure, CLI
+def test_qc_figure_of_a_registration_and_of_the_applied_mudata(tmp_path_factory, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = "rot137_flip_zoom0.8"
+    path, _ = _case(tmp_path_factory, name, transform_px(*CASES[name]))
+    reg = _register(name, path)
+    fig = reg.plot(save=tmp_path / "qc.png")
+    titles = [ax.get_title() for ax in fig.axes]
+    for zoom in ("section", "region", "cells"):
+        assert f"DAPI (green) over H&E: {zoom}" in titles
+    assert any(t.startswith("residual map") for t in titles) and "QC: ok" in titles
+    assert (tmp_path / "qc.png").stat().st_size > 10_000
+    # the section view is the registered H&E: its dark (nuclear) pixels sit on bright DAPI
+    section = next(ax for ax in fig.axes if ax.get_title().endswith("section")).images[0].get_array()
+    assert section.shape[0] > 100
+    plt.close(fig)
+    mdata = cs.io.read_xenium(_bundle(), he_image=False)
+    reg.apply(mdata)
+    fig = cs.pl.registration(mdata)
+    assert "QC: ok" in [ax.get_title() for ax in fig.axes]
+    plt.close(fig)
+    blank, _ = _case(tmp_path_factory, "blank", transform_px(10.0), blank=True)
+    fig = cs.io.register_he(_bundle(), blank).plot()
+    assert "QC: FAILED" in [ax.get_title() for ax in fig.axes]
+    plt.close(fig)
+
+
+def test_command_line_register(tmp_path_factory, tmp_path, capsys):
+    from cellsymphony import __main__ as cli
+
+    name = "rot137_flip_zoom0.8"
+    path, _ = _case(tmp_path_factory, name, transform_px(*CASES[name]))
+    out = tmp_path / "alignment.csv"
+    code = cli.main(["register", "--xenium", str(_bundle()), "--he", str(path), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "ok: True" in printed and "median_um:" in printed
+    np.testing.assert_allclose(np.loadtxt(out, delimiter=","), _register(name, path).alignment, rtol=1e-6, atol=1e-6)
+    # an existing --out is a usage error; a failed registration exits 1 and writes nothing
+    assert cli.main(["register", "--xenium", str(_bundle()), "--he", str(path), "--out", str(out)]) == 2
+    blank, _ = _case(tmp_path_factory, "blank", transform_px(10.0), blank=True)
+    bad = tmp_path / "bad.csv"
+    fig = tmp_path / "bad.png"
+    code = cli.main(["register", "--xenium", str(_bundle()), "--he", str(blank), "--out", str(bad), "--figure", str(fig)])
+    captured = capsys.readouterr()
+    assert code == 1 and "ok: False" in captured.out and "nothing written" in captured.err
+    assert not bad.exists() and fig.exists()

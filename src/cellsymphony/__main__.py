@@ -1,4 +1,4 @@
-"""Command line: ``cellsymphony demo``, ``cellsymphony run``, ``cellsymphony info``.
+"""Command line: ``cellsymphony demo``, ``cellsymphony run``, ``cellsymphony register``, ``cellsymphony info``.
 
 Only the standard library is imported at start-up, so ``cellsymphony --help`` is fast; each
 command imports what it needs when it runs. Every bad argument is reported as one line and exit
@@ -192,6 +192,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_register(args: argparse.Namespace) -> int:
+    xenium = _existing_dir(args.xenium, "--xenium")
+    if not (xenium / "experiment.xenium").is_file():
+        raise CLIError(f"--xenium {args.xenium}: no experiment.xenium in it; pass the Xenium output folder")
+    he = _existing_file(args.he, "--he")
+    nuclei = _existing_file(args.nuclei, "--nuclei")
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise CLIError(f"--out {args.out}: is a folder, expected the path of the alignment CSV")
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"--out {args.out}: already exists; pass --overwrite or choose another path")
+    if not out.parent.is_dir():
+        raise CLIError(f"--out {args.out}: the folder {out.parent} does not exist")
+    if args.he_mpp is not None and not args.he_mpp > 0:
+        raise CLIError(f"--he-mpp {args.he_mpp}: expected a positive number of micrometres per pixel")
+    from .io import register_he
+
+    reg = register_he(xenium, he, sample=args.sample, he_mpp=args.he_mpp, nuclei=nuclei)
+    for line in registration_lines(reg):
+        print(line)
+    if args.figure:
+        reg.plot(save=args.figure, show=False)
+        print(f"QC figure: {args.figure}")
+    if not reg.qc["ok"]:
+        print(f"cellsymphony register: registration failed its QC ({reg.qc['reason']}); nothing written",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    reg.write_csv(out)
+    print(f"alignment: {out}")
+    return 0
+
+
+def registration_lines(reg) -> list[str]:
+    """What ``cellsymphony register`` prints: the QC, one figure per line."""
+    lines = [f"registration of {Path(reg.he_path).name} to sample {reg.sample!r}:"]
+    for key in ("ok", "reason", "n_matched", "median_um", "p95_um", "inlier_fraction", "match_rate",
+                "chance_match_rate", "scale_um_per_px", "scale_estimated", "mpp_recorded", "scale_ratio", "angle_deg",
+                "flipped", "coarse_source", "time_total_s"):
+        v = reg.qc.get(key)
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        lines.append(f"  {key}: {v}")
+    return lines
+
+
 def info_lines() -> list[str]:
     """What ``cellsymphony info`` prints: versions, devices, weights found, cache folder."""
     import platform
@@ -293,6 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, metavar="DIR", help="output folder")
     run.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out")
     run.set_defaults(func=_cmd_run)
+
+    register = sub.add_parser(
+        "register", help="register an H&E to a Xenium section without an alignment file",
+        description="Register the H&E to the Xenium section (DAPI image and nuclei), print the QC and write the "
+        "alignment as 10x's *_he_imagealignment.csv (readable by Xenium Explorer and cellsymphony run). Exits with "
+        "code 1, writing nothing, when the registration fails its QC.",
+    )  # fmt: skip
+    register.add_argument("--xenium", required=True, metavar="DIR", help="Xenium output folder")
+    register.add_argument("--he", required=True, metavar="FILE", help="H&E image (OME-TIFF, SVS or tiled TIFF)")
+    register.add_argument("--out", required=True, metavar="FILE", help="alignment CSV to write")
+    register.add_argument("--sample", default=None, help="sample id (default: the folder's region name)")
+    register.add_argument("--he-mpp", type=float, default=None, metavar="UM",
+                          help="H&E micrometres per pixel, when the file records none (the scale is measured anyway)")
+    register.add_argument("--nuclei", metavar="FILE", help="H&E nucleus detections to use instead of the built-in detector")
+    register.add_argument("--figure", metavar="PNG", help="also save the QC figure (written on failure too)")
+    register.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    register.set_defaults(func=_cmd_register)
 
     info = sub.add_parser("info", help="print versions, devices and the model weights found")
     info.set_defaults(func=_cmd_info)

@@ -122,3 +122,32 @@ class MorphologyImage:
             band = self._rows(level, r0, r1)[:, : ow * f]
             out[r0 // f : r1 // f] = band.reshape((r1 - r0) // f, f, ow, f).mean(axis=(1, 3))
         return out, self.pixel_size * ds * f
+
+    def read_window(self, x0: float, y0: float, x1: float, y1: float, um_per_px: float) -> tuple[np.ndarray, float, float, float]:
+        """The part ``[x0, x1) x [y0, y1)`` (micrometres) at about ``um_per_px``, read from the finest level at or
+        finer than that (only that window is decoded) and reduced by block means. Returns the image and the um
+        position of its pixel ``(0, 0)`` corner ``(x, y)`` and its exact micrometres per pixel."""
+        want = max(float(um_per_px) / self.pixel_size, 1.0)
+        level = max(i for i, d in enumerate(self.downsamples) if d <= want * (1 + 1e-6))
+        ds = self.downsamples[level]
+        f = max(1, int(np.floor(want / ds + 1e-6)))
+        h, w = self.shapes[level]
+        step = self.pixel_size * ds  # um per level pixel
+        c0 = max(int(np.floor(x0 / step)) // f * f, 0)
+        r0 = max(int(np.floor(y0 / step)) // f * f, 0)
+        c1 = min(int(np.ceil(x1 / step)), w)
+        r1 = min(int(np.ceil(y1 / step)), h)
+        c1 = c0 + max((c1 - c0) // f, 1) * f
+        r1 = r0 + max((r1 - r0) // f, 1) * f
+        index, yx = self._index[level]
+        index = list(index)
+        pos = [i for i, ix in enumerate(index) if isinstance(ix, slice)]
+        iy, ix = (pos[0], pos[1]) if yx else (pos[1], pos[0])
+        index[iy], index[ix] = slice(r0, r1), slice(c0, c1)
+        a = np.asarray(self._arrays[level][tuple(index)], dtype=np.float32)
+        a = a if yx else a.T
+        hh, ww = a.shape[0] // f, a.shape[1] // f
+        if hh == 0 or ww == 0:
+            return np.zeros((0, 0), np.float32), c0 * step, r0 * step, step * f
+        a = a[: hh * f, : ww * f].reshape(hh, f, ww, f).mean(axis=(1, 3))
+        return a, c0 * step, r0 * step, step * f

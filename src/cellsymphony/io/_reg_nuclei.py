@@ -35,6 +35,7 @@ MIN_SEPARATION_UM = 3.0  # two detections at least this far apart
 WINDOW_PX = 512  # detection window (level pixels) when the level's tiles are not a usable size
 VOTE_BIN_UM = 1.0
 RANSAC_SUBSET = 400
+SUPPORT_UM = 2.0
 DOG_THRESHOLD = 0.01  # optical density: pale vesicular nuclei give 0.01-0.02, dark lymphocytes 0.05 and more
 
 
@@ -171,12 +172,13 @@ def detect_blobs(h: np.ndarray, um_per_px: float, threshold: float | None = None
 
 # ---------------------------------------------------------------------------------------------- offsets
 def node_offsets(he_um: np.ndarray, xen_um: np.ndarray, node_um: float, radius_um: float,
-                 min_peak: float = 6.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                 min_peak: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Local offsets (Xenium minus H&E) on a grid of square nodes of side ``node_um``.
 
-    Returns ``(centres (k, 2), offsets (k, 2), strength (k,), node of each H&E nucleus (n,) or -1)`` for the
-    nodes with a clear peak: at least ``min_peak`` times the mean of the correlation and holding at least 15 %
-    of the node's nuclei; other nuclei get node -1.
+    Returns ``(centres (k, 2), offsets (k, 2), support (k,), node of each H&E nucleus (n,) or -1)`` for the
+    nodes with a clear peak: at least ``min_peak`` times the mean of the correlation, and a support (the
+    fraction of the node's H&E nuclei with a Xenium nucleus within 2 um once shifted) well above what the local
+    density of Xenium nuclei gives by chance (at least 1.5 times it and 0.2 more); other nuclei get node -1.
     """
     empty = (np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0), np.full(len(he_um), -1))
     ok = np.isfinite(he_um).all(axis=1)
@@ -235,10 +237,12 @@ def node_offsets(he_um: np.ndarray, xen_um: np.ndarray, node_um: float, radius_u
         fy = sub(cor[py - 1, px], peak, cor[py + 1, px]) if 0 < py < cor.shape[0] - 1 else 0.0
         fx = sub(cor[py, px - 1], peak, cor[py, px + 1]) if 0 < px < cor.shape[1] - 1 else 0.0
         off = np.array([px + fx - nr, py + fy - nr]) * b
-        # support: nuclei with a Xenium nucleus within 2 um once shifted
-        d, _ = cKDTree(cand).query(he_um[idx] + off, distance_upper_bound=2.0)
+        # support: nuclei with a Xenium nucleus within 2 um once shifted, against chance at this density
+        d, _ = cKDTree(cand).query(he_um[idx] + off, distance_upper_bound=SUPPORT_UM)
         support = float(np.isfinite(d).mean())
-        if support < 0.15:
+        density = len(cand) / (node_um + 2 * radius_um) ** 2
+        chance = 1.0 - np.exp(-density * np.pi * SUPPORT_UM**2)
+        if support < max(1.5 * chance, chance + 0.2):
             continue
         centres.append(x0 + node_um / 2)
         offs.append(off)
@@ -344,11 +348,11 @@ def _binned_medians(pos: np.ndarray, vec: np.ndarray, bin_um: float, min_count: 
 
 
 def fit_nonrigid(p_px: np.ndarray, xen_um: np.ndarray, affine: np.ndarray, *, scale_um_per_px: float,
-                 iterations: int = 3, node_um: float = 100.0, radius_um: float = 15.0) -> dict | None:
+                 iterations: int = 3, node_um: float = 100.0, radius_um: tuple = (30.0, 15.0)) -> dict | None:
     """A smooth displacement field (um, after ``affine``) from H&E nuclei ``p_px`` to Xenium nuclei.
 
     Each iteration pairs the nuclei through local offsets under the current transform (so that pairs are found
-    however large the deformation, up to ``radius_um``), takes the median residual per bin, fits a thin-plate
+    however large the deformation, up to ``radius_um``: the first search radius, then the next ...), takes the median residual per bin, fits a thin-plate
     spline through the bin medians and samples it on a grid of H&E pixels. None when too few bins hold pairs.
     """
     from scipy.interpolate import RBFInterpolator
@@ -359,8 +363,8 @@ def fit_nonrigid(p_px: np.ndarray, xen_um: np.ndarray, affine: np.ndarray, *, sc
     warp = None
     grid_um = shape = origin = step_px = bin_um = None
     moved = base
-    for _ in range(max(1, iterations)):
-        _, off, _, node = node_offsets(moved, xen_um, node_um, radius_um)
+    for it in range(max(1, iterations)):
+        _, off, _, node = node_offsets(moved, xen_um, node_um, radius_um[min(it, len(radius_um) - 1)])
         hi, xi, _ = pairs_after_offsets(moved, node, off, xen_um, PASS_PAIR_UM)
         if len(hi) < 20:
             return warp

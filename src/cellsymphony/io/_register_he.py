@@ -740,7 +740,9 @@ def _fine(he: HEImage, x: _Xenium, cand, he_nuclei, *, nonrigid: bool, max_windo
     if qc["n_matched"] < MIN_PAIRS:
         reasons.append(f"n_matched {qc['n_matched']} < {MIN_PAIRS}")
     if qc["median_um"] > max_median_um:
-        hint = "; the section may be deformed: try nonrigid=True" if not nonrigid else ""
+        # nuclei pair up locally but no affine fits them: a deformation, not a wrong image
+        local = qc["n_matched"] / denom
+        hint = "; the section may be deformed: try nonrigid=True" if not nonrigid and local >= min_match_rate else ""
         reasons.append(f"median residual {qc['median_um']:.2f} um > {max_median_um} um{hint}")
     if qc["match_rate"] < min_match_rate:
         reasons.append(f"match rate {qc['match_rate']:.2f} < {min_match_rate}")

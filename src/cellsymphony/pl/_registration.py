@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import NUCLEUS_KEY, REG_HE_PATH, SAMPLE_KEY
+from .._constants import NUCLEUS_KEY, REG_HE_PATH, REGISTRATION_KEY, SAMPLE_KEY
 from .._validate import find_obs_column, sample_registry, samples_registry
 from ._common import finish, uns_entry
 from ._spatial import _he_background, obsm_frame, pick_sample
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.figure import Figure
     from mudata import MuData
+
+    from ..io import Registration
 
 _DX = ("dx", "dx_um", "offset_x", "offset_x_um", "delta_x")
 _DY = ("dy", "dy_um", "offset_y", "offset_y_um", "delta_y")
@@ -101,11 +103,11 @@ def registration_stats(mdata: Any, key: str, sample: str | None) -> dict:
 
 
 def registration(
-    mdata: MuData | AnnData,
-    key: str,
+    mdata: MuData | AnnData | Registration,
+    key: str | None = None,
     *,
     sample: str | None = None,
-    window_um: float = 150.0,
+    window_um: float | None = None,
     center: Sequence[float] | None = None,
     he: bool = True,
     bins: int = 40,
@@ -113,7 +115,18 @@ def registration(
     show: bool | None = None,
     save: str | os.PathLike | bool | None = None,
 ) -> Figure:
-    """Registration QC of an H&E nucleus-label transfer, in three panels.
+    """Registration QC: of an automatic registration (:func:`cellsymphony.io.register_he`), or of an H&E
+    nucleus-label transfer.
+
+    **Automatic registration** (a :class:`~cellsymphony.io.Registration`, or a MuData it was applied to with
+    ``key=None`` or ``"he_registration"``): six panels. The DAPI image (green) over the H&E resampled into the
+    Xenium frame through the registration (including its non-rigid field) at section, region (``window_um``,
+    300 um by default) and cellular (50 um) zoom; the residual map (each matched nucleus coloured by its
+    residual, and the mean residual vector per 100 um square drawn 20 times longer); the residual distances;
+    the QC figures (red when ``qc["ok"]`` is False). Only the needed parts of low-resolution levels are read.
+
+    **Nucleus-label transfer** (``key`` = the ``key_added`` of :func:`cellsymphony.pp.transfer_nucleus_labels`),
+    in three panels.
 
     (1) the matched H&E nuclei over the Xenium nucleus centroids in a window of the section (over
     the H&E), joined by their offsets; (2) the offset vectors ``(dx, dy)`` (Xenium minus H&E) with
@@ -124,13 +137,15 @@ def registration(
     Parameters
     ----------
     mdata
-        MuData after :func:`cellsymphony.pp.transfer_nucleus_labels`.
+        MuData after :func:`cellsymphony.pp.transfer_nucleus_labels` or :meth:`Registration.apply`, or a
+        :class:`~cellsymphony.io.Registration`.
     key
-        Its ``key_added``.
+        The ``key_added`` of the label transfer; ``None`` (or ``"he_registration"``): the automatic registration.
     sample
         Section to draw; required when the data holds several.
     window_um
-        Side of the zoomed window of panel 1, micrometres.
+        Side of the zoomed window (micrometres): of panel 1 for a label transfer (default 150), of the region
+        view for an automatic registration (default 300).
     center
         Centre ``(x, y)`` of that window in micrometres; default the matched cell nearest the median position.
     he
@@ -146,7 +161,9 @@ def registration(
 
     Returns
     -------
-    The Figure with three Axes titled ``"matched nuclei"``, ``"offsets"`` and ``"distances"``. In the
+    For an automatic registration, the Figure with six Axes: three overlays titled ``"DAPI (green) over H&E:
+    section"`` / ``region`` / ``cells``, ``"residual map ..."``, ``"residuals"`` and the QC text. For a label
+    transfer, the Figure with three Axes titled ``"matched nuclei"``, ``"offsets"`` and ``"distances"``. In the
     first, ``collections[0]`` holds the Xenium centroids of the window and ``collections[1]`` the matched
     H&E nuclei (or, without per-cell offsets, the matched cells), in micrometres; the second's
     ``collections[0]`` holds every ``(dx, dy)`` (when per-cell offsets were stored; otherwise it shows
@@ -157,6 +174,22 @@ def registration(
     from matplotlib.collections import LineCollection
     from matplotlib.patches import Ellipse
 
+    from ..io import Registration
+
+    if isinstance(mdata, Registration) or key in (None, REGISTRATION_KEY):
+        from ._registration_overlay import registration_overlay
+
+        if key is None and not isinstance(mdata, Registration) and REGISTRATION_KEY not in getattr(mdata, "uns", {}):
+            raise ValueError(
+                f"No uns[{REGISTRATION_KEY!r}] (automatic registration): pass key= the key_added of "
+                "cs.pp.transfer_nucleus_labels, or register the H&E with cs.io.register_he(...).apply(mdata)."
+            )
+        fig = registration_overlay(mdata, sample=sample, region_um=300.0 if window_um is None else window_um,
+                                   center=center, title=title)
+        name = mdata.sample if isinstance(mdata, Registration) else "he"
+        finish(fig, show=show, save=save, name=f"registration_{name}")
+        return fig
+    window_um = 150.0 if window_um is None else window_um
     pairs = registration_pairs(mdata, key)
     sample, mask = pick_sample(mdata, sample)
     if sample is not None:

@@ -1,15 +1,21 @@
-"""Time cs.datasets.synthetic_xenium for a few sizes: seconds, cells/s, H&E megapixels, peak memory.
+"""Time cs.datasets.synthetic_xenium for a few sizes: seconds, CPU seconds, peak memory, bundle size.
 
-Each size runs in a fresh subprocess so that peak memory is per size. Usage:
-``python -m benchmarks.bench_synthetic [n_cells ...]`` (default 5000 20000 50000).
+Each size runs in a fresh subprocess so that peak memory (the child's peak resident set) is per size. Usage:
+``python -m benchmarks.bench_synthetic [n_cells ...] [--out DIR] [--keep]`` (default 50000 150000 460000).
+Bundles are written to ``DIR/synthetic_n<cells>`` (default: a temporary folder) and deleted after
+measuring unless ``--keep``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from ._common import print_table
 
@@ -20,29 +26,44 @@ import cellsymphony as cs
 from cellsymphony.datasets import _synthetic as S
 n, out = int(sys.argv[1]), Path(sys.argv[2])
 t0, c0 = time.perf_counter(), time.process_time()
-cs.datasets.synthetic_xenium(out, n_cells=n, seed=0)
+cs.datasets.synthetic_xenium(out, n_cells=n, seed=0, overwrite=True)
 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 with tifffile.TiffFile(next(out.glob("*_he_image.ome.tif"))) as t:
     h, w = t.series[0].shape[:2]
+with tifffile.TiffFile(next(out.rglob("morphology_focus*.ome.tif"))) as t:
+    mh, mw = t.series[0].shape[:2]
 size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 stages = {k: round(v, 1) for k, v in S.LAST_TIMINGS.items() if not k.endswith("_cpu")}
-print(json.dumps({"wall": wall, "cpu": cpu, "he_mpx": h * w / 1e6,
+print(json.dumps({"wall": wall, "cpu": cpu, "he_mpx": h * w / 1e6, "dapi_mpx": mh * mw / 1e6,
                   "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "bundle_mib": size / 2**20, "stages": stages}))
 """
 
 
-def main(sizes: list[int]) -> None:
+def _run(n: int, out: Path) -> dict:
+    res = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(out)], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"synthetic_xenium({n}) failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(sizes: list[int], out: str | None = None, keep: bool = False) -> None:
     rows, stages = [], []
-    for n in sizes:
-        with tempfile.TemporaryDirectory() as tmp:
-            res = subprocess.run([sys.executable, "-c", _CHILD, str(n), f"{tmp}/bundle"], capture_output=True,
-                                 text=True, check=True)
-        r = json.loads(res.stdout.strip().splitlines()[-1])
-        rows.append({"n_cells": n, "seconds": r["wall"], "cpu_seconds": r["cpu"], "cells/s": n / r["wall"],
-                     "H&E Mpx": r["he_mpx"], "peak MiB": r["peak_mib"], "bundle MiB": r["bundle_mib"]})
-        stages.append({"n_cells": n, **r["stages"]})
-    print_table(rows, title="cs.datasets.synthetic_xenium (wall clock; cpu = process CPU time)")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}", flush=True)
+        for n in sizes:
+            bundle = folder / f"synthetic_n{n}"
+            r = _run(n, bundle)
+            if not keep:
+                shutil.rmtree(bundle, ignore_errors=True)
+            rows.append({"n_cells": n, "seconds": r["wall"], "cpu_seconds": r["cpu"], "cells/s": n / r["wall"],
+                         "DAPI Mpx": r["dapi_mpx"], "H&E Mpx": r["he_mpx"], "peak MiB": r["peak_mib"],
+                         "bundle MiB": r["bundle_mib"]})
+            stages.append({"n_cells": n, **r["stages"]})
+            print(json.dumps(rows[-1]), f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print_table(rows, title="cs.datasets.synthetic_xenium (wall clock; cpu = process CPU time, all threads)")
     print_table(stages, title="seconds per stage")
 
 
@@ -53,9 +74,7 @@ def suite(quick: bool = True) -> list[dict]:
     res = []
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            out = subprocess.run([sys.executable, "-c", _CHILD, str(n), f"{tmp}/bundle"], capture_output=True,
-                                 text=True, check=True)
-        res.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            res.append(_run(n, Path(tmp) / "bundle"))
     (a, b), (na, nb) = res, sizes
     return [
         {"figure": f"synthetic_xenium generation, {nb} cells", "value": nb / b["wall"], "unit": "cells/s",
@@ -68,4 +87,9 @@ def suite(quick: bool = True) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [5000, 20000, 50000])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("sizes", nargs="*", type=int, default=[50_000, 150_000, 460_000])
+    p.add_argument("--out", help="folder for the bundles (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the bundles")
+    args = p.parse_args()
+    main(args.sizes, args.out, args.keep)

@@ -123,6 +123,13 @@ def local_um_to_he_affine(xy_um, alignment, pixel_size: float, warp: Mapping | N
     return out
 
 
+def exact_downsample(ds: float) -> float:
+    """A pyramid level's downsample factor as the integer it approximates (the ratio of level sizes is off by up
+    to one pixel over the image, e.g. 2.0003 for ``floor(h / 2)``, which would shift far pixels by a pixel)."""
+    r = round(float(ds))
+    return float(r) if r >= 1 and abs(ds - r) <= 0.01 * ds else float(ds)
+
+
 def he_px_per_um(alignment, pixel_size: float) -> float:
     """Mean number of H&E level-0 pixels per micrometre along the axes (from the affine's scale)."""
     a = np.asarray(alignment, dtype=np.float64)[:2, :2] * float(pixel_size)

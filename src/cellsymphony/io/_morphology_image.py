@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._registration import exact_downsample
+
 # in order of preference (the 2.0 focus channel 0 is DAPI; 1.x writes the focus and the MIP side by side)
 DAPI_CANDIDATES = (
     "morphology_focus/morphology_focus_0000.ome.tif",
@@ -80,7 +82,7 @@ class MorphologyImage:
             self.close()
             raise
         h0, w0 = self.shapes[0]
-        self.downsamples = [float((h0 / h + w0 / w) / 2.0) for h, w in self.shapes]
+        self.downsamples = [exact_downsample((h0 / h + w0 / w) / 2.0) for h, w in self.shapes]
 
     def close(self) -> None:
         if self._tif is not None:

@@ -20,6 +20,8 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
+from .._registration import exact_downsample
+
 COARSE_PX = 48  # pixels along the longer side of the Xenium image at the first (exhaustive) search
 FINEST_PX = 256  # refinements on images twice as fine until this many pixels ...
 FINEST_UM = 10.0  # ... or pixels of this size: the nuclei stage absorbs the rest (local offsets up to 60 um)
@@ -221,7 +223,7 @@ class HEHematoxylin:
         he = self.he
         f = max(float(f), 1.0)
         level = he.best_level(he.mpp * f)
-        ds = float(he.downsamples[level])
+        ds = exact_downsample(he.downsamples[level])
         k = max(1, int(np.floor(f / ds + 1e-6)))
         key = (level, k)
         if key not in self._cache:

@@ -25,10 +25,10 @@ from scipy import fft as sfft
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from .._registration import apply_affine, fit_affine, mutual_nearest
+from .._registration import apply_affine, exact_downsample, fit_affine, mutual_nearest
 from ._reg_coarse import hematoxylin
 
-DETECT_MPP = 0.5  # um per pixel wanted for detection (the coarsest level at or finer than about this)
+DETECT_MPP = 0.75  # detection reads the coarsest level with pixels at or finer than this (um)
 SIGMA_NUC_UM = 1.5  # inner Gaussian of the difference of Gaussians (about a small nucleus' radius / 2)
 SIGMA_BG_UM = 5.0  # outer Gaussian (the local background)
 MIN_SEPARATION_UM = 3.0  # two detections at least this far apart
@@ -44,7 +44,7 @@ def detection_level(he, um_per_px0: float) -> int:
     """The coarsest level with pixels at or finer than :data:`DETECT_MPP` um (with the measured scale)."""
     best = 0
     for i, d in enumerate(he.downsamples):
-        if um_per_px0 * d <= DETECT_MPP * 1.25:
+        if um_per_px0 * d <= DETECT_MPP:
             best = i
     return best
 
@@ -69,7 +69,7 @@ class HENucleusDetector:
     def __init__(self, he, um_per_px0: float, level: int | None = None, threshold: float | None = None) -> None:
         self.he = he
         self.level = detection_level(he, um_per_px0) if level is None else level
-        self.ds = float(he.downsamples[self.level])
+        self.ds = exact_downsample(he.downsamples[self.level])
         self.um_per_px = um_per_px0 * self.ds  # of the detection level
         self.win = window_size(he, self.level)
         self.threshold = threshold

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import REG_ALIGNMENT, REG_HE_PATH, REG_PIXEL_SIZE, REG_XENIUM_PATH, REGISTRATION_KEY
-from .._registration import he_px_per_um, registry_warp, um_to_he_px
+from .._registration import exact_downsample, he_px_per_um, registry_warp, um_to_he_px
 from .._settings import logger
 
 DAPI_COLOUR = np.array([0.05, 0.95, 0.35])
@@ -87,7 +87,7 @@ def render_he(v: View, bbox, r: float) -> np.ndarray:
     with read_he(v.he_path, mpp=1.0, cache_tiles=0) as he:  # geometry from the registration, not the file
         want = max(r / um_per_px0, 1.0)
         level = max(i for i, d in enumerate(he.downsamples) if d <= want * 1.0001)
-        ds = float(he.downsamples[level])
+        ds = exact_downsample(he.downsamples[level])
         lp = (px[ok] + 0.5) / ds - 0.5
         lo = np.floor(lp.min(axis=0)).astype(int) - 1
         hi = np.ceil(lp.max(axis=0)).astype(int) + 2

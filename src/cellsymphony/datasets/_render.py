@@ -318,12 +318,19 @@ class HERenderer:
 
     :meth:`render_band` renders rows of the image (call it for consecutive bands covering the image once);
     :meth:`nucleus_truth` then gives the rendered nuclei's areas, shapes and centroids.
+
+    ``he2um`` may include a mirror flip. ``deform`` (optional) is a smooth displacement of the tissue
+    coordinates, ``(x, y) um -> (dx, dy) um``: H&E pixel ``p`` shows the tissue at ``he2um(p) + deform(he2um(p))``
+    (each nucleus is drawn where that lands on its centre; its shape is not warped, the field being smooth).
     """
 
-    def __init__(self, tissue: Tissue, he2um: np.ndarray, shape: tuple[int, int], rng: np.random.Generator):
+    def __init__(self, tissue: Tissue, he2um: np.ndarray, shape: tuple[int, int], rng: np.random.Generator,
+                 deform=None):
         self.t = tissue
         self.he2um = he2um  # (3, 3): H&E pixel (x, y, 1) -> um (x, y, 1)
         self.shape = shape
+        self.deform = deform
+        self.flip = bool(np.linalg.det(he2um[:2, :2]) < 0)
         raster = tissue.raster
         eos = np.zeros(raster.shape, np.float32)
         hem = np.zeros(raster.shape, np.float32)
@@ -350,7 +357,12 @@ class HERenderer:
         # nucleus centres in H&E pixels and the rows each nucleus (macrophage cytoplasm) can touch
         cells = tissue.cells
         inv = np.linalg.inv(he2um)
-        xy = np.c_[cells.x.to_numpy(), cells.y.to_numpy(), np.ones(len(cells))] @ inv.T
+        c_um = np.c_[cells.x.to_numpy(), cells.y.to_numpy()]
+        v = c_um
+        if deform is not None:  # v + deform(v) = centre: a fixed point (the field is smooth and small)
+            for _ in range(20):
+                v = c_um - np.stack(deform(v[:, 0], v[:, 1]), axis=1)
+        xy = np.c_[v, np.ones(len(cells))] @ inv.T
         self.centres = np.c_[xy[:, 0], xy[:, 1]]
         self.px2um = he2um[:2, :2]
         self.rows = splat_rows(cells, xy[:, 1], self.px2um)
@@ -405,6 +417,9 @@ class HERenderer:
         A = self.he2um
         xu = A[0, 0] * C + A[0, 1] * R + A[0, 2]
         yu = A[1, 0] * C + A[1, 1] * R + A[1, 2]
+        if self.deform is not None:
+            dx, dy = self.deform(xu, yu)
+            xu, yu = xu + dx, yu + dy
         return xu, yu
 
     def render_block(self, r0: int, c0: int, nuc_h: np.ndarray, cyto: np.ndarray) -> np.ndarray:
@@ -428,6 +443,8 @@ class HERenderer:
         # collagen fibres along the local orientation (blend of oriented textures, weights at low resolution)
         sh = self.shift
         orient_lo = orient_lo_raw - self.rot
+        if self.flip:  # a mirrored image turns fibre angles the other way (fibres are axial: mod pi)
+            orient_lo = -orient_lo
         fib = np.zeros((h, w), np.float32)
         wsum = np.zeros_like(orient_lo, dtype=np.float32)
         ws = []

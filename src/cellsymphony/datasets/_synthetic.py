@@ -115,9 +115,10 @@ def _write_h5(path: Path, counts, ctrl, cell_ids, feat_names, feat_ids, feat_typ
         ft.create_dataset("name", data=np.array([n.encode() for n in feat_names]))
 
 
-def _ome_meta(axes: str, mpp: float, channel: str | None = None) -> dict:
-    meta = {"axes": axes, "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
-            "PhysicalSizeYUnit": "µm"}
+def _ome_meta(axes: str, mpp: float | None, channel: str | None = None) -> dict:
+    meta = {"axes": axes}
+    if mpp is not None:  # None: record no pixel size (an H&E export that lost it)
+        meta.update({"PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"})
     if channel:
         meta["Channel"] = {"Name": [channel]}
     return meta
@@ -190,7 +191,7 @@ def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
             worker.join(timeout=0.1)
 
 
-def _write_pyramid(path: Path, shape: tuple[int, ...], dtype, bands: Iterator[np.ndarray], mpp: float, *,
+def _write_pyramid(path: Path, shape: tuple[int, ...], dtype, bands: Iterator[np.ndarray], mpp: float | None, *,
                    rgb: bool, compression: str, channel: str | None = None, tile: int = 512,
                    min_size: int = 512) -> None:
     """A tiled OME-TIFF pyramid (levels 1.. in SubIFDs) of an image given as consecutive bands of rows.
@@ -225,13 +226,14 @@ def _write_pyramid(path: Path, shape: tuple[int, ...], dtype, bands: Iterator[np
         kw["compressionargs"] = {"level": 90}
     elif compression == "zlib":
         kw["compressionargs"] = {"level": 1}
-    res = 1e4 / mpp  # pixels per cm
+    res = 1e4 / mpp if mpp is not None else None  # pixels per cm
+    tags = {"resolution": (res, res), "resolutionunit": "CENTIMETER"} if res is not None else {}
     ahead = _prefetch(bands)
     tiles = _band_tiles(pooled(ahead), shape[1], tile)
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
         try:
-            tw.write(tiles, shape=shape, dtype=dtype, subifds=n_lev - 1, resolution=(res, res),
-                     resolutionunit="CENTIMETER", metadata=_ome_meta("YXS" if rgb else "YX", mpp, channel), **kw)
+            tw.write(tiles, shape=shape, dtype=dtype, subifds=n_lev - 1, **tags,
+                     metadata=_ome_meta("YXS" if rgb else "YX", mpp, channel), **kw)
         finally:  # tifffile takes just the tiles it needs: stop the producers here
             tiles.close()
             ahead.close()
@@ -239,8 +241,8 @@ def _write_pyramid(path: Path, shape: tuple[int, ...], dtype, bands: Iterator[np
             raise RuntimeError(f"{path.name}: {done[0]} rows were rendered for an image of {shape[0]}")
         levels = _render.pyramid(level1, min_size) if level1 is not None else []
         for k, lvl in enumerate(levels, start=1):
-            r = res / 2**k
-            tw.write(lvl, subfiletype=1, resolution=(r, r), resolutionunit="CENTIMETER", metadata=None, **kw)
+            lvl_tags = {"resolution": (res / 2**k, res / 2**k), "resolutionunit": "CENTIMETER"} if res else {}
+            tw.write(lvl, subfiletype=1, **lvl_tags, metadata=None, **kw)
 
 
 class _CellsZarr:
@@ -580,6 +582,12 @@ def synthetic_xenium(
     name: str = "synthetic",
     transcripts: bool = True,
     reference_cells: int = 3000,
+    he_rotation: float | None = None,
+    he_flip: bool = False,
+    he_record_mpp: bool | float = True,
+    he_deformation_um: float = 0.0,
+    he_deformation_wavelength_um: float = 500.0,
+    he_alignment: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic Xenium output folder of a breast tumour section, with its H&E.
@@ -615,6 +623,22 @@ def synthetic_xenium(
         Write ``transcripts.parquet`` (the largest file).
     reference_cells
         Cells of the matching single-cell reference ``reference.h5ad`` (0: none).
+    he_rotation
+        Rotation (degrees, any angle) of the H&E relative to the Xenium frame; ``None``: a small random one
+        (4-11 degrees either way), as a slide placed by hand. With the next four, the cases of automatic
+        registration (:func:`cellsymphony.io.register_he`); the defaults give the usual bundle.
+    he_flip
+        Mirror the H&E (a slide scanned face down).
+    he_record_mpp
+        Pixel size recorded in the H&E file: ``True`` the true ``he_mpp``, ``False`` none, or a (wrong) value.
+    he_deformation_um
+        Amplitude (largest displacement, um) of a smooth local deformation of the tissue in the H&E (a section
+        that stretched between imaging and staining); 0 for none.
+    he_deformation_wavelength_um
+        Wavelength of that deformation (um).
+    he_alignment
+        Write ``<name>_he_imagealignment.csv`` (the affine part of the truth when deformed); ``False``: an H&E
+        without its alignment file.
     overwrite
         Replace an existing non-empty folder (once the new bundle is complete).
 
@@ -623,9 +647,13 @@ def synthetic_xenium(
     The folder path. It holds ``experiment.xenium``, ``cells.parquet``, ``cells.zarr.zip``,
     ``cell_feature_matrix.h5``, ``cell_boundaries.parquet``, ``nucleus_boundaries.parquet``,
     ``transcripts.parquet``, the DAPI morphology image, ``<name>_he_image.ome.tif``,
-    ``<name>_he_imagealignment.csv``, ``truth.parquet`` (per cell: true type, fine type, compartment,
-    rendered nucleus area / elongation / darkness, H&E nucleus centroid), ``he_nuclei.csv`` (a simulated
-    H&E nucleus classifier's output) and ``reference.h5ad``.
+    ``<name>_he_imagealignment.csv`` (unless ``he_alignment=False``), ``truth.parquet`` (per cell: true type,
+    fine type, compartment, position ``x, y`` um, rendered nucleus area / elongation / darkness, the H&E
+    nucleus centroid ``he_x, he_y`` in level-0 pixels: where the H&E shows the nucleus, deformation included),
+    ``truth_he.json`` (the true H&E geometry: ``alignment`` (the affine, H&E pixel -> morphology pixel),
+    ``rotation_deg``, ``flip``, ``he_mpp``, ``he_mpp_recorded`` (null when none) and ``deformation``
+    (amplitude, wavelength and phases of the field of :class:`cellsymphony.datasets._tissue.Deformation`, or
+    null)), ``he_nuclei.csv`` (a simulated H&E nucleus classifier's output) and ``reference.h5ad``.
     """
     from ._tissue import max_cells
 
@@ -642,6 +670,15 @@ def synthetic_xenium(
         raise ValueError(f"he_mpp must be between 0.1 and 2 um per pixel, got {he_mpp}")
     if reference_cells < 0:
         raise ValueError(f"reference_cells must be 0 or more, got {reference_cells}")
+    if not isinstance(he_record_mpp, bool) and not (0 < float(he_record_mpp) < 100):
+        raise ValueError(f"he_record_mpp must be True, False or a pixel size in um, got {he_record_mpp!r}")
+    if not 0 <= he_deformation_um <= 100:
+        raise ValueError(f"he_deformation_um must be between 0 and 100 um, got {he_deformation_um}")
+    if not he_deformation_wavelength_um > 0:
+        raise ValueError(f"he_deformation_wavelength_um must be positive, got {he_deformation_wavelength_um}")
+    he_opts = {"rotation": None if he_rotation is None else float(he_rotation), "flip": bool(he_flip),
+               "record_mpp": he_record_mpp, "deformation_um": float(he_deformation_um),
+               "wavelength_um": float(he_deformation_wavelength_um), "alignment": bool(he_alignment)}
     path = Path(path)
     if path.exists():
         if not path.is_dir():
@@ -657,7 +694,7 @@ def synthetic_xenium(
     tmp.mkdir(parents=True)
     try:
         _generate(tmp, n_cells=int(n_cells), seed=seed, id_style=id_style, he_mpp=he_mpp, name=name,
-                  transcripts=transcripts, reference_cells=reference_cells)
+                  transcripts=transcripts, reference_cells=reference_cells, he_opts=he_opts)
         _move_into_place(tmp, path, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -745,7 +782,7 @@ def _move_into_place(tmp: Path, path: Path, *, overwrite: bool) -> None:
 
 
 def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: float, name: str, transcripts: bool,
-              reference_cells: int) -> None:
+              reference_cells: int, he_opts: dict | None = None) -> None:
     """Write the bundle into the (new, empty) folder ``path``."""
     import scipy.sparse as sp
 
@@ -880,28 +917,48 @@ def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: flo
     del cvx, cvy
 
     _mark("tables")
-    # ---- H&E: similarity transform H&E pixel -> morphology pixel (rotation, scale, shift)
-    ang = np.deg2rad(rng.uniform(4.0, 11.0) * rng.choice([-1, 1]))
+    # ---- H&E: similarity transform H&E pixel -> morphology pixel (rotation, mirror, scale, shift)
+    opts = {"rotation": None, "flip": False, "record_mpp": True, "deformation_um": 0.0, "wavelength_um": 500.0,
+            "alignment": True, **(he_opts or {})}
+    ang = np.deg2rad(rng.uniform(4.0, 11.0) * rng.choice([-1, 1]))  # drawn in any case: the same stream
+    if opts["rotation"] is not None:
+        ang = np.deg2rad(opts["rotation"])
     s = he_mpp / PIXEL_SIZE
     lin = s * np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    if opts["flip"]:
+        lin = lin @ np.diag([-1.0, 1.0])
     corners = np.array([[0, 0], [tissue.width_um, 0], [0, tissue.height_um], [tissue.width_um, tissue.height_um]])
     he_c = (np.linalg.inv(lin) @ (corners / PIXEL_SIZE).T).T
     margin = rng.uniform(60, 160, 2)
+    deform = None
+    if opts["deformation_um"] > 0:  # its own stream, so the rest of the bundle stays the same
+        deform = _tissue.Deformation.random(opts["deformation_um"], opts["wavelength_um"],
+                                            np.random.default_rng([seed, 19]))
+        margin = margin + opts["deformation_um"] / he_mpp
     offset = he_c.min(axis=0) - margin
     align = np.eye(3)
     align[:2, :2] = lin
     align[:2, 2] = lin @ offset
     he_shape = tuple(int(v) for v in np.ceil(he_c.max(axis=0) - offset + margin[::-1])[::-1])
     he2um = np.diag([PIXEL_SIZE, PIXEL_SIZE, 1.0]) @ align
-    renderer = _render.HERenderer(tissue, he2um, he_shape, rng)
+    renderer = _render.HERenderer(tissue, he2um, he_shape, rng, deform=deform)
     he_rows = _render.HE_BAND_ROWS
     he_bands = (renderer.render_band(r0, min(he_shape[0], r0 + he_rows)) for r0 in range(0, he_shape[0], he_rows))
-    _write_pyramid(path / f"{name}_he_image.ome.tif", (*he_shape, 3), np.uint8, he_bands, he_mpp, rgb=True,
+    rec = opts["record_mpp"]
+    recorded = he_mpp if rec is True else (None if rec is False else float(rec))
+    _write_pyramid(path / f"{name}_he_image.ome.tif", (*he_shape, 3), np.uint8, he_bands, recorded, rgb=True,
                    compression="jpeg")
     truth_he = renderer.nucleus_truth(he_mpp, n_cells)
     del renderer
-    with atomic_path(path / f"{name}_he_imagealignment.csv") as tmp:
-        np.savetxt(tmp, align, delimiter=",", fmt="%.10g")
+    if opts["alignment"]:
+        with atomic_path(path / f"{name}_he_imagealignment.csv") as tmp:
+            np.savetxt(tmp, align, delimiter=",", fmt="%.10g")
+    with atomic_path(path / "truth_he.json") as tmp:
+        tmp.write_text(json.dumps({
+            "alignment": align.tolist(), "rotation_deg": float(np.rad2deg(ang)), "flip": bool(opts["flip"]),
+            "he_mpp": float(he_mpp), "he_mpp_recorded": recorded, "pixel_size": PIXEL_SIZE,
+            "deformation": None if deform is None else deform.record(),
+        }, indent=2))
 
     _mark("he")
     # ---- truth and label sources

@@ -330,3 +330,33 @@ def cell_polygons(cells: pd.DataFrame, n_vertices: int = 24, chunk: int = 50_000
         x[sl] = xy[sl, 0:1] + r * u[None, :, 0]
         y[sl] = xy[sl, 1:2] + r * u[None, :, 1]
     return x, y
+
+
+@dataclass
+class Deformation:
+    """A smooth displacement field of the tissue (um -> um): two crossed sine waves per axis with random phases,
+    scaled so that the largest displacement over the plane is ``amplitude_um``.
+
+    It stands for the stretching of a section between Xenium imaging and H&E staining; the H&E is rendered
+    through it (see :class:`~cellsymphony.datasets._render.HERenderer`).
+    """
+
+    amplitude_um: float
+    wavelength_um: float
+    phases: np.ndarray  # (4,)
+
+    @classmethod
+    def random(cls, amplitude_um: float, wavelength_um: float, rng: np.random.Generator) -> Deformation:
+        return cls(float(amplitude_um), float(wavelength_um), rng.uniform(0, 2 * np.pi, 4))
+
+    def __call__(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        k = 2 * np.pi / self.wavelength_um
+        p = self.phases
+        a = self.amplitude_um / (1.5 * np.sqrt(2.0))  # each component peaks at 1.5 a; the magnitude at amplitude
+        dx = a * (np.sin(k * np.asarray(y) + p[0]) + 0.5 * np.sin(0.7 * k * np.asarray(x) + p[1]))
+        dy = a * (np.sin(k * np.asarray(x) + p[2]) + 0.5 * np.sin(0.6 * k * np.asarray(y) + p[3]))
+        return dx, dy
+
+    def record(self) -> dict:
+        return {"amplitude_um": self.amplitude_um, "wavelength_um": self.wavelength_um,
+                "phases": [float(v) for v in self.phases]}

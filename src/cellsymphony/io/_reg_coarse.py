@@ -28,7 +28,9 @@ FINEST_UM = 10.0  # ... or pixels of this size: the nuclei stage absorbs the res
 ANGLE_STEP = 6.0  # degrees between the angles of the exhaustive search
 SCALE_STEP = 0.12  # log step between its scales
 PRIOR_RANGE = 1.45  # with a known pixel size, scales within [prior / 1.45, prior * 1.45] are searched
-UNKNOWN_MPP = (0.1, 2.0)  # micrometres per H&E pixel searched when the H&E records none
+UNKNOWN_MPP = (0.1, 2.0)  # micrometres per H&E pixel searched when the H&E records none ...
+UNKNOWN_STEPS = (32, 8.0, 0.15)  # ... on smaller images, coarser angles and scales (pixels, degrees, log step)
+SLIDE_UM = 80_000.0  # no H&E is larger than a slide: bounds the scale from above
 _BAND_PIXELS = 8_000_000  # H&E pixels decoded at once when reducing a level
 
 
@@ -102,8 +104,7 @@ def ncc_map(fixed: FixedImage, mov: np.ndarray, min_mass: float = 0.2) -> tuple[
     fh, fw = fixed.shape
     sfg = sfft.irfft2(fixed.f_f * f_g, (ph, pw))[: fh + mh - 1, : fw + mw - 1]  # sum (f - mean f) g
     # sums of g and g^2 over the fixed field at every offset: box sums of integral images
-    sg = _box_sums(g, fh, fw)
-    sgg = _box_sums(g * g, fh, fw)
+    sg, sgg = _box_sums(np.stack([g, g * g], axis=-1), fh, fw).transpose(2, 0, 1)
     n = fixed.n
     var_g = np.maximum(sgg / n - (sg / n) ** 2, 0.0)
     total = float(g.sum())
@@ -128,7 +129,7 @@ def _box_sums(g: np.ndarray, fh: int, fw: int) -> np.ndarray:
         start = f + m - 1 - np.arange(f + m - 1)
         return c[start + f] - c[start]
 
-    return along(along(g, fh).T, fw).T
+    return np.swapaxes(along(np.swapaxes(along(g, fh), 0, 1), fw), 0, 1)
 
 
 def best_offset(ncc: np.ndarray, oy: int, ox: int) -> tuple[float, float, float]:
@@ -273,14 +274,17 @@ def search(
     its extent (um) is ``xenium_image.extent``.
     """
     extent = max(xenium_image.extent)
-    r0 = extent / COARSE_PX
     if mpp_prior is not None:
         lo, hi = mpp_prior / PRIOR_RANGE, mpp_prior * PRIOR_RANGE
+        coarse_px, angle_step, scale_step = COARSE_PX, ANGLE_STEP, SCALE_STEP
     else:
         lo, hi = UNKNOWN_MPP
-    n_scales = int(np.ceil(np.log(hi / lo) / SCALE_STEP)) + 1
+        hi = max(lo * 1.5, min(hi, SLIDE_UM / max(he_images.he.shapes[0])))
+        coarse_px, angle_step, scale_step = UNKNOWN_STEPS
+    r0 = extent / coarse_px
+    n_scales = int(np.ceil(np.log(hi / lo) / scale_step)) + 1
     scales = np.exp(np.linspace(np.log(lo), np.log(hi), n_scales))
-    angles = np.radians(np.arange(0.0, 360.0, ANGLE_STEP))
+    angles = np.radians(np.arange(0.0, 360.0, angle_step))
 
     x_img, xr = xenium_image(r0)
     fixed_img = _prep(x_img)
@@ -302,7 +306,7 @@ def search(
         c.level_scores.append(c.score)
 
     # refinements: images twice as fine, a local search around each kept candidate
-    a_step, s_step, r = np.radians(ANGLE_STEP), SCALE_STEP, r0
+    a_step, s_step, r = np.radians(angle_step), scale_step, r0
     while max(xenium_image.extent) / r < FINEST_PX * 0.99 and r > FINEST_UM:
         r /= 2.0
         a_step /= 2.0

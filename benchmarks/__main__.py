@@ -32,6 +32,7 @@ SUITES = {
     "io": ("bench_io", "read_xenium vs reading the counts alone, H&E tile cache"),
     "labels": ("bench_labels", "nucleus-label transfer scaling"),
     "synthetic": ("bench_synthetic", "synthetic bundle generation speed and memory at two sizes"),
+    "registration": ("bench_registration", "automatic H&E registration error, time and memory"),
 }
 
 

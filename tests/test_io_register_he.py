@@ -402,3 +402,15 @@ def test_command_line_register(tmp_path_factory, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 1 and "ok: False" in captured.out and "nothing written" in captured.err
     assert not bad.exists() and fig.exists()
+
+
+def test_report_has_the_registration_section(tmp_path_factory, tmp_path):
+    from cellsymphony._report import write_report
+
+    folder = bundle(tmp_path_factory, "rot137_flip_mpp0.35")
+    mdata = cs.io.read_xenium(folder, he_image=False)
+    register(folder).apply(mdata)
+    page = write_report(mdata, tmp_path, settings_note="test").read_text()
+    assert "H&amp;E registration" in page or "H&E registration" in page
+    assert (tmp_path / "figures" / "he_registration_synthetic.png").is_file()
+    assert "median_um" in page

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._constants import CONTRASTIVE_KEY, MOD_MORPH, MOD_RNA, NICHE_KEY, UNS_KEY
+from ._constants import CONTRASTIVE_KEY, MOD_MORPH, MOD_RNA, NICHE_KEY, REGISTRATION_KEY, UNS_KEY
 from ._settings import logger
 from ._utils import atomic_path
 
@@ -223,7 +223,9 @@ def write_report(
     enrichment_keys
         ``uns`` keys of enrichment tables; default every cluster x label table.
     registration_key
-        ``uns`` key of the nucleus-label transfer with matches; default the first found.
+        ``uns`` key of the nucleus-label transfer with matches; default the first found. An automatic
+        registration (``uns["he_registration"]``, :meth:`cellsymphony.io.Registration.apply`) has its own
+        section: the QC per sample and :func:`cellsymphony.pl.registration`'s figure.
     label_keys
         Categorical columns to map in space; default the categorical columns of ``mdata.obs``
         (labels, predictions, niches).
@@ -292,7 +294,7 @@ def write_report(
         contrastive_key = CONTRASTIVE_KEY if CONTRASTIVE_KEY in found else (found[0] if found else None)
     enrichment_keys = list(enrichment_keys) if enrichment_keys is not None else _find(mdata, _is_enrichment)
     if registration_key is None:
-        found = _find(mdata, _is_registration)
+        found = [k for k in _find(mdata, _is_registration) if k != REGISTRATION_KEY]  # that one has its own section
         registration_key = found[0] if found else None
     label_keys = list(label_keys) if label_keys is not None else _label_columns(mdata, exclude=())
 
@@ -329,6 +331,20 @@ def write_report(
         parts.append(figure(f"registration_{_slug(registration_key)}", "Registration QC: matched H&E nuclei and offsets",
                             lambda: pl.registration(mdata, registration_key)))  # fmt: skip
         sections.append(("registration", "Registration QC", parts))
+
+    # ---- automatic H&E registration (cs.io.register_he, Registration.apply)
+    auto = mdata.uns.get(REGISTRATION_KEY)
+    if isinstance(auto, Mapping) and isinstance(auto.get("samples"), Mapping) and auto["samples"]:
+        per = auto["samples"]
+        qc = pd.DataFrame({s: {k: v for k, v in _scalars(e).items() if not k.startswith("params.")}
+                           for s, e in per.items()}).T
+        qc.index.name = "sample"
+        parts = [_table_html(qc)]
+        for s in per:
+            parts.append(figure(f"he_registration_{_slug(str(s))}",
+                                f"H&E registration of sample {s}: DAPI over the registered H&E, residual map, QC",
+                                lambda s=s: pl.registration(mdata, REGISTRATION_KEY, sample=str(s))))
+        sections.append(("he_registration", "H&E registration", parts))
 
     # ---- classifiers
     if classifier_keys or comparison_key:

@@ -360,3 +360,26 @@ def test_contrastive_retrieval_is_scored_on_a_fixed_pool():
     assert (every["n_cells"] == 1500).all()
     with pytest.raises(ValueError, match="retrieval_cells"):
         cs.tl.align_contrastive(small, **kw, retrieval_cells=1)
+
+
+# ------------------------------------------------------------------------------------------- labels
+def test_nucleus_labels_of_a_section_are_written_without_per_nucleus_loops():
+    """60,000 cells and their H&E nuclei (missing classes among them): labels land on the matched cells,
+    missing ones stay missing, the categories are the classes seen."""
+    n = 60_000
+    mdata = _embedded(n)
+    for mod in mdata.mod.values():
+        mod.obsm["nucleus_centroid"] = mod.obsm["spatial"]
+    xy = mdata["rna"].obsm["spatial"]
+    cls = np.array(["tumour", "immune", "stroma"], dtype=object)[np.arange(n) % 3]
+    cls[::10] = None
+    table = pd.DataFrame({"x": xy[:, 0] + 0.1, "y": xy[:, 1], "class": cls})
+    table.loc[5, "class"] = np.nan
+    cs.pp.transfer_nucleus_labels(mdata, table, space="um", sample="s1")
+    got = mdata.obs["he_label"]
+    assert list(got.cat.categories) == ["immune", "stroma", "tumour"]
+    matched = mdata.obs["he_label_distance"].notna().to_numpy()
+    assert matched.mean() > 0.9
+    want = pd.Series(cls, index=mdata.obs_names).where(pd.notna(cls), None)
+    want.iloc[5] = None
+    assert (got[matched].astype(object).fillna("-") == want[matched].fillna("-")).all()

@@ -344,8 +344,10 @@ def transfer_nucleus_labels(
         logger.warning(msg)
 
     # --- write
-    labels = table["class"].to_numpy(dtype=object)
-    labels = np.asarray([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in labels], dtype=object)
+    # vectorised (one value per H&E nucleus, ~10^6 on a section): missing stays None, the rest as text
+    missing = table["class"].isna().to_numpy()
+    labels = table["class"].astype(str).to_numpy(dtype=object)
+    labels[missing] = None
     rows = cell_idx[ci]
     col = pd.Series(None, index=obs_names, dtype=object)
     dcol = pd.Series(np.nan, index=obs_names, dtype=np.float64)
@@ -356,7 +358,7 @@ def transfer_nucleus_labels(
             dcol[~in_sample] = data.obs[dkey].to_numpy()[~in_sample]
     col.iloc[rows] = labels[ni]
     dcol.iloc[rows] = dist
-    classes = sorted({str(v) for v in col.dropna()})
+    classes = sorted(pd.unique(col.dropna().astype(str)))
     data.obs[key_added] = pd.Categorical(col.to_numpy(), categories=classes)
     data.obs[f"{key_added}_distance"] = dcol.to_numpy()
     if table["probability"].notna().any():

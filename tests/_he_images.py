@@ -31,9 +31,15 @@ def write_pyramid(path: Path, img: np.ndarray, mpp: float | None) -> None:
 
 
 def altered_he(src: Path, out: Path, *, mpp: float = 0.2738, blank: bool = False, blur_um: float = 0.0,
-               mode: str = "rgb") -> Path:
-    """``src``'s level 0 written again (same geometry): blank, blurred by ``blur_um``, as RGBA or one channel."""
+               mode: str = "rgb", keep_left: float = 1.0, pad_px: int = 0) -> Path:
+    """``src``'s level 0 written again: blank, blurred by ``blur_um``, as RGBA or one channel, only its left
+    ``keep_left`` fraction (same pixel coordinates), or inside a white (slide) border of ``pad_px`` pixels (pixel
+    coordinates shifted by ``pad_px``)."""
     img = tifffile.imread(src, level=0)
+    if keep_left < 1.0:
+        img = img[:, : int(img.shape[1] * keep_left)]
+    if pad_px:
+        img = np.pad(img, ((pad_px, pad_px), (pad_px, pad_px), (0, 0)), constant_values=242)
     if blur_um > 0:
         img = np.stack([ndi.gaussian_filter(img[..., c], blur_um / mpp) for c in range(3)], axis=2)
     if blank:

@@ -136,6 +136,25 @@ def test_nonrigid_corrects_smooth_deformation(tmp_path_factory):
     assert reg.qc["affine_median_um"] > 2 * reg.qc["median_um"]
 
 
+@pytest.mark.parametrize(("kind", "kw", "shift"), [
+    ("left45", {"keep_left": 0.45}, 0),  # the H&E shows less than the Xenium field
+    ("bordered", {"pad_px": 3000}, 3000),  # the H&E shows much more (a wide slide border)
+])
+def test_he_covering_less_or_more_than_the_section(tmp_path_factory, kind, kw, shift):
+    folder = bundle(tmp_path_factory)
+    reg = register(folder, altered(tmp_path_factory, kind, **kw))
+    assert reg.qc["ok"], reg.summary()
+    _, px, um = truth(folder)
+    err = np.hypot(*(reg.to_um(px + shift) - um).T)
+    inside = px[:, 0] < 0.45 * he_width(folder) if kind == "left45" else np.ones(len(px), bool)
+    assert np.median(err[inside]) <= 0.5 and np.percentile(err[inside], 95) <= 1.5
+
+
+def he_width(folder: Path) -> int:
+    with cs.io.read_he(he_of(folder)) as he:
+        return he.shapes[0][1]
+
+
 # ---------------------------------------------------------------------------------------------- failures
 _ALTERED: dict = {}
 

@@ -30,6 +30,8 @@ SCALE_STEP = 0.12  # log step between its scales
 PRIOR_RANGE = 1.45  # with a known pixel size, scales within [prior / 1.45, prior * 1.45] are searched
 UNKNOWN_MPP = (0.1, 2.0)  # micrometres per H&E pixel searched when the H&E records none ...
 UNKNOWN_STEPS = (32, 8.0, 0.15)  # ... on smaller images, coarser angles and scales (pixels, degrees, log step)
+MIN_OVERLAP = 0.25  # of the smaller of the field and the H&E, for a translation to be scored ...
+MIN_FIELD = 0.15  # ... and of the Xenium field (an H&E showing less of the section is not registered)
 SLIDE_UM = 80_000.0  # no H&E is larger than a slide: bounds the scale from above
 _BAND_PIXELS = 8_000_000  # H&E pixels decoded at once when reducing a level
 
@@ -75,45 +77,52 @@ def standardise(img: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
 
 
 class FixedImage:
-    """The Xenium image prepared for NCC at one FFT size (its transforms and statistics computed once)."""
+    """The Xenium image prepared for NCC at one FFT size (its transforms computed once)."""
 
     def __init__(self, img: np.ndarray, um_per_px: float, pad_shape: tuple[int, int]) -> None:
-        self.img = img.astype(np.float32)
+        self.img = img.astype(np.float64)
         self.r = float(um_per_px)
         self.shape = img.shape
         self.pad = pad_shape
         self.n = float(img.size)
-        self.mean = float(self.img.mean())
-        self.var = float(self.img.var())
-        self.f_f = sfft.rfft2(self.img - self.mean, pad_shape)
+        self.f_f = sfft.rfft2(self.img, pad_shape)
+        self.f_f2 = sfft.rfft2(self.img**2, pad_shape)
 
 
-def ncc_map(fixed: FixedImage, mov: np.ndarray, min_mass: float = 0.2) -> tuple[np.ndarray, int, int]:
-    """NCC of the fixed image (its whole field) with the moving image at every offset, the moving image
-    being zero outside its box (an H&E shows no hematoxylin beyond the slide).
+def ncc_map(fixed: FixedImage, mov: np.ndarray, mask: np.ndarray,
+            min_overlap: float = MIN_OVERLAP) -> tuple[np.ndarray, int, int]:
+    """Masked NCC (Padfield 2012) of the fixed image (its whole field) with the moving image at every offset:
+    only the overlap of the field with the moving image's valid region (``mask``: the H&E image's own bounds;
+    beyond them nothing is known, so an H&E smaller than the section is scored on what it shows).
 
-    Offsets where the fixed field holds less than ``min_mass`` of the moving signal it could hold (the
-    moving image's total, or its mean density times the field's area when the moving image is larger) are
-    scored -1. Returns the map and the offset of its index (0, 0): map index ``(iy, ix)`` puts moving pixel
-    (0, 0) on fixed pixel ``(iy - oy, ix - ox)``.
+    Offsets whose overlap is less than ``min_overlap`` of the smaller of the two or :data:`MIN_FIELD` of the
+    field, or whose moving part is almost flat, are scored -1. Returns the map and the offset of its index (0, 0): map index ``(iy, ix)`` puts moving
+    pixel (0, 0) on fixed pixel ``(iy - oy, ix - ox)``.
     """
     ph, pw = fixed.pad
-    g = mov.astype(np.float32)
-    f_g = sfft.rfft2(g[::-1, ::-1], (ph, pw))
+    g = mov.astype(np.float64) * mask
+    m = mask.astype(np.float64)
     mh, mw = g.shape
     fh, fw = fixed.shape
-    sfg = sfft.irfft2(fixed.f_f * f_g, (ph, pw))[: fh + mh - 1, : fw + mw - 1]  # sum (f - mean f) g
-    # sums of g and g^2 over the fixed field at every offset: box sums of integral images
-    sg, sgg = _box_sums(np.stack([g, g * g], axis=-1), fh, fw).transpose(2, 0, 1)
-    n = fixed.n
-    var_g = np.maximum(sgg / n - (sg / n) ** 2, 0.0)
-    total = float(g.sum())
-    tissue = float((g > 0.1 * (g.max() if g.size else 0)).sum()) or 1.0
-    can_hold = min(total, total / tissue * n)
+    crop = (slice(0, fh + mh - 1), slice(0, fw + mw - 1))
+    f_g = sfft.rfft2(g[::-1, ::-1], (ph, pw))
+    f_m = sfft.rfft2(m[::-1, ::-1], (ph, pw))
+    sfg = sfft.irfft2(fixed.f_f * f_g, (ph, pw))[crop]  # sum f g over the overlap
+    sf = sfft.irfft2(fixed.f_f * f_m, (ph, pw))[crop]
+    sff = sfft.irfft2(fixed.f_f2 * f_m, (ph, pw))[crop]
+    # sums of the mask, g and g^2 over the fixed field at every offset: box sums of integral images
+    n, sg, sgg = _box_sums(np.stack([m, g, g * g], axis=-1), fh, fw).transpose(2, 0, 1)
+    n = np.round(n)
+    # and at least MIN_FIELD of the field: a small moving image (a small scale) matches noise anywhere
+    need = max(min_overlap * min(fixed.n, float(m.sum())), MIN_FIELD * fixed.n, 4.0)
+    valid = m > 0
+    flat = 0.05 * float(g[valid].var()) if valid.any() else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
-        ncc = sfg / n / np.sqrt(var_g * fixed.var + 1e-20)
-    ncc[(sg < min_mass * can_hold) | (var_g < 1e-8)] = -1.0
-    return ncc, mh - 1, mw - 1
+        var_g = (sgg - sg**2 / n) / n
+        var_f = (sff - sf**2 / n) / n
+        ncc = (sfg - sf * sg / n) / n / np.sqrt(np.maximum(var_f * var_g, 1e-24))
+    ncc[(n < need) | ~(var_g > max(flat, 1e-8)) | ~(var_f > 1e-8)] = -1.0
+    return np.nan_to_num(ncc, nan=-1.0), mh - 1, mw - 1
 
 
 def _box_sums(g: np.ndarray, fh: int, fw: int) -> np.ndarray:
@@ -149,7 +158,7 @@ def best_offset(ncc: np.ndarray, oy: int, ox: int) -> tuple[float, float, float]
 
 def warp_moving(he_img: np.ndarray, he_f: float, angle: float, flip: bool, scale: float, r: float):
     """The H&E image (``he_f`` level-0 pixels per pixel) under the linear part of the similarity, resampled at
-    ``r`` um per pixel into its bounding box (zero outside the image), and the um position of its pixel
+    ``r`` um per pixel into its bounding box (zero outside the image), its validity mask, and the um position of its pixel
     (0, 0) centre relative to the similarity with zero shift."""
     lin = similarity(angle, flip, scale, (0.0, 0.0))[:2, :2]
     h, w = he_img.shape
@@ -165,16 +174,19 @@ def warp_moving(he_img: np.ndarray, he_f: float, angle: float, flip: bool, scale
     b_xy = (inv @ (lo + 0.5 * r) + 0.5) / he_f - 0.5
     matrix = np.array([[a_xy[1, 1], a_xy[1, 0]], [a_xy[0, 1], a_xy[0, 0]]])
     offset = np.array([b_xy[1], b_xy[0]])
-    out = ndi.affine_transform(he_img, matrix, offset, output_shape=(int(size[1]), int(size[0])), order=1,
-                               mode="constant", cval=0.0, prefilter=False)
-    return out, lo + 0.5 * r
+    shape = (int(size[1]), int(size[0]))
+    out = ndi.affine_transform(he_img, matrix, offset, output_shape=shape, order=1, mode="constant", cval=0.0,
+                               prefilter=False)
+    mask = ndi.affine_transform(np.ones(he_img.shape, np.float32), matrix, offset, output_shape=shape, order=0,
+                                mode="constant", cval=0.0, prefilter=False)
+    return out, mask, lo + 0.5 * r
 
 
 def score_candidate(fixed: FixedImage, he_img, he_f, angle, flip, scale) -> Candidate:
-    mov, origin = warp_moving(he_img, he_f, angle, flip, scale, fixed.r)
+    mov, mask, origin = warp_moving(he_img, he_f, angle, flip, scale, fixed.r)
     if mov.shape[0] + fixed.shape[0] > fixed.pad[0] or mov.shape[1] + fixed.shape[1] > fixed.pad[1]:
         raise ValueError("FFT size too small for the moving image")
-    score, dy, dx = best_offset(*ncc_map(fixed, mov))
+    score, dy, dx = best_offset(*ncc_map(fixed, mov, mask))
     # moving pixel (0, 0) sits on fixed pixel (dy, dx): its centre in um is ((dx + .5) r, (dy + .5) r)
     shift = np.array([(dx + 0.5) * fixed.r, (dy + 0.5) * fixed.r]) - origin
     return Candidate(score, angle, flip, scale, shift)

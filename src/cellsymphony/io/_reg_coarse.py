@@ -23,13 +23,14 @@ from scipy import ndimage as ndi
 from .._registration import exact_downsample
 
 COARSE_PX = 48  # pixels along the longer side of the Xenium image at the first (exhaustive) search
-FINEST_PX = 256  # refinements on images twice as fine until this many pixels ...
-FINEST_UM = 10.0  # ... or pixels of this size: the nuclei stage absorbs the rest (local offsets up to 60 um)
+FINEST_PX = 256  # refinements (at least one) on images twice as fine until this many pixels ...
+FINEST_UM = 8.0  # ... or pixels no finer than this: the nuclei stage absorbs the rest (offsets up to 60 um)
 ANGLE_STEP = 6.0  # degrees between the angles of the exhaustive search
 SCALE_STEP = 0.12  # log step between its scales
 PRIOR_RANGE = 1.45  # with a known pixel size, scales within [prior / 1.45, prior * 1.45] are searched
 UNKNOWN_MPP = (0.1, 2.0)  # micrometres per H&E pixel searched when the H&E records none ...
 UNKNOWN_STEPS = (32, 8.0, 0.15)  # ... on smaller images, coarser angles and scales (pixels, degrees, log step)
+REFINE_MARGIN = 0.25  # refinements read the H&E under the field grown by this fraction of its extent
 MIN_OVERLAP = 0.25  # of the smaller of the field and the H&E, for a translation to be scored ...
 MIN_FIELD = 0.15  # ... and of the Xenium field (an H&E showing less of the section is not registered)
 SLIDE_UM = 80_000.0  # no H&E is larger than a slide: bounds the scale from above
@@ -156,14 +157,17 @@ def best_offset(ncc: np.ndarray, oy: int, ox: int) -> tuple[float, float, float]
     return best, iy + fy - oy, ix + fx - ox
 
 
-def warp_moving(he_img: np.ndarray, he_f: float, angle: float, flip: bool, scale: float, r: float):
-    """The H&E image (``he_f`` level-0 pixels per pixel) under the linear part of the similarity, resampled at
-    ``r`` um per pixel into its bounding box (zero outside the image), its validity mask, and the um position of its pixel
-    (0, 0) centre relative to the similarity with zero shift."""
+def warp_moving(he_img: np.ndarray, he_f: float, angle: float, flip: bool, scale: float, r: float,
+                corner: tuple[int, int] = (0, 0)):
+    """The H&E image (``he_f`` level-0 pixels per pixel; ``corner`` (column, row): where a crop of it starts)
+    under the linear part of the similarity, resampled at ``r`` um per pixel into its bounding box (zero outside
+    the image), its validity mask, and the um position of its pixel (0, 0) centre relative to the similarity
+    with zero shift."""
     lin = similarity(angle, flip, scale, (0.0, 0.0))[:2, :2]
     h, w = he_img.shape
-    # he pixel (i, j) centre in level-0 px: ((j + 0.5) f - 0.5, (i + 0.5) f - 0.5)
-    corners = np.array([[0, 0], [w, 0], [0, h], [w, h]], float) * he_f - 0.5
+    c0 = np.asarray(corner, dtype=float)
+    # he pixel (i, j) centre in level-0 px: ((j + c0 + 0.5) f - 0.5, (i + r0 + 0.5) f - 0.5)
+    corners = (np.array([[0, 0], [w, 0], [0, h], [w, h]], float) + c0) * he_f - 0.5
     um = corners @ lin.T
     lo = um.min(axis=0)
     size = np.ceil((um.max(axis=0) - lo) / r).astype(int) + 1
@@ -171,7 +175,7 @@ def warp_moving(he_img: np.ndarray, he_f: float, angle: float, flip: bool, scale
     inv = np.linalg.inv(lin)
     # he pixel (row, col) = A @ (out row, out col) + b
     a_xy = inv * r / he_f  # d(he x, he y) / d(out x, out y)
-    b_xy = (inv @ (lo + 0.5 * r) + 0.5) / he_f - 0.5
+    b_xy = (inv @ (lo + 0.5 * r) + 0.5) / he_f - 0.5 - c0
     matrix = np.array([[a_xy[1, 1], a_xy[1, 0]], [a_xy[0, 1], a_xy[0, 0]]])
     offset = np.array([b_xy[1], b_xy[0]])
     shape = (int(size[1]), int(size[0]))
@@ -182,8 +186,8 @@ def warp_moving(he_img: np.ndarray, he_f: float, angle: float, flip: bool, scale
     return out, mask, lo + 0.5 * r
 
 
-def score_candidate(fixed: FixedImage, he_img, he_f, angle, flip, scale) -> Candidate:
-    mov, mask, origin = warp_moving(he_img, he_f, angle, flip, scale, fixed.r)
+def score_candidate(fixed: FixedImage, he_img, he_f, angle, flip, scale, corner=(0, 0)) -> Candidate:
+    mov, mask, origin = warp_moving(he_img, he_f, angle, flip, scale, fixed.r, corner)
     if mov.shape[0] + fixed.shape[0] > fixed.pad[0] or mov.shape[1] + fixed.shape[1] > fixed.pad[1]:
         raise ValueError("FFT size too small for the moving image")
     score, dy, dx = best_offset(*ncc_map(fixed, mov, mask))
@@ -301,25 +305,27 @@ def search(
     x_img, xr = xenium_image(r0)
     fixed_img = _prep(x_img)
     cands: list[Candidate] = []
-    # group the scales by octave so that each uses an H&E image of about the fixed resolution
-    octaves: dict[int, list[float]] = {}
+    # each scale reads the H&E at about the fixed resolution (level-0 pixels per pixel: an integer multiple of a
+    # pyramid level's downsample, so scales share images)
+    prepped: dict[float, np.ndarray] = {}
     for sc in scales:
-        octaves.setdefault(int(np.floor(np.log2(xr / sc))), []).append(float(sc))
-    for octave, group in octaves.items():
-        he_img, he_f = he_images.at(2.0**octave)
-        mov = _prep(he_img)
-        fixed = FixedImage(fixed_img, xr, _pad_for(fixed_img.shape, mov.shape, he_f, max(group), xr))
+        he_img, he_f = he_images.at(xr / sc)
+        if he_f not in prepped:
+            prepped[he_f] = _prep(he_img)
+        mov = prepped[he_f]
+        fixed = FixedImage(fixed_img, xr, _pad_for(fixed_img.shape, mov.shape, he_f, float(sc), xr))
         for flip in (False, True) if flips else (False,):
-            for sc in group:
-                for ang in angles:
-                    cands.append(score_candidate(fixed, mov, he_f, float(ang), flip, sc))
+            for ang in angles:
+                cands.append(score_candidate(fixed, mov, he_f, float(ang), flip, float(sc)))
     keep = _diverse(cands, n_keep)
     for c in keep:
         c.level_scores.append(c.score)
 
     # refinements: images twice as fine, a local search around each kept candidate
     a_step, s_step, r = np.radians(angle_step), scale_step, r0
-    while max(xenium_image.extent) / r < FINEST_PX * 0.99 and r > FINEST_UM:
+    first = True
+    while first or (max(xenium_image.extent) / r < FINEST_PX * 0.99 and r / 2 >= FINEST_UM * 0.99):
+        first = False
         r /= 2.0
         a_step /= 2.0
         s_step /= 2.0
@@ -327,13 +333,14 @@ def search(
         fixed_img = _prep(x_img)
         refined = []
         for c in keep:
-            he_img, he_f = he_images.at(max(xr / c.scale / 1.5, 1.0))
-            mov = _prep(he_img)
+            he_img, he_f = he_images.at(max(xr / c.scale, 1.0))
+            mov, corner = _crop_near(_prep(he_img), he_f, c, xenium_image.extent)
             fixed = FixedImage(fixed_img, xr, _pad_for(fixed_img.shape, mov.shape, he_f, c.scale * np.exp(s_step), xr))
             best = None
             for da in (-1.0, 0.0, 1.0):
                 for ds in (-1.0, 0.0, 1.0):
-                    cand = score_candidate(fixed, mov, he_f, c.angle + da * a_step, c.flip, c.scale * np.exp(ds * s_step))
+                    cand = score_candidate(fixed, mov, he_f, c.angle + da * a_step, c.flip, c.scale * np.exp(ds * s_step),
+                                           corner)
                     if best is None or cand.score > best.score:
                         best = cand
             best.level_scores = [*c.level_scores, best.score]
@@ -341,6 +348,24 @@ def search(
         refined.sort(key=lambda c: -c.score)
         keep = refined[: max(2, len(refined) // 2)]
     return keep
+
+
+def _crop_near(he_img: np.ndarray, he_f: float, c: Candidate, extent, margin: float = REFINE_MARGIN):
+    """The part of the H&E image that the candidate puts on the Xenium field, grown by ``margin`` of the field's
+    extent (a refinement moves it by much less), and the (column, row) of its corner: an H&E much larger than the
+    section costs the refinements no more than the section."""
+    w, h = extent
+    grow = margin * max(w, h)
+    field = np.array([[-grow, -grow], [w + grow, -grow], [-grow, h + grow], [w + grow, h + grow]])
+    inv = np.linalg.inv(c.matrix())
+    px0 = field @ inv[:2, :2].T + inv[:2, 2]
+    px = (px0 + 0.5) / he_f - 0.5
+    hh, ww = he_img.shape
+    c0, r0 = (int(np.clip(np.floor(v), 0, n)) for v, n in zip(px.min(axis=0), (ww, hh), strict=True))
+    c1, r1 = (int(np.clip(np.ceil(v) + 1, 0, n)) for v, n in zip(px.max(axis=0), (ww, hh), strict=True))
+    if c1 - c0 < 4 or r1 - r0 < 4:
+        return he_img, (0, 0)
+    return he_img[r0:r1, c0:c1], (c0, r0)
 
 
 def _diverse(cands: list[Candidate], n: int) -> list[Candidate]:

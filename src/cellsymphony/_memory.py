@@ -22,14 +22,18 @@ GB = 1e9
 # measured (benchmarks/bench_section.py): the interpreter, numpy/pandas/anndata/scanpy and torch, and
 # freed-but-kept heap of the streaming steps
 PROCESS_BYTES = 1.2e9
-# obs tables of the MuData and its modalities, cell ids, obsm coordinates; 4.4 kB measured after read_xenium
-CELL_BYTES = 6_000
+# obs tables of the MuData and its modalities, cell ids, obsm coordinates: 2.1 kB per cell measured after
+# read_xenium at 460,000 cells (4.4 kB at 50,000, where the allocator's slack weighs more)
+CELL_BYTES = 3_000
 COUNT_BYTES = 8  # float32 value + int32 index per stored count
 READ_COUNT_BYTES = 8  # while reading: the whole matrix (controls included) beside the gene part
 SCGPT_DIM = 512
 CONTRASTIVE_DIM = 128
 N_LABELS = 30  # SingleR scores are cells x reference labels (float64 while scored, float32 kept)
-GRAPH_CELL_BYTES = 2_500  # kNN search, neighbour graphs and Leiden of niches (pynndescent + scanpy + igraph)
+# kNN search, neighbour graphs and Leiden of niches (pynndescent + scanpy + igraph): 6.9 kB per cell measured
+# at 460,000 cells, of which 1.7 kB stays resident afterwards
+GRAPH_CELL_BYTES = 7_000
+GRAPH_KEPT_CELL_BYTES = 1_800
 REPORT_CELL_BYTES = 1_500  # spatial figures of every cell (points, colours, the rendered canvas)
 TRAIN_MODEL_BYTES = 0.5e9  # the paper-size classifier with its gradients and AdamW state
 MORPH_DIMS = {"uni2-h": 1536, "handcrafted": 44}
@@ -153,7 +157,7 @@ def estimate_steps(
     steps["contrastive alignment"] = kept + contrastive + n * CONTRASTIVE_DIM * 4
     kept += contrastive
     steps["niches"] = kept + n * GRAPH_CELL_BYTES
-    kept += n * 16 * 15 * 2  # the neighbour graphs niches keep (distances and connectivities)
+    kept += n * GRAPH_KEPT_CELL_BYTES  # what the niches step leaves resident (graphs, freed-but-kept heap)
     steps["writing results"] = kept + 0.2e9
     steps["report"] = kept + n * REPORT_CELL_BYTES + 0.5e9  # its UMAPs use at most 50,000 cells
     return steps

@@ -2,7 +2,7 @@
 
 Run: ``python -m benchmarks.bench_section [--sizes 50000 150000 460000] [--stages ...] [--bundle-dir DIR]``.
 The Benchmarks page's table: ``--sizes 50k 150k``, then ``--sizes 460k --subset classifier_predict=50000``
-(the predictions of 460,000 cells at the paper's size are half an hour of one CPU core).
+(it saved a few minutes on the shared machine; the full predictions are about 4 min of one core there).
 
 Each size runs in a fresh process, one stage after the other on the same MuData, as ``cellsymphony run``
 does (on CPU): ``read_xenium``; morphology with the ``tiny`` ViT in tile mode and the ``handcrafted``

@@ -30,10 +30,12 @@ SCALE_STEP = 0.12  # log step between its scales
 PRIOR_RANGE = 1.45  # with a known pixel size, scales within [prior / 1.45, prior * 1.45] are searched
 UNKNOWN_MPP = (0.1, 2.0)  # micrometres per H&E pixel searched when the H&E records none ...
 UNKNOWN_STEPS = (32, 8.0, 0.15)  # ... on smaller images, coarser angles and scales (pixels, degrees, log step)
+N_KEEP, N_KEEP_UNKNOWN = 8, 12  # candidates kept from the exhaustive search (halved at each refinement)
 REFINE_MARGIN = 0.25  # refinements read the H&E under the field grown by this fraction of its extent
 MIN_OVERLAP = 0.25  # of the smaller of the field and the H&E, for a translation to be scored ...
 MIN_FIELD = 0.15  # ... and of the Xenium field (an H&E showing less of the section is not registered)
-SLIDE_UM = 80_000.0  # no H&E is larger than a slide: bounds the scale from above
+SLIDE_UM = 80_000.0
+AREA_RANGE = (1.6, 2.5)  # without a pixel size: scales within [estimate / 1.6, estimate * 2.5] of the tissue areas  # no H&E is larger than a slide: bounds the scale from above
 _BAND_PIXELS = 8_000_000  # H&E pixels decoded at once when reducing a level
 
 
@@ -235,6 +237,17 @@ class HEHematoxylin:
         self.he = he
         self._cache: dict[int, np.ndarray] = {}
 
+    def tissue_area_px(self, side_px: int = 1024) -> float:
+        """Area (level-0 pixels^2) of the tissue: where the optical density of a level about ``side_px`` pixels
+        across exceeds 0.08 (white slide glass stays below it), closed and filled; 0 when nothing is there."""
+        he = self.he
+        h0, w0 = he.shapes[0]
+        level = he.best_level(he.mpp * max(h0, w0) / side_px)
+        rgb = he.read_region(0, 0, he.shapes[level][1], he.shapes[level][0], level=level).astype(np.float32)
+        od = -np.log(np.maximum(rgb.mean(axis=2), 1.0) / 255.0)
+        ds = exact_downsample(he.downsamples[level])
+        return float(tissue_mask(od, 0.08).sum() * ds * ds)
+
     def at(self, f: float) -> tuple[np.ndarray, float]:
         """About ``f`` (at least) level-0 pixels per pixel: the image and its exact level-0 pixels per pixel."""
         he = self.he
@@ -254,6 +267,12 @@ class HEHematoxylin:
                 out[r0 // k : r1 // k] = block_mean(band, k)
             self._cache[key] = out
         return self._cache[key], ds * k
+
+
+def tissue_mask(img: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels above ``threshold``, closed and with holes filled (a tissue outline from a low-resolution image)."""
+    m = ndi.binary_closing(img > threshold, iterations=2)
+    return ndi.binary_fill_holes(m)
 
 
 def nuclei_density(xy_um: np.ndarray, extent: tuple[float, float], r: float) -> np.ndarray:
@@ -281,7 +300,7 @@ def search(
     *,
     mpp_prior: float | None,
     flips: bool = True,
-    n_keep: int = 6,
+    n_keep: int | None = None,
 ) -> list[Candidate]:
     """Candidate similarities (H&E level-0 pixel -> um), best first, after the exhaustive search and the
     refinements.
@@ -297,6 +316,16 @@ def search(
         lo, hi = UNKNOWN_MPP
         hi = max(lo * 1.5, min(hi, SLIDE_UM / max(he_images.he.shapes[0])))
         coarse_px, angle_step, scale_step = UNKNOWN_STEPS
+        # the tissue areas give the scale roughly: sqrt(um^2 of Xenium tissue / px^2 of H&E tissue) is too small
+        # when the H&E shows more tissue than the section, too large when it shows less
+        area_um2 = getattr(xenium_image, "tissue_area_um2", None)
+        area_px = he_images.tissue_area_px()
+        if area_um2 and area_px:
+            est = float(np.sqrt(area_um2 / area_px))
+            a_lo, a_hi = max(lo, est / AREA_RANGE[0]), min(hi, est * AREA_RANGE[1])
+            if a_lo < a_hi:
+                lo, hi = a_lo, a_hi
+                coarse_px, angle_step, scale_step = COARSE_PX, ANGLE_STEP, SCALE_STEP
     r0 = extent / coarse_px
     n_scales = int(np.ceil(np.log(hi / lo) / scale_step)) + 1
     scales = np.exp(np.linspace(np.log(lo), np.log(hi), n_scales))
@@ -317,7 +346,8 @@ def search(
         for flip in (False, True) if flips else (False,):
             for ang in angles:
                 cands.append(score_candidate(fixed, mov, he_f, float(ang), flip, float(sc)))
-    keep = _diverse(cands, n_keep)
+    # without a pixel size, small scales (an H&E showing part of the section) compete at this resolution: keep more
+    keep = _diverse(cands, n_keep or (N_KEEP_UNKNOWN if mpp_prior is None else N_KEEP))
     for c in keep:
         c.level_scores.append(c.score)
 
@@ -345,8 +375,8 @@ def search(
                         best = cand
             best.level_scores = [*c.level_scores, best.score]
             refined.append(best)
-        refined.sort(key=lambda c: -c.score)
-        keep = refined[: max(2, len(refined) // 2)]
+        # refinements can bring two candidates to the same pose: keep distinct ones
+        keep = _diverse(refined, max(3, len(refined) // 2))
     return keep
 
 

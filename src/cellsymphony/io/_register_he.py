@@ -400,6 +400,14 @@ class _XeniumImage:
         self.dapi = MorphologyImage(x.dapi, x.pixel_size) if x.dapi is not None else None
         self.source = "dapi" if self.dapi is not None else "nuclei"
 
+    @property
+    def tissue_area_um2(self) -> float:
+        """Area of the section's tissue: 10-um squares holding nucleus centroids, closed and filled."""
+        from ._reg_coarse import nuclei_density, tissue_mask
+
+        r = 10.0
+        return float(tissue_mask(nuclei_density(self.x.nuclei_um, self.extent, r), 0.5).sum() * r * r)
+
     def __call__(self, r: float) -> tuple[np.ndarray, float]:
         from ._reg_coarse import nuclei_density
 

@@ -35,6 +35,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------------------- checks
+def _xenium_dir(path: str) -> Path:
+    """The ``--xenium`` folder, which must hold ``experiment.xenium``."""
+    xenium = _existing_dir(path, "--xenium")
+    if not (xenium / "experiment.xenium").is_file():
+        raise CLIError(f"--xenium {path}: no experiment.xenium in it; pass the Xenium output folder")
+    return xenium
+
+
 def _existing_dir(path: str | None, flag: str) -> Path | None:
     if path is None:
         return None
@@ -141,9 +149,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    xenium = _existing_dir(args.xenium, "--xenium")
-    if not (xenium / "experiment.xenium").is_file():
-        raise CLIError(f"--xenium {args.xenium}: no experiment.xenium in it; pass the Xenium output folder")
+    xenium = _xenium_dir(args.xenium)
     he_image = _existing_file(args.he_image, "--he-image")
     he_alignment = _existing_file(args.he_alignment, "--he-alignment")
     uni2 = _uni2_weights(args.uni2) if args.morph_model == "uni2-h" else None
@@ -193,9 +199,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    xenium = _existing_dir(args.xenium, "--xenium")
-    if not (xenium / "experiment.xenium").is_file():
-        raise CLIError(f"--xenium {args.xenium}: no experiment.xenium in it; pass the Xenium output folder")
+    xenium = _xenium_dir(args.xenium)
     he = _existing_file(args.he, "--he")
     nuclei = _existing_file(args.nuclei, "--nuclei")
     out = Path(args.out).expanduser()

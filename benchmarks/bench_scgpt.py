@@ -14,6 +14,11 @@ embedded with random-weight checkpoints in scGPT's layout: a tiny one and one at
 Prints cells/s, the speed-up over the official batching and the agreement of the embeddings
 (minimum cosine similarity against the torch TransformerEncoder output).
 
+``--only tokenise``: the tokeniser alone (CPU), batch after batch as the DataLoader workers run it:
+``tokenize_block`` (array operations over a batch) against the one-cell definition it is tested equal
+to (``tokenize_cell`` with each cell's stream, then ``collate``), at 100 and 1,500 genes per cell (a
+Xenium Prime 5K cell), with the seeds of all cells.
+
 Run: ``PYTHONPATH=src python benchmarks/bench_scgpt.py [--cells 2000] [--full-cells 2000] [--threads 1]``
 (one torch thread by default: on a shared machine more threads mostly measure contention).
 """
@@ -32,8 +37,18 @@ import torch
 from torch import nn
 
 import cellsymphony as cs
+from cellsymphony._utils import cell_seeds
 from cellsymphony.models.encoders._scgpt import ScGPTEncoder, load_scgpt
-from cellsymphony.models.encoders._scgpt_inputs import embed_rows, scan_counts
+from cellsymphony.models.encoders._scgpt_inputs import (
+    CellDraws,
+    batch_order,
+    cell_genes,
+    collate,
+    embed_rows,
+    scan_counts,
+    tokenize_block,
+    tokenize_cell,
+)
 
 
 def xenium_like_counts(n_cells: int, n_genes: int, *, median_genes: float, seed: int = 0) -> sp.csr_matrix:
@@ -108,8 +123,40 @@ def padded_tokens(lengths: np.ndarray, batch_size: int, max_length: int, buckete
     return int(sum(len(b) * b.max() for b in (n[i : i + batch_size] for i in range(0, len(n), batch_size))))
 
 
+def tokenise(n_cells: int, median_genes: float, *, n_genes: int = 5000, batch_size: int = 64) -> dict:
+    """Cells/s of the batch tokeniser and of the per-cell definition, on the same batches."""
+    X = xenium_like_counts(n_cells, n_genes, median_genes=median_genes, seed=3)
+    col2tok = np.arange(n_genes, dtype=np.int64) + 10
+    ids = [f"cell{i}" for i in range(n_cells)]
+    t = time.perf_counter()
+    seeds = cell_seeds(0, ids)
+    t_seeds = time.perf_counter() - t
+    batches = [np.sort(b) for b in batch_order(np.diff(X.indptr), batch_size)]
+    kw = dict(cls_id=1, pad_value=-2.0, max_length=1200)
+    t = time.perf_counter()
+    for b in batches:
+        tokenize_block(X[b], seeds[b], col2tok, pad_id=0, **kw)
+    t_block = time.perf_counter() - t
+    t = time.perf_counter()
+    for b in batches:
+        block = X[b]
+        cells = [tokenize_cell(*cell_genes(block, col2tok, i), CellDraws(seeds[r]), **kw) for i, r in enumerate(b)]
+        collate(cells, pad_id=0, pad_value=-2.0)
+    t_cell = time.perf_counter() - t
+    return {"genes": int(np.median(np.diff(X.indptr))), "block": n_cells / t_block, "cell": n_cells / t_cell,
+            "seeds": n_cells / t_seeds}
+
+
+def print_tokenise(rows: list[dict]) -> None:
+    print(f"| {'genes/cell (median)':>19} | {'block cells/s':>13} | {'per-cell cells/s':>16} | {'ratio':>6} | {'seeds cells/s':>13} |")
+    print(f"|{'-' * 21}|{'-' * 15}|{'-' * 18}|{'-' * 8}|{'-' * 15}|")
+    for r in rows:
+        print(f"| {r['genes']:>19} | {r['block']:>13,.0f} | {r['cell']:>16,.0f} | {r['block'] / r['cell']:>5.1f}x | {r['seeds']:>13,.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=["tokenise"], help="run only the tokeniser comparison")
     ap.add_argument("--cells", type=int, default=2000, help="cells for the tiny checkpoint")
     ap.add_argument("--full-cells", type=int, default=2000, help="cells for the full-size model")
     ap.add_argument("--genes", type=int, default=480, help="panel size")
@@ -123,6 +170,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cs.settings.progress = False
+    if args.only == "tokenise":
+        print_tokenise([tokenise(20_000, 100), tokenise(2_000, 1500)])
+        return
 
     genes = [f"GENE{i}" for i in range(args.genes)]
     tmp = Path(tempfile.mkdtemp())
@@ -176,6 +226,10 @@ def suite(quick: bool = True) -> list[dict]:
                 rows.append({"figure": f"scGPT bucketed batches, {label} ({n} cells, {device})", "value": ours[2],
                              "unit": "cells/s", "baseline": f"{base[2]:.1f} cells/s official batching",
                              "ratio": ours[2] / base[2], "note": f"speed-up; min cos {ours[4]:.5f}"})
+        tok = tokenise(2000 if quick else 20_000, 100)
+        rows.append({"figure": "scGPT tokeniser, batch arrays (100 genes/cell)", "value": tok["block"],
+                     "unit": "cells/s", "baseline": f"{tok['cell']:.0f} cells/s per-cell definition",
+                     "ratio": tok["block"] / tok["cell"], "note": "same tokens (tested equal)"})
     finally:
         torch.set_num_threads(threads)
     return rows

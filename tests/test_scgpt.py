@@ -24,11 +24,13 @@ from cellsymphony.models.encoders._scgpt import (
     rename_checkpoint_keys,
 )
 from cellsymphony.models.encoders._scgpt_inputs import (
+    CellDraws,
     bin_values,
     cell_genes,
     collate,
     embed_rows,
     scan_counts,
+    tokenize_block,
     tokenize_cell,
 )
 
@@ -219,6 +221,60 @@ def test_binning_precedes_sampling():
     # exactly max_length tokens: no sampling
     genes, _ = tokenize_cell(tokens[:7], counts[:7], np.random.default_rng(1), cls_id=5, pad_value=-2, max_length=8)
     np.testing.assert_array_equal(genes, np.r_[5, tokens[:7]])
+
+
+@pytest.mark.parametrize("variant", ["counts", "floats in row groups", "tied draws"])
+@pytest.mark.parametrize("trial", range(8))
+def test_tokenize_block_equals_per_cell_definition(trial, variant, monkeypatch):
+    """The batch tokeniser (array operations over the block) gives exactly the per-cell definition:
+    tokenize_cell with each cell's counter stream, then collate. Ties, unmatched genes, explicit zeros,
+    empty rows and sampled rows included; also non-integer values binned in row groups (a tiny table
+    limit), and draws coarsened to quarters so that sampling keys tie at the cut."""
+    import cellsymphony._utils as utils
+    import cellsymphony.models.encoders._scgpt_inputs as inputs
+    from cellsymphony._utils import cell_seeds
+
+    rng = np.random.default_rng(trial)
+    n, g = int(rng.integers(1, 50)), int(rng.integers(1, 80))
+    dense = rng.geometric(0.5, (n, g)).astype(np.float32) * (rng.random((n, g)) < rng.random())
+    if variant == "floats in row groups":
+        dense = dense * rng.random((n, g)).astype(np.float32)
+        monkeypatch.setattr(inputs, "_TABLE_LIMIT", 16)
+    elif variant == "tied draws":
+        draws = utils.counter_uniforms
+        monkeypatch.setattr(utils, "counter_uniforms", lambda s, p: np.floor(draws(s, p) * 4) / 4)
+    if trial % 3 == 0:
+        dense[0] = 0  # an empty row
+    X = sp.csr_matrix(dense)
+    X.data[: len(X.data) // 10] = 0  # explicit stored zeros
+    col2tok = np.where(rng.random(g) < 0.8, np.arange(g) + 10, -1)
+    seeds = cell_seeds(trial, [f"cell{i}" for i in range(n)])
+    max_length = int(rng.integers(2, 40))
+    cells = [
+        tokenize_cell(*cell_genes(X, col2tok, i), CellDraws(seeds[i]), cls_id=3, pad_value=-2, max_length=max_length)
+        for i in range(n)
+    ]
+    expected = collate(cells, pad_id=0, pad_value=-2)
+    got = tokenize_block(X, seeds, col2tok, cls_id=3, pad_id=0, pad_value=-2, max_length=max_length)
+    for e, o in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(o, e)
+    assert got[1].dtype == np.float32 and got[0].dtype == np.int64
+
+
+def test_cell_seeds_depend_on_seed_and_id_only():
+    from cellsymphony._utils import cell_seeds
+
+    ids = [f"cell{i}" for i in range(1000)] + ["é-unicode", "", "x" * 40]
+    seeds = cell_seeds(7, ids)
+    assert seeds.dtype == np.uint64 and len(np.unique(seeds)) == len(ids)
+    np.testing.assert_array_equal(cell_seeds(7, ids[500:]), seeds[500:])  # independent of the others
+    np.testing.assert_array_equal(cell_seeds(7, np.array(ids[::-1], dtype=object)), seeds[::-1])
+    assert not np.any(cell_seeds(8, ids) == seeds)
+    assert cell_seeds(0, [12])[0] == cell_seeds(0, ["12"])[0]
+    # the streams are uniform: 53-bit draws, mean 1/2, variance 1/12
+    draws = CellDraws(seeds[0]).random(200_000)
+    assert draws.min() >= 0 and draws.max() < 1
+    assert abs(draws.mean() - 0.5) < 0.005 and abs(draws.var() - 1 / 12) < 0.002
 
 
 # ------------------------------------------------------------------------------------------
@@ -452,7 +508,7 @@ def _reference_embedding(model: ScGPTEncoder, X: sp.csr_matrix, cell_ids, col2to
             nz = np.flatnonzero((dense[i] != 0) & (col2tok >= 0))
             cells.append(
                 tokenize_cell(
-                    col2tok[nz], dense[i, nz], np.random.default_rng(seeds[i]), cls_id=model.cls_token_id,
+                    col2tok[nz], dense[i, nz], CellDraws(seeds[i]), cls_id=model.cls_token_id,
                     pad_value=model.pad_value, max_length=max_length,
                 )
             )

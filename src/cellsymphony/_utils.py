@@ -4,7 +4,6 @@ per-cell seeds, parameter records."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -56,18 +55,50 @@ def load_chunk(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray | 
     return arr if arr.shape == tuple(shape) and arr.dtype == np.float32 else None
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+
+
+def mix64(z: np.ndarray) -> np.ndarray:
+    """The SplitMix64 finaliser of a uint64 array (wrapping arithmetic): a bijection that spreads every
+    input bit over the whole word. ``mix64(seed + (k + 1) * golden)`` is SplitMix64's k-th draw, so
+    counter-based random numbers of many cells are computed at once."""
+    z = np.asarray(z, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # wrapping is the point (numpy warns on 0-d arrays only)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def counter_uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Uniform float64 draws in [0, 1): draw number ``positions[i]`` of the SplitMix64 stream seeded
+    ``seeds[i]`` (53 random bits each). Vectorised over any number of cells and positions."""
+    seeds = np.asarray(seeds, dtype=np.uint64)
+    positions = np.asarray(positions, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = mix64(seeds + (positions + np.uint64(1)) * _GOLDEN)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def cell_seeds(seed: int, cell_ids) -> np.ndarray:
     """One 64-bit seed per cell, from the global seed and the cell id alone.
 
-    A draw made from ``np.random.default_rng(cell_seeds(seed, ids)[i])`` does not depend on
-    batching, ordering or chunking of the cells.
+    A draw made from the cell's seed does not depend on batching, ordering or chunking of the cells.
+    Computed for all cells at once: FNV-1a over the id's characters (a loop over character positions,
+    not over cells), mixed with the global seed by SplitMix64.
     """
-    out = np.empty(len(cell_ids), dtype=np.uint64)
-    prefix = str(int(seed)).encode() + b"\x00"
-    for i, cid in enumerate(cell_ids):
-        digest = hashlib.blake2b(prefix + str(cid).encode(), digest_size=8).digest()
-        out[i] = int.from_bytes(digest, "little")
-    return out
+    ids = np.asarray(cell_ids).astype(str).ravel()
+    n = len(ids)
+    if n == 0:
+        return np.empty(0, dtype=np.uint64)
+    width = ids.dtype.itemsize // 4
+    codes = ids.view(np.uint32).reshape(n, width).astype(np.uint64) if width else np.zeros((n, 0), np.uint64)
+    lengths = np.strings.str_len(ids)
+    h = np.full(n, _FNV_OFFSET ^ mix64(np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(width):
+            h = np.where(j < lengths, (h ^ codes[:, j]) * _FNV_PRIME, h)
+    return mix64(h ^ lengths.astype(np.uint64))
 
 
 def package_version() -> str:

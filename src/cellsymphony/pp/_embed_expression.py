@@ -40,6 +40,7 @@ DEFAULT_CHUNK_SIZE = 2048
 def _cache_folder(cache_dir, model_dir, weights_checksum: str, col2tok: np.ndarray, *, max_length: int, seed: int) -> Path:
     """``cache_dir/scgpt-<fingerprint>``: the fingerprint covers the checkpoint (weights, args and vocabulary
     files), the arguments that change a cell's embedding and the gene matching (column -> token)."""
+    from ..models.encoders._scgpt_inputs import DRAWS
     from ..models.encoders._weights import file_checksum
 
     h = hashlib.sha256()
@@ -50,6 +51,7 @@ def _cache_folder(cache_dir, model_dir, weights_checksum: str, col2tok: np.ndarr
         "max_length": int(max_length),
         "seed": int(seed),
         "n_bins": 51,
+        "draws": DRAWS,
     }
     h.update(json.dumps(record, sort_keys=True).encode())
     h.update(np.ascontiguousarray(col2tok, dtype=np.int64).tobytes())

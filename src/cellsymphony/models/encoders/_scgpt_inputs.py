@@ -15,9 +15,15 @@ and what is mirrored here:
 
 The official code draws the random numbers of 2. and 3. from global streams (``np.random.rand``,
 ``torch.randperm``), so its output changes with batching and order. Here each cell draws from its own
-generator seeded by the global seed and its cell id (:func:`cellsymphony._utils.cell_seeds`): the
-result of a cell depends on nothing else. The random draws of a cell are: first ``n`` uniforms for the
-tie-breaking of its ``n`` genes, then a permutation for the sampling, if any.
+counter-based stream (SplitMix64 seeded by the global seed and its cell id,
+:func:`cellsymphony._utils.cell_seeds`): the result of a cell depends on nothing else. The draws of a
+cell with ``n`` genes are: uniforms ``0 .. n-1`` for the tie-breaking of its genes (in column order),
+then, when it has more than ``max_length - 1`` genes, uniforms ``n .. 2n-1`` as sampling keys: the
+``max_length - 1`` genes with the smallest keys are kept, in column order (the transformer has no
+positional encoding, so the order of the tokens does not change the embedding). Because the stream is
+counter-based, :func:`tokenize_block` tokenises a whole batch with array operations (no per-cell Python
+objects); :func:`tokenize_cell` with :class:`CellDraws` is the same definition written for one cell,
+and a test holds the two equal.
 """
 
 from __future__ import annotations
@@ -29,6 +35,24 @@ import numpy as np
 import scipy.sparse as sp
 
 N_BINS = 51
+#: the definition of the per-cell random draws; part of the cache fingerprint of the embeddings
+DRAWS = "splitmix64-counter-v1"
+
+
+class CellDraws:
+    """One cell's stream of uniforms (``.random(n)``, as a numpy Generator): draws ``0, 1, ...`` of the
+    counter-based stream of ``seed`` (:func:`cellsymphony._utils.counter_uniforms`)."""
+
+    def __init__(self, seed: int | np.uint64):
+        self._seed = np.uint64(seed)
+        self._pos = 0
+
+    def random(self, n: int) -> np.ndarray:
+        from ..._utils import counter_uniforms
+
+        draws = counter_uniforms(np.full(n, self._seed, dtype=np.uint64), np.arange(self._pos, self._pos + n))
+        self._pos += n
+        return draws
 
 
 def bin_values(row: np.ndarray, rng: np.random.Generator, n_bins: int = N_BINS) -> np.ndarray:
@@ -75,12 +99,140 @@ def tokenize_cell(
     """
     values = bin_values(counts, rng, n_bins)
     tokens = np.asarray(tokens, dtype=np.int64)
-    if len(tokens) + 1 > max_length:
-        keep = rng.permutation(len(tokens))[: max_length - 1]
+    if len(tokens) + 1 > max_length:  # the max_length - 1 smallest sampling keys, in column order
+        keep = np.sort(np.argsort(rng.random(len(tokens)), kind="stable")[: max_length - 1])
         tokens, values = tokens[keep], values[keep]
     genes = np.concatenate([[cls_id], tokens]).astype(np.int64)
     vals = np.concatenate([[pad_value], values]).astype(np.float32)
     return genes, vals
+
+
+#: the most cells x distinct values one binning table may hold; larger blocks are binned in row groups
+_TABLE_LIMIT = 1 << 24
+
+
+def _bin_rows(x: np.ndarray, r: np.ndarray, n: np.ndarray, rands: np.ndarray, n_bins: int) -> np.ndarray:
+    """:func:`bin_values` of many rows at once: ``x`` the non-zero values grouped by row (``r``, sorted,
+    rows ``0 .. len(n) - 1`` with ``n[i] > 0`` values each), ``rands`` their tie-breaking draws.
+
+    Values are replaced by their ranks among the block's distinct values (counts take few distinct
+    values), so each row's order statistics and its digitisation are read from per-row cumulative
+    histograms: no per-row sort and no per-row call. Quantile edges follow numpy's "linear" method with
+    its two-sided interpolation, so they are the same floats as ``np.quantile``'s.
+    """
+    distinct, rank = np.unique(x, return_inverse=True)
+    n_rows, n_distinct, m = len(n), len(distinct), n_bins - 1
+    if n_rows > 1 and n_rows * (n_distinct + 1) > _TABLE_LIMIT:  # bounded memory: halve the rows
+        half = n_rows // 2
+        cut = int(np.searchsorted(r, half))
+        return np.concatenate([
+            _bin_rows(x[:cut], r[:cut], n[:half], rands[:cut], n_bins),
+            _bin_rows(x[cut:], r[cut:] - half, n[half:], rands[cut:], n_bins),
+        ])
+    rows_m = np.repeat(np.arange(n_rows), m)
+    # order statistics: the value at sorted position p of row i is the distinct value whose cumulative
+    # count in row i first exceeds p
+    hist = np.bincount(r * n_distinct + rank, minlength=n_rows * n_distinct).reshape(n_rows, n_distinct)
+    cum = np.cumsum(hist, axis=1)
+    stride = len(x) + 1
+    flat = (np.arange(n_rows)[:, None] * stride + cum).ravel()
+
+    def order_stat(pos: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(flat, (np.arange(n_rows)[:, None] * stride + pos).ravel(), side="right")
+        return distinct[i.reshape(pos.shape) - np.arange(n_rows)[:, None] * n_distinct]
+
+    q = np.linspace(0, 1, m)
+    virt = (n[:, None] - 1) * q[None, :]
+    lo = np.floor(virt).astype(np.int64)
+    gamma = virt - lo
+    a, b = order_stat(lo), order_stat(np.minimum(lo + 1, n[:, None] - 1))
+    diff = b - a  # in the values' dtype, as numpy's _lerp
+    edges = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+    edges = np.maximum.accumulate(edges, axis=1)
+    distinct64 = distinct.astype(np.float64)
+
+    def digitize(side: str) -> np.ndarray:  # np.digitize(value, edges, right=(side == "right")) per row
+        first = np.searchsorted(distinct64, edges, side=side).ravel()  # first distinct value past the edge
+        table = np.cumsum(
+            np.bincount(rows_m * (n_distinct + 1) + first, minlength=n_rows * (n_distinct + 1)).reshape(
+                n_rows, n_distinct + 1
+            ),
+            axis=1,
+        )
+        return table[r, rank]
+
+    left, right = digitize("left"), digitize("right")
+    return np.ceil(rands * (right - left) + left).astype(np.float32)
+
+
+def tokenize_block(
+    block,
+    seeds: np.ndarray,
+    col2tok: np.ndarray,
+    *,
+    cls_id: int,
+    pad_id: int,
+    pad_value: float,
+    max_length: int,
+    n_bins: int = N_BINS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row of ``block`` (CSR with sorted indices, or dense) tokenised and padded at once:
+    ``(genes int64, values float32, padding mask bool)``, row ``i`` drawing from ``seeds[i]``.
+
+    The same result as :func:`tokenize_cell` with ``CellDraws(seeds[i])`` on each row followed by
+    :func:`collate`, computed with array operations over the whole block.
+    """
+    from ..._utils import counter_uniforms
+
+    block = sp.csr_matrix(block)
+    block.sort_indices()
+    n_rows = block.shape[0]
+    row_all = np.repeat(np.arange(n_rows), np.diff(block.indptr))
+    tok_all = np.asarray(col2tok)[block.indices]
+    keep = (tok_all >= 0) & (block.data != 0)
+    rows, tokens = row_all[keep], tok_all[keep].astype(np.int64)
+    x = block.data[keep].astype(np.float32)
+    n = np.bincount(rows, minlength=n_rows)
+    start = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+    pos = np.arange(len(rows)) - start[rows]  # the gene's position in its row (column order)
+    seeds = np.asarray(seeds, dtype=np.uint64)
+    bins = np.zeros(len(rows), dtype=np.float32)
+    if len(rows):
+        live = np.flatnonzero(n > 0)  # rows without genes take no part
+        compact = np.full(n_rows, -1, dtype=np.int64)
+        compact[live] = np.arange(len(live))
+        bins = _bin_rows(x, compact[rows], n[live], counter_uniforms(seeds[rows], pos), n_bins)
+    # sampling of the rows with more than max_length - 1 genes: the smallest keys (draws n .. 2n-1)
+    over = n > max_length - 1
+    if over.any():
+        # the sampled rows' keys laid out as a (rows, genes) array, padded with inf: a partition per row
+        # in C keeps the max_length - 1 smallest keys (ties broken by position, as in tokenize_cell)
+        sel = np.flatnonzero(over[rows])
+        slot = np.full(n_rows, -1, dtype=np.int64)
+        slot[over] = np.arange(int(over.sum()))
+        grid = np.full((int(over.sum()), int(n.max())), np.inf)
+        grid[slot[rows[sel]], pos[sel]] = counter_uniforms(seeds[rows[sel]], n[rows[sel]] + pos[sel])
+        k = max_length - 1
+        part = np.partition(grid, [k - 1, k], axis=1)  # each row has more than k keys
+        threshold = part[:, k - 1 : k]
+        picked = grid <= threshold
+        if np.any(part[:, k - 1] == part[:, k]):  # a tie at the cut (2^-53 odds): break it by position
+            chosen = np.argsort(grid, axis=1, kind="stable")[:, :k]
+            picked = np.zeros(grid.shape, dtype=bool)
+            picked[np.arange(len(grid))[:, None], chosen] = True
+        kept = np.ones(len(rows), dtype=bool)
+        kept[sel] = picked[slot[rows[sel]], pos[sel]]
+        rows, tokens, bins = rows[kept], tokens[kept], bins[kept]
+        n = np.bincount(rows, minlength=n_rows)
+        start = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+        pos = np.arange(len(rows)) - start[rows]
+    length = int(n.max(initial=0)) + 1
+    genes = np.full((n_rows, length), pad_id, dtype=np.int64)
+    values = np.full((n_rows, length), pad_value, dtype=np.float32)
+    genes[:, 0] = cls_id
+    genes[rows, pos + 1] = tokens
+    values[rows, pos + 1] = bins
+    return genes, values, genes == pad_id
 
 
 def collate(
@@ -218,21 +370,15 @@ class BatchTokens:
 
     def __getitem__(self, b: int):
         idx = np.sort(self.batches[b])
-        block = _row_block(self.X, idx)
-        cells = []
-        for i, row in enumerate(idx):
-            tokens, counts = cell_genes(block, self.col2tok, i)
-            cells.append(
-                tokenize_cell(
-                    tokens,
-                    counts,
-                    np.random.default_rng(self.seeds[row]),
-                    cls_id=self.cls_id,
-                    pad_value=self.pad_value,
-                    max_length=self.max_length,
-                )
-            )
-        genes, values, mask = collate(cells, pad_id=self.pad_id, pad_value=self.pad_value)
+        genes, values, mask = tokenize_block(
+            _row_block(self.X, idx),
+            self.seeds[idx],
+            self.col2tok,
+            cls_id=self.cls_id,
+            pad_id=self.pad_id,
+            pad_value=self.pad_value,
+            max_length=self.max_length,
+        )
         return idx, genes, values, mask, bool(mask.any())
 
 

@@ -56,6 +56,40 @@ def load_chunk(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray | 
     return arr if arr.shape == tuple(shape) and arr.dtype == np.float32 else None
 
 
+def file_stamp(path: str | os.PathLike) -> tuple[int, int]:
+    """``(size, modification time ns)`` of a file, ``(-1, -1)`` when it cannot be read: part of a cache key
+    where hashing a multi-GB file would be too slow (a file re-exported to the same path is new)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
+def as_rows(X):
+    """A matrix that can be read by blocks of rows: CSR, dense ndarray or an anndata backed dataset."""
+    import scipy.sparse as sp
+
+    if sp.issparse(X):
+        return X if X.format == "csr" else sp.csr_matrix(X)  # CSC / COO: one sparse copy, never dense
+    if isinstance(X, np.ndarray):
+        return X
+    if getattr(X, "format", None) == "csr":  # anndata backed CSR dataset
+        return X
+    return np.asarray(X)
+
+
+def row_block(X, idx: np.ndarray):
+    """Rows ``idx`` (sorted) of X as CSR (sorted indices) or dense."""
+    import scipy.sparse as sp
+
+    block = X[idx]
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        block.sort_indices()
+    return block
+
+
 def cell_seeds(seed: int, cell_ids) -> np.ndarray:
     """One 64-bit seed per cell, from the global seed and the cell id alone.
 

@@ -106,7 +106,7 @@ def cell_seeds(seed: int, cell_ids) -> np.ndarray:
 
 def package_version() -> str:
     """The installed cellsymphony version."""
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

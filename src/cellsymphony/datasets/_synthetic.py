@@ -1060,7 +1060,7 @@ def synthetic(*, n_cells: int = 4000, seed: int = 0, id_style: Literal["string",
     registered in ``uns["cellsymphony"]["samples"]``. The bundle folder is
     ``uns["cellsymphony"]["samples"][sample]["xenium_path"]``; its ``truth.parquet`` holds the true labels.
     """
-    from ..io import read_xenium
+    from ..io._read_xenium import read_xenium
 
     folder = synthetic_path(n_cells=n_cells, seed=seed, id_style=id_style)
     return read_xenium(folder)

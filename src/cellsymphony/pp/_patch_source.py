@@ -43,7 +43,7 @@ class PatchSource:
     def he(self):
         """The opened :class:`HEImage` (opened once per process)."""
         if self._he is None or self._pid != os.getpid():
-            from ..io import read_he
+            from ..io._read_he import read_he
 
             self._he = read_he(self.he_path, mpp=self.he_mpp, cache_tiles=self.cache_tiles)
             self._pid = os.getpid()

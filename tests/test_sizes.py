@@ -106,7 +106,9 @@ def test_niches_above_knn_switch(tmp_path):
     assert mdata["morphology"].uns["cs_niche"]["n_excluded"] == 3
     mdata.write(tmp_path / "n.h5mu")
     back = md.read_h5mu(tmp_path / "n.h5mu")
-    pd.testing.assert_series_equal(back.obs["cs_niche"].astype(str), mdata.obs["cs_niche"].astype(str))
+    pd.testing.assert_series_equal(
+        back.obs["morphology:cs_niche"].astype(str), mdata.obs["morphology:cs_niche"].astype(str)
+    )
 
 
 def test_pl_embedding_above_knn_and_umap_switches():

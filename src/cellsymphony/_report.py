@@ -297,6 +297,8 @@ def write_report(
         found = [k for k in _find(mdata, _is_registration) if k != REGISTRATION_KEY]  # that one has its own section
         registration_key = found[0] if found else None
     label_keys = list(label_keys) if label_keys is not None else _label_columns(mdata, exclude=())
+    # cs.tl.niches writes its label on the modality: mdata.obs shows it as "<mod>:<niche_key>"
+    niche_key = next((c for c in label_keys if c.split(":")[-1] == niche_key), niche_key) if niche_key else niche_key
 
     # ---- data
     parts = [f"<p>{mdata.n_obs:,} cells; modalities {', '.join(sorted(getattr(mdata, 'mod', {})))}.</p>"]

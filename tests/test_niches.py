@@ -191,8 +191,9 @@ def test_cluster_enrichment_hand_checked_fisher(tmp_path):
     adata.write_h5ad(tmp_path / "e.h5ad")
     back = ad.read_h5ad(tmp_path / "e.h5ad")
     pd.testing.assert_frame_equal(
-        back.uns["enr"].reset_index(drop=True), df, check_dtype=False, check_index_type=False
+        back.uns["enr"]["table"].reset_index(drop=True), df, check_dtype=False, check_index_type=False
     )
+    assert back.uns["enr"]["params"]["cluster_key"] == "cl" and back.uns["enr"]["params"]["label_key"] == "lb"
 
 
 def test_cluster_enrichment_on_mudata_finds_columns_and_writes_h5mu(tmp_path):
@@ -210,7 +211,7 @@ def test_cluster_enrichment_on_mudata_finds_columns_and_writes_h5mu(tmp_path):
     mdata.write(tmp_path / "e.h5mu")
     back = md.read_h5mu(tmp_path / "e.h5mu")
     pd.testing.assert_frame_equal(
-        back.uns["cs_niche_enrichment"].reset_index(drop=True), df, check_dtype=False, check_index_type=False
+        back.uns["cs_niche_enrichment"]["table"].reset_index(drop=True), df, check_dtype=False, check_index_type=False
     )
     with pytest.raises(ValueError, match="not found; looked in"):
         cs.tl.cluster_enrichment(mdata, "cs_niche", "nope")
@@ -248,7 +249,8 @@ def test_spatial_coherence_blocky_vs_shuffled(tmp_path):
         cs.tl.spatial_coherence(mdata, "truth", sample_key="section")
     mdata.write(tmp_path / "c.h5mu")
     back = md.read_h5mu(tmp_path / "c.h5mu")
-    pd.testing.assert_frame_equal(back.uns["coh"], blocky, check_dtype=False, check_index_type=False)
+    pd.testing.assert_frame_equal(back.uns["coh"]["table"], blocky, check_dtype=False, check_index_type=False)
+    assert back.uns["coh"]["params"]["n_neighs"] == 6 and back.uns["coh"]["params"]["n_perms"] == 200
 
 
 def test_spatial_coherence_is_seeded_and_checks_input():

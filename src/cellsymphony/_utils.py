@@ -9,8 +9,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @contextlib.contextmanager
@@ -109,6 +113,24 @@ def package_version() -> str:
     from ._version import __version__
 
     return __version__
+
+
+def uns_table(entry) -> pd.DataFrame:
+    """The table of a getter's ``uns`` entry: getters (``cs.tl.cluster_enrichment``, ``cs.tl.spatial_coherence``,
+    ``cs.tl.compare_classifiers``) store ``{"table": DataFrame, "params": {...}}``; a bare DataFrame (files
+    written by earlier versions) is returned as it is."""
+    import pandas as pd
+
+    if isinstance(entry, pd.DataFrame):
+        return entry
+    if hasattr(entry, "get") and isinstance(entry.get("table"), pd.DataFrame):
+        return entry["table"]
+    raise ValueError(f"Not a getter's table record (a dict with a 'table' DataFrame): {type(entry).__name__}.")
+
+
+def getter_record(table: pd.DataFrame, **params) -> dict:
+    """The one storage shape of a getter's result in ``uns[key_added]``: ``{"table": table, "params": ...}``."""
+    return {"table": table.copy(), "params": params_record(**params)}
 
 
 def params_record(**params) -> dict:

@@ -9,6 +9,7 @@ from .._constants import SAMPLE_KEY
 from .._coordinates import cell_coordinates
 from .._docs import inject_docs
 from .._settings import logger
+from .._utils import getter_record
 from .._validate import find_obs_column
 
 if TYPE_CHECKING:
@@ -85,7 +86,8 @@ def spatial_coherence(
         Column of sections (a graph per section); ``None``, or the default ``'sample'`` when absent: all
         cells form one section.
     key_added
-        When given, the table is also stored in ``mdata.uns[key_added]``.
+        When given, the table is also stored as ``mdata.uns[key_added] = {{"table": ..., "params": ...}}``
+        (the storage shape of every getter).
 
     Returns
     -------
@@ -168,6 +170,9 @@ def spatial_coherence(
         index=pd.Index([*names, OVERALL], name="cluster"),
     )
     if key_added is not None:
-        mdata.uns[key_added] = df.copy()
+        mdata.uns[key_added] = getter_record(
+            df, cluster_key=cluster_key, n_neighs=int(n_neighs), radius=radius, n_perms=int(n_perms), seed=int(seed),
+            sample_key=sample_key,
+        )
         logger.info("added .uns[%r] (spatial coherence of %r)", key_added, cluster_key)
     return df

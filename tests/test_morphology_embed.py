@@ -152,11 +152,7 @@ def test_resume_after_interrupt_equals_uninterrupted(slide, tmp_path, monkeypatc
     assert len(files) == 2 and not list(tmp_path.rglob("*.tmp"))
     monkeypatch.setattr(engine, "save_chunk", real_save)
     caplog.set_level(logging.INFO, logger="cellsymphony")
-    logging.getLogger("cellsymphony").propagate = True
-    try:
-        cs.pp.embed_morphology(m, **kw, key_added="resumed", cache_dir=tmp_path)
-    finally:
-        logging.getLogger("cellsymphony").propagate = False
+    cs.pp.embed_morphology(m, **kw, key_added="resumed", cache_dir=tmp_path)
     assert "resumed 2 finished chunk(s)" in caplog.text
     assert len(sorted(tmp_path.rglob("chunk_*.npy"))) == 5  # 24 cells in chunks of 5
     np.testing.assert_array_equal(m["morphology"].obsm["resumed"], m["morphology"].obsm["full"])

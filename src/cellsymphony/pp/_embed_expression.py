@@ -138,7 +138,7 @@ def embed_expression(
     gene_key: str | None = None,
     layer: str | None = None,
     max_length: int = 1200,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     min_gene_fraction: float = 0.5,
     device: str | None = None,
     seed: int = 0,
@@ -181,7 +181,7 @@ def embed_expression(
     max_length
         Maximum number of tokens per cell, ``<cls>`` included (1200 in scGPT).
     batch_size
-        Cells per forward pass.
+        Cells per forward pass; default ``cs.settings.batch_size`` (as :func:`cellsymphony.pp.embed_morphology`).
     min_gene_fraction
         Warn when fewer than this fraction of the genes are in the model's vocabulary.
     device
@@ -220,8 +220,10 @@ def embed_expression(
     """
     if max_length < 2:
         raise ValueError(f"max_length={max_length} must be at least 2 (the <cls> token and one gene).")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    batch_size = settings.batch_size if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer (default cs.settings.batch_size).")
+    batch_size = int(batch_size)
     if not 0 <= min_gene_fraction <= 1:
         raise ValueError(f"min_gene_fraction={min_gene_fraction} must lie in [0, 1].")
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):

@@ -301,7 +301,7 @@ def embed_morphology(
         raise ValueError(f"pool_radius_um must be >= 0 (or None), got {pool_radius_um!r}.")
     if pool_radius_um is not None and pool != "nucleus":
         raise ValueError("pool_radius_um applies to pool='nucleus' only.")
-    batch_size = int(batch_size or settings.batch_size)
+    batch_size = int(settings.batch_size if batch_size is None else batch_size)
     num_workers = int(settings.num_workers if num_workers is None else num_workers)
     if batch_size < 1 or num_workers < 0 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be >= 1 and num_workers >= 0.")

@@ -33,7 +33,8 @@ class Settings:
     device
         ``"auto"`` (CUDA when available, else CPU), or any torch device string.
     batch_size
-        Default batch size for model inference when a function is given none.
+        Default batch size for model inference when a function is given none (``cs.pp.embed_morphology``:
+        patches per forward pass; ``cs.pp.embed_expression``: cells per forward pass).
     num_workers
         DataLoader workers that decode images while the model runs.
     cache_dir
@@ -51,7 +52,7 @@ class Settings:
 
     @property
     def verbosity(self) -> int:
-        """Logging level of the ``cellsymphony`` logger."""
+        """Logging level of the ``cellsymphony`` logger (INFO; the library adds no output handler of its own)."""
         return logger.level
 
     @verbosity.setter

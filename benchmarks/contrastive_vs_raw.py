@@ -78,7 +78,9 @@ def summarise(mdata: md.MuData, niche_key: str) -> dict:
 
     coh = cs.tl.spatial_coherence(mdata, niche_key, n_perms=200)
     enr = cs.tl.cluster_enrichment(mdata, niche_key, "cell_type")
-    lab = mdata.obs[niche_key].astype(str)
+    from cellsymphony._validate import find_obs_column
+
+    lab = find_obs_column(mdata, niche_key).astype(str)  # cs.tl.niches writes on the modality
     best = enr.sort_values("log2_odds_ratio").groupby("cluster").tail(1)
     return {
         "niches": lab.nunique(),

@@ -45,8 +45,9 @@ def _niche_row(mdata, truth, key: str, name: str) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     import cellsymphony as cs
+    from cellsymphony._validate import find_obs_column
 
-    niches = mdata.obs[key].astype(str)
+    niches = find_obs_column(mdata, key).astype(str)  # cs.tl.niches writes on the modality (mod:key in mdata.obs)
     coh = cs.tl.spatial_coherence(mdata, key, n_perms=200)
     enr = cs.tl.cluster_enrichment(mdata, key, "singler")
     best = enr.sort_values("log2_odds_ratio", ascending=False).iloc[0]

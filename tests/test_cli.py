@@ -247,7 +247,7 @@ def test_run_end_to_end_on_a_synthetic_bundle(tmp_path):
     assert code == 0
     result = md.read_h5mu(out / "cellsymphony.h5mu")
     assert "cs_pred" in result.obs
-    assert "cs_niche" in result.obs
+    assert "morphology:cs_niche" in result.obs  # cs.tl.niches writes its label once, on the modality
     assert "X_cs_contrastive" in result["morphology"].obsm
     table = result.uns["cs_compare"]["table"]
     assert set(table["architecture"]) >= {"unimodal", "dual", "logistic"}

@@ -17,6 +17,8 @@ from morphology_helpers import one_torch_thread
 
 import cellsymphony as cs
 from cellsymphony import _distributed as dist
+from cellsymphony.pp import _chunks
+from cellsymphony.pp import _embed_expression as ee
 
 distributed = pytest.importorskip("distributed")
 
@@ -71,7 +73,7 @@ def scgpt_dir(tmp_path_factory, sections):
 
 
 def _worker_facts(client):
-    loads = client.run(dist.load_count)
+    loads = {w: info["loads"] for w, info in client.run(dist.worker_cache_info).items()}
     threads = client.run(lambda: __import__("torch").get_num_threads())
     return loads, threads
 
@@ -90,7 +92,8 @@ def test_morphology_cell_mode_equals_single_process_section_by_section(client, s
     x, y = one["morphology"].obsm["X_tiny"], dask["morphology"].obsm["X_tiny"]
     _assert_same(x, y)
     assert np.isfinite(y).all(axis=1).sum() > 250
-    np.testing.assert_array_equal(one["morphology"].obs["in_image"], dask["morphology"].obs["in_image"])
+    np.testing.assert_array_equal(one["morphology"].obs["X_tiny_empty"], dask["morphology"].obs["X_tiny_empty"])
+    np.testing.assert_array_equal(dask["morphology"].obs["X_tiny_empty"], ~np.isfinite(y).all(axis=1))
     assert dask.uns["cellsymphony"]["latest"]["morphology"] == "X_tiny"
     assert dask["morphology"].uns["X_tiny"]["params"]["mode"] == "cell"
 
@@ -283,13 +286,13 @@ def test_hilbert_chunks_are_compact():
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(g))
     xy = g[perm]
-    chunks = dist.compact_chunks(xy, [np.arange(len(xy))], 64)
+    chunks = _chunks.compact_chunks(xy, [np.arange(len(xy))], 64)
     assert sorted(np.concatenate(chunks).tolist()) == list(range(len(xy)))
     for rows in chunks:
         span = xy[rows].max(0) - xy[rows].min(0) + 1
         assert span.prod() <= 4 * 64, span  # a blob, not a strip across the section
     # per group (sample), and without coordinates in row order
-    chunks = dist.compact_chunks(None, [np.arange(10), np.arange(10, 15)], 4)
+    chunks = _chunks.compact_chunks(None, [np.arange(10), np.arange(10, 15)], 4)
     assert [c.tolist() for c in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
 
 
@@ -316,14 +319,14 @@ def test_worker_scgpt_cache_reloads_a_replaced_checkpoint(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         folder = cs.datasets.tiny_scgpt_checkpoint(tmp_path / "m", ["A", "B", "C"], seed=0)
-        first, _ = dist._scgpt_model(str(folder), "cpu")
-        assert dist._scgpt_model(str(folder), "cpu")[0] is first  # kept while the files are unchanged
+        first, _ = ee._worker_scgpt(str(folder), "cpu")
+        assert ee._worker_scgpt(str(folder), "cpu")[0] is first  # kept while the files are unchanged
         before = os.stat(folder / "best_model.pt").st_mtime_ns
         cs.datasets.tiny_scgpt_checkpoint(tmp_path / "m", ["A", "B", "C"], seed=1)
         if os.stat(folder / "best_model.pt").st_mtime_ns == before:  # coarse file-system clock
             time.sleep(0.01)
             os.utime(folder / "best_model.pt")
-        second, _ = dist._scgpt_model(str(folder), "cpu")
+        second, _ = ee._worker_scgpt(str(folder), "cpu")
     assert second is not first
     w1 = dict(first.named_parameters())
     w2 = dict(second.named_parameters())
@@ -344,15 +347,15 @@ def test_worker_slide_handle_reopens_a_replaced_slide(tmp_path):
     path, align, xy = tissue(str(tmp_path), n_cells=4)
     he = tmp_path / "he.ome.tif"
     shutil.copy(path, he)
-    src = dist._worker_source(PatchSource(str(he), align, PIXEL_SIZE))
+    src = dist.worker_cache().source(PatchSource(str(he), align, PIXEL_SIZE))
     before = src.read(xy[:1], size=32, mpp=1.0)
-    assert dist._worker_source(PatchSource(str(he), align, PIXEL_SIZE)) is src  # kept while the file is unchanged
+    assert dist.worker_cache().source(PatchSource(str(he), align, PIXEL_SIZE)) is src  # kept while the file is unchanged
     stamp = os.stat(he).st_mtime_ns
     write_he(he, np.full((900, 1100, 3), 128, dtype=np.uint8))
     if os.stat(he).st_mtime_ns == stamp:  # coarse file-system clock
         time.sleep(0.01)
         os.utime(he)
-    again = dist._worker_source(PatchSource(str(he), align, PIXEL_SIZE))
+    again = dist.worker_cache().source(PatchSource(str(he), align, PIXEL_SIZE))
     after = again.read(xy[:1], size=32, mpp=1.0)
     assert again is not src
     assert (after == 128).all() and not (before == 128).all()

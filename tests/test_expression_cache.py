@@ -100,11 +100,7 @@ def test_resume_after_interrupt_equals_uninterrupted(ckpt, tmp_path, monkeypatch
     # started again: only the three other chunks are computed, and the result is that of the whole run
     calls = _Calls(monkeypatch)
     caplog.set_level(logging.INFO, logger="cellsymphony")
-    logging.getLogger("cellsymphony").propagate = True
-    try:
-        cs.pp.embed_expression(m, model_dir=ckpt, **KW, cache_dir=cache, key_added="resumed")
-    finally:
-        logging.getLogger("cellsymphony").propagate = False
+    cs.pp.embed_expression(m, model_dir=ckpt, **KW, cache_dir=cache, key_added="resumed")
     assert "resumed 1 finished chunk(s)" in caplog.text
     assert calls.n == 12  # 3 chunks x 4 batches of 8
     assert len(_chunk_files(cache)) == 4
@@ -198,3 +194,20 @@ def test_cache_argument_errors(ckpt, tmp_path):
     cs.pp.embed_expression(m, model_dir=ckpt, **KW, cache_dir=tmp_path / "c", key_added="b")
     np.testing.assert_array_equal(_emb(m, "a"), _emb(m, "b"))
     assert np.load(f).shape == (30, 32)
+
+
+def test_batch_size_defaults_to_the_setting(ckpt, monkeypatch):
+    """One settings default for both embeddings: embed_expression(batch_size=None) uses cs.settings.batch_size."""
+    m = _mudata()
+    old = cs.settings.batch_size
+    cs.settings.batch_size = 16
+    try:
+        calls = _Calls(monkeypatch)
+        cs.pp.embed_expression(m, model_dir=ckpt, max_length=12)
+    finally:
+        cs.settings.batch_size = old
+    assert m["rna"].uns["X_scgpt"]["params"]["batch_size"] == 16
+    n_cells = int((~m["rna"].obs["X_scgpt_empty"]).sum())
+    assert calls.n == -(-n_cells // 16)  # ceil: batches of 16 cells
+    with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
+        cs.pp.embed_expression(m, model_dir=ckpt, batch_size=0)

@@ -23,7 +23,7 @@ from morphology_helpers import (
 
 import cellsymphony as cs
 from cellsymphony._registration import he_px_to_um
-from cellsymphony.pp import _embed_morphology as em
+from cellsymphony.pp import _chunks as engine
 from cellsymphony.pp._patch_geometry import tile_assignment, token_pool_weights
 from cellsymphony.pp._patch_source import PatchSource
 
@@ -118,6 +118,7 @@ def test_off_image_cells_params_and_h5mu_round_trip(slide, tmp_path):
     x = mod.obsm["X_m"]
     assert np.isnan(x[-1]).all() and np.isfinite(x[:-1]).all()
     assert mod.obs["in_image"].tolist() == [True] * 24 + [False]
+    assert mod.obs["X_m_empty"].tolist() == [False] * 24 + [True]  # the NaN-row flag, named after the key
     params = mod.uns["X_m"]["params"]
     assert params["model"] == "tiny" and params["weights_checksum"] == "random" and params["mode"] == "cell"
     assert params["pool"] == "nucleus" and params["mpp"] == MPP and params["size"] == SIZE
@@ -135,7 +136,7 @@ def test_resume_after_interrupt_equals_uninterrupted(slide, tmp_path, monkeypatc
     kw = {"model": "tiny", "size": SIZE, "mpp": MPP, "batch_size": 3, "chunk_size": 5}
     cs.pp.embed_morphology(m, **kw, key_added="full")
     saved = []
-    real_save = em.save_chunk
+    real_save = engine.save_chunk  # the chunk engine saves every finished chunk
 
     def interrupted(path, values):
         if len(saved) == 2:
@@ -143,19 +144,15 @@ def test_resume_after_interrupt_equals_uninterrupted(slide, tmp_path, monkeypatc
         real_save(path, values)
         saved.append(path)
 
-    monkeypatch.setattr(em, "save_chunk", interrupted)
+    monkeypatch.setattr(engine, "save_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cs.pp.embed_morphology(m, **kw, key_added="resumed", cache_dir=tmp_path)
     assert "resumed" not in m["morphology"].obsm  # nothing written by the failed run
     files = sorted(tmp_path.rglob("chunk_*.npy"))
     assert len(files) == 2 and not list(tmp_path.rglob("*.tmp"))
-    monkeypatch.setattr(em, "save_chunk", real_save)
+    monkeypatch.setattr(engine, "save_chunk", real_save)
     caplog.set_level(logging.INFO, logger="cellsymphony")
-    logging.getLogger("cellsymphony").propagate = True
-    try:
-        cs.pp.embed_morphology(m, **kw, key_added="resumed", cache_dir=tmp_path)
-    finally:
-        logging.getLogger("cellsymphony").propagate = False
+    cs.pp.embed_morphology(m, **kw, key_added="resumed", cache_dir=tmp_path)
     assert "resumed 2 finished chunk(s)" in caplog.text
     assert len(sorted(tmp_path.rglob("chunk_*.npy"))) == 5  # 24 cells in chunks of 5
     np.testing.assert_array_equal(m["morphology"].obsm["resumed"], m["morphology"].obsm["full"])

@@ -70,14 +70,14 @@ def test_plan_covers_every_cell_once(mode):
     rng = np.random.default_rng(1)
     xy = rng.uniform(0, 600, (300, 2))
     chunks = plan(xy, mode=mode, size=224, mpp=0.5, batch_size=8, chunk_size=50, tile_stride=112)
-    rows = np.concatenate([b.rows for c in chunks for b in c.batches])
+    rows = np.concatenate([b.rows for c in chunks for b in c.work])
     assert sorted(rows.tolist()) == list(range(300))
     for c in chunks:
-        np.testing.assert_array_equal(np.concatenate([b.rows for b in c.batches]), c.rows)
-        for b in c.batches:
+        np.testing.assert_array_equal(np.concatenate([b.rows for b in c.work]), c.rows)
+        for b in c.work:
             assert len(b.centres) <= 8 and b.owner.max() < len(b.centres)
             # each cell's nucleus lies where the batch geometry says
             np.testing.assert_allclose(b.centres[b.owner] + (b.pos_px - 112) * 0.5, xy[b.rows])
     if mode == "tile":
-        n_tiles = sum(len(b.centres) for c in chunks for b in c.batches)
+        n_tiles = sum(len(b.centres) for c in chunks for b in c.work)
         assert n_tiles <= 12 * 12  # 600 um square, 56 um stride: tile centres 0, 56, ..., 616 um

@@ -57,13 +57,16 @@ def tissue_mudata() -> md.MuData:
 
 
 # --------------------------------------------------------------------------- niches
-def test_niches_recover_clusters_and_write_both_places(tmp_path):
+def test_niches_recover_clusters_write_once_and_keep_the_graph(tmp_path):
+    import scanpy as sc
     from sklearn.metrics import adjusted_rand_score
+
+    from cellsymphony._validate import find_obs_column
 
     mdata = tissue_mudata()
     n = mdata.n_obs
     mdata["morphology"].obsm[KEY][[0, 5]] = np.nan
-    assert cs.tl.niches(mdata, n_neighbors=15, resolution=0.5, umap=True) is None
+    assert cs.tl.niches(mdata, use_rep=KEY, n_neighbors=15, resolution=0.5, umap=True) is None
     lab = mdata["morphology"].obs["cs_niche"]
     assert isinstance(lab.dtype, pd.CategoricalDtype)
     assert lab.isna().sum() == 2
@@ -73,11 +76,26 @@ def test_niches_recover_clusters_and_write_both_places(tmp_path):
     truth = mdata["rna"].obs["truth"].to_numpy()[first]
     ok = lab.iloc[first].notna().to_numpy()
     assert adjusted_rand_score(truth[ok], lab.iloc[first].to_numpy()[ok]) > 0.95
-    assert "cs_niche" in mdata.obs
+    # written once, on the modality; the MuData shows it as morphology:cs_niche and name look-ups find it
+    assert "cs_niche" not in mdata.obs and "cs_niche" not in mdata["rna"].obs
     assert "morphology:cs_niche" in mdata.obs
     pd.testing.assert_series_equal(
-        mdata.obs["cs_niche"].astype(str), lab.reindex(mdata.obs_names).astype(str), check_names=False
+        find_obs_column(mdata, "cs_niche").astype(str), lab.reindex(mdata.obs_names).astype(str), check_names=False
     )
+    # the kNN graph, kept as scanpy keeps it (left-out cells without edges), reusable by scanpy
+    mod = mdata["morphology"]
+    nb = mod.uns["cs_niche_neighbors"]
+    conn, dist = mod.obsp[nb["connectivities_key"]], mod.obsp[nb["distances_key"]]
+    assert conn.shape == dist.shape == (n, n)
+    assert conn[[0, 5]].nnz == 0 and conn[:, [0, 5]].nnz == 0
+    assert (np.diff(dist.indptr)[np.r_[1:5, 6:n]] == 14).all()  # n_neighbors - 1 neighbours per kept cell
+    assert nb["params"]["n_neighbors"] == 15 and nb["params"]["use_rep"] == KEY
+    tmp = mod[np.r_[1:5, 6:n]].copy()
+    sc.tl.leiden(tmp, neighbors_key="cs_niche_neighbors", resolution=0.5, random_state=0, flavor="igraph",
+                 n_iterations=2, directed=False, key_added="again")  # fmt: skip
+    assert adjusted_rand_score(tmp.obs["again"], lab.iloc[np.r_[1:5, 6:n]].astype(str)) == 1.0
+    sc.tl.umap(tmp, neighbors_key="cs_niche_neighbors", random_state=0)
+    assert np.isfinite(tmp.obsm["X_umap"]).all()
     umap = mdata["morphology"].obsm["cs_niche_umap"]
     assert umap.shape == (n, 2)
     assert np.isnan(umap[[0, 5]]).all()
@@ -85,22 +103,50 @@ def test_niches_recover_clusters_and_write_both_places(tmp_path):
     uns = mdata["morphology"].uns["cs_niche"]
     assert uns["n_excluded"] == 2
     assert uns["params"]["use_rep"] == KEY
+    assert uns["params"]["neighbors_key"] == "cs_niche_neighbors"
     assert uns["n_niches"] == lab.cat.categories.size
     mdata.write(tmp_path / "n.h5mu")
     back = md.read_h5mu(tmp_path / "n.h5mu")
-    pd.testing.assert_series_equal(back.obs["cs_niche"].astype(str), mdata.obs["cs_niche"].astype(str))
+    pd.testing.assert_series_equal(
+        back.obs["morphology:cs_niche"].astype(str), mdata.obs["morphology:cs_niche"].astype(str)
+    )
     assert back["morphology"].uns["cs_niche"]["n_excluded"] == 2
+    assert (back["morphology"].obsp["cs_niche_neighbors_connectivities"] != conn).nnz == 0
+    assert back["morphology"].uns["cs_niche_neighbors"]["connectivities_key"] == "cs_niche_neighbors_connectivities"
+
+
+def test_niches_use_rep_default_is_the_latest_with_a_deprecation():
+    mdata = tissue_mudata()
+    mdata["morphology"].obsm["X_other"] = mdata["morphology"].obsm[KEY][:, ::-1].copy()
+    mdata.uns["cellsymphony"] = {"latest": {"morphology": "X_other"}}
+    # the contrastive projection present but not the latest: the former default, with a warning naming both
+    with pytest.warns(FutureWarning, match="use_rep='X_cs_contrastive'.*use_rep='X_other'"):
+        cs.tl.niches(mdata)
+    assert mdata["morphology"].uns["cs_niche"]["params"]["use_rep"] == KEY
+    # without it: the latest representation, silently
+    del mdata["morphology"].obsm[KEY]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cs.tl.niches.*")
+        cs.tl.niches(mdata, key_added="nx")
+    assert mdata["morphology"].uns["nx"]["params"]["use_rep"] == "X_other"
+    # a stale joint copy written by an earlier version is dropped on the next run
+    mdata.obs["nx"] = "stale"
+    cs.tl.niches(mdata, key_added="nx")
+    assert "nx" not in mdata.obs and "morphology:nx" in mdata.obs
 
 
 def test_niches_copy_anndata_and_errors():
     mdata = tissue_mudata()
-    out = cs.tl.niches(mdata, copy=True, key_added="nx")
+    out = cs.tl.niches(mdata, use_rep=KEY, copy=True, key_added="nx")
     assert "nx" not in mdata["morphology"].obs
     assert "nx" in out["morphology"].obs
-    assert "nx" in out.obs
+    assert "morphology:nx" in out.obs
     adata = mdata["morphology"].copy()
-    cs.tl.niches(adata, key_added="nx")
+    cs.tl.niches(adata, use_rep=KEY, key_added="nx")
     assert adata.obs["nx"].notna().all()
+    assert adata.uns["nx_neighbors"]["distances_key"] in adata.obsp
     pd.testing.assert_series_equal(adata.obs["nx"], out["morphology"].obs["nx"])  # seeded: same labels
     with pytest.raises(ValueError, match="cs.tl.align_contrastive"):
         cs.tl.niches(md.MuData({"morphology": ad.AnnData(np.zeros((30, 0)))}))
@@ -145,16 +191,17 @@ def test_cluster_enrichment_hand_checked_fisher(tmp_path):
     adata.write_h5ad(tmp_path / "e.h5ad")
     back = ad.read_h5ad(tmp_path / "e.h5ad")
     pd.testing.assert_frame_equal(
-        back.uns["enr"].reset_index(drop=True), df, check_dtype=False, check_index_type=False
+        back.uns["enr"]["table"].reset_index(drop=True), df, check_dtype=False, check_index_type=False
     )
+    assert back.uns["enr"]["params"]["cluster_key"] == "cl" and back.uns["enr"]["params"]["label_key"] == "lb"
 
 
 def test_cluster_enrichment_on_mudata_finds_columns_and_writes_h5mu(tmp_path):
     mdata = tissue_mudata()
-    cs.tl.niches(mdata)
+    cs.tl.niches(mdata, use_rep=KEY)
     mdata.update()
     df = cs.tl.cluster_enrichment(mdata, "cs_niche", "truth", key_added="cs_niche_enrichment")
-    n_niches = mdata.obs["cs_niche"].cat.categories.size
+    n_niches = mdata.obs["morphology:cs_niche"].cat.categories.size
     assert len(df) == n_niches * 16
     assert (df.groupby("cluster")["count"].sum() == df.groupby("cluster")["n_cluster"].first()).all()
     assert df["qval"].between(0, 1).all()
@@ -164,7 +211,7 @@ def test_cluster_enrichment_on_mudata_finds_columns_and_writes_h5mu(tmp_path):
     mdata.write(tmp_path / "e.h5mu")
     back = md.read_h5mu(tmp_path / "e.h5mu")
     pd.testing.assert_frame_equal(
-        back.uns["cs_niche_enrichment"].reset_index(drop=True), df, check_dtype=False, check_index_type=False
+        back.uns["cs_niche_enrichment"]["table"].reset_index(drop=True), df, check_dtype=False, check_index_type=False
     )
     with pytest.raises(ValueError, match="not found; looked in"):
         cs.tl.cluster_enrichment(mdata, "cs_niche", "nope")
@@ -202,7 +249,8 @@ def test_spatial_coherence_blocky_vs_shuffled(tmp_path):
         cs.tl.spatial_coherence(mdata, "truth", sample_key="section")
     mdata.write(tmp_path / "c.h5mu")
     back = md.read_h5mu(tmp_path / "c.h5mu")
-    pd.testing.assert_frame_equal(back.uns["coh"], blocky, check_dtype=False, check_index_type=False)
+    pd.testing.assert_frame_equal(back.uns["coh"]["table"], blocky, check_dtype=False, check_index_type=False)
+    assert back.uns["coh"]["params"]["n_neighs"] == 6 and back.uns["coh"]["params"]["n_perms"] == 200
 
 
 def test_spatial_coherence_is_seeded_and_checks_input():

@@ -106,7 +106,9 @@ def test_niches_above_knn_switch(tmp_path):
     assert mdata["morphology"].uns["cs_niche"]["n_excluded"] == 3
     mdata.write(tmp_path / "n.h5mu")
     back = md.read_h5mu(tmp_path / "n.h5mu")
-    pd.testing.assert_series_equal(back.obs["cs_niche"].astype(str), mdata.obs["cs_niche"].astype(str))
+    pd.testing.assert_series_equal(
+        back.obs["morphology:cs_niche"].astype(str), mdata.obs["morphology:cs_niche"].astype(str)
+    )
 
 
 def test_pl_embedding_above_knn_and_umap_switches():
@@ -148,7 +150,7 @@ def test_spatial_coherence_above_graph_and_permutation_block_sizes(tmp_path):
     pd.testing.assert_frame_equal(df, again)
     mdata.write(tmp_path / "c.h5mu")
     back = md.read_h5mu(tmp_path / "c.h5mu")
-    pd.testing.assert_frame_equal(back.uns["coh"], df, check_dtype=False, check_index_type=False)
+    pd.testing.assert_frame_equal(back.uns["coh"]["table"], df, check_dtype=False, check_index_type=False)
 
 
 def test_squidpy_graph_above_kdtree_switch_is_exact_and_per_sample():

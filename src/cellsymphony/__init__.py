@@ -9,14 +9,8 @@ spatialdata are imported only by the functions that need them.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("cellsymphony")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
-
 from . import datasets, io, models, pl, pp, tl
 from ._settings import settings
+from ._version import __version__
 
 __all__ = ["datasets", "io", "models", "pl", "pp", "settings", "tl", "__version__"]

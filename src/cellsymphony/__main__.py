@@ -8,6 +8,8 @@ code 2; a failure while running gives exit code 1 (``--debug`` shows the traceba
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -365,9 +367,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def cli_logging(level: int = logging.INFO):
+    """The command line's log output: the package's messages on stderr as ``cellsymphony: <message>``
+    while a command runs (the library itself only adds a NullHandler)."""
+    logger = logging.getLogger("cellsymphony")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cellsymphony: %(message)s"))
+    handler.setLevel(level)
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(min(level, old_level or level))
+    logger.propagate = False  # printed once, by this handler
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with cli_logging():
+        return _main(args)
+
+
+def _main(args) -> int:
     # mudata 0.3 warns on every .update() about a default that changes in 0.4; the package calls update()
     # on purpose after writing into a modality, so the warning is noise for command-line users
     warnings.filterwarnings("ignore", message=r".*update\(\) will not pull", category=FutureWarning)

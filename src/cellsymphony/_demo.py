@@ -93,7 +93,7 @@ def run_demo(out: str | Path, *, n_cells: int = 4000, seed: int = 0) -> Path:
     with _step("contrastive alignment", timings):
         tl.align_contrastive(mdata, epochs=30, seed=seed)
     with _step("niches and enrichment", timings):
-        tl.niches(mdata, seed=seed)
+        tl.niches(mdata, use_rep="X_cs_contrastive", seed=seed)
         tl.cluster_enrichment(mdata, "cs_niche", label_key, key_added="cs_niche_enrichment")
         tl.spatial_coherence(mdata, "cs_niche", seed=seed, n_perms=200, key_added="cs_niche_coherence")
 

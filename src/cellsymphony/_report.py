@@ -21,7 +21,7 @@ import pandas as pd
 
 from ._constants import CONTRASTIVE_KEY, MOD_MORPH, MOD_RNA, NICHE_KEY, REGISTRATION_KEY, UNS_KEY
 from ._settings import logger
-from ._utils import atomic_path
+from ._utils import atomic_path, uns_table
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;
@@ -45,6 +45,8 @@ def _is_contrastive(v: Any) -> bool:
 
 
 def _is_enrichment(v: Any) -> bool:
+    if isinstance(v, Mapping) and isinstance(v.get("table"), pd.DataFrame):
+        v = v["table"]  # the getters' storage shape
     if not isinstance(v, pd.DataFrame):
         return False
     cols = {str(c).lower() for c in v.columns}
@@ -71,6 +73,8 @@ def _is_comparison(v: Any) -> bool:
 
 
 def _is_coherence(v: Any) -> bool:
+    if isinstance(v, Mapping) and isinstance(v.get("table"), pd.DataFrame):
+        v = v["table"]  # the getters' storage shape
     return isinstance(v, pd.DataFrame) and {"observed", "null_mean", "z"} <= {str(c) for c in v.columns}
 
 
@@ -297,6 +301,8 @@ def write_report(
         found = [k for k in _find(mdata, _is_registration) if k != REGISTRATION_KEY]  # that one has its own section
         registration_key = found[0] if found else None
     label_keys = list(label_keys) if label_keys is not None else _label_columns(mdata, exclude=())
+    # cs.tl.niches writes its label on the modality: mdata.obs shows it as "<mod>:<niche_key>"
+    niche_key = next((c for c in label_keys if c.split(":")[-1] == niche_key), niche_key) if niche_key else niche_key
 
     # ---- data
     parts = [f"<p>{mdata.n_obs:,} cells; modalities {', '.join(sorted(getattr(mdata, 'mod', {})))}.</p>"]
@@ -384,7 +390,7 @@ def write_report(
     if enrichment_keys:
         parts = []
         for k in enrichment_keys:
-            tab = mdata.uns[k]
+            tab = uns_table(mdata.uns[k])
             parts.append(f"<h3><code>{html.escape(k)}</code></h3>")
             parts.append(figure(f"enrichment_{_slug(k)}", f"{k}: log2 odds ratio per cluster and label (stars: BH q)",
                                 lambda k=k: pl.enrichment(mdata, k)))  # fmt: skip
@@ -399,7 +405,7 @@ def write_report(
         parts = []
         for k in coherence:
             parts.append(f"<h3><code>{html.escape(k)}</code>: same-cluster fraction of spatial neighbours against a permutation null</h3>")
-            parts.append(_table_html(mdata.uns[k]))
+            parts.append(_table_html(uns_table(mdata.uns[k])))
         sections.append(("coherence", "Spatial coherence of clusters", parts))
 
     # ---- timings

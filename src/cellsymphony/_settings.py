@@ -7,13 +7,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# A library adds only a NullHandler: where messages go is the application's choice (the command line
+# sets up a stderr handler, cellsymphony.__main__.cli_logging; in a notebook, logging.basicConfig()).
+# The level (settings.verbosity) is INFO, so a configured handler shows what each function added.
 logger = logging.getLogger("cellsymphony")
-if not logger.handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("cellsymphony: %(message)s"))
-    logger.addHandler(_handler)
+if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+    logger.addHandler(logging.NullHandler())
+if logger.level == logging.NOTSET:
     logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 def _default_cache() -> Path:
@@ -32,7 +33,8 @@ class Settings:
     device
         ``"auto"`` (CUDA when available, else CPU), or any torch device string.
     batch_size
-        Default batch size for model inference when a function is given none.
+        Default batch size for model inference when a function is given none (``cs.pp.embed_morphology``:
+        patches per forward pass; ``cs.pp.embed_expression``: cells per forward pass).
     num_workers
         DataLoader workers that decode images while the model runs.
     cache_dir
@@ -50,7 +52,7 @@ class Settings:
 
     @property
     def verbosity(self) -> int:
-        """Logging level of the ``cellsymphony`` logger."""
+        """Logging level of the ``cellsymphony`` logger (INFO; the library adds no output handler of its own)."""
         return logger.level
 
     @verbosity.setter

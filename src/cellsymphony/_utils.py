@@ -8,8 +8,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @contextlib.contextmanager
@@ -80,6 +84,40 @@ def counter_uniforms(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def file_stamp(path: str | os.PathLike) -> tuple[int, int]:
+    """``(size, modification time ns)`` of a file, ``(-1, -1)`` when it cannot be read: part of a cache key
+    where hashing a multi-GB file would be too slow (a file re-exported to the same path is new)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
+def as_rows(X):
+    """A matrix that can be read by blocks of rows: CSR, dense ndarray or an anndata backed dataset."""
+    import scipy.sparse as sp
+
+    if sp.issparse(X):
+        return X if X.format == "csr" else sp.csr_matrix(X)  # CSC / COO: one sparse copy, never dense
+    if isinstance(X, np.ndarray):
+        return X
+    if getattr(X, "format", None) == "csr":  # anndata backed CSR dataset
+        return X
+    return np.asarray(X)
+
+
+def row_block(X, idx: np.ndarray):
+    """Rows ``idx`` (sorted) of X as CSR (sorted indices) or dense."""
+    import scipy.sparse as sp
+
+    block = X[idx]
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        block.sort_indices()
+    return block
+
+
 def cell_seeds(seed: int, cell_ids) -> np.ndarray:
     """One 64-bit seed per cell, from the global seed and the cell id alone.
 
@@ -103,9 +141,27 @@ def cell_seeds(seed: int, cell_ids) -> np.ndarray:
 
 def package_version() -> str:
     """The installed cellsymphony version."""
-    from . import __version__
+    from ._version import __version__
 
     return __version__
+
+
+def uns_table(entry) -> pd.DataFrame:
+    """The table of a getter's ``uns`` entry: getters (``cs.tl.cluster_enrichment``, ``cs.tl.spatial_coherence``,
+    ``cs.tl.compare_classifiers``) store ``{"table": DataFrame, "params": {...}}``; a bare DataFrame (files
+    written by earlier versions) is returned as it is."""
+    import pandas as pd
+
+    if isinstance(entry, pd.DataFrame):
+        return entry
+    if hasattr(entry, "get") and isinstance(entry.get("table"), pd.DataFrame):
+        return entry["table"]
+    raise ValueError(f"Not a getter's table record (a dict with a 'table' DataFrame): {type(entry).__name__}.")
+
+
+def getter_record(table: pd.DataFrame, **params) -> dict:
+    """The one storage shape of a getter's result in ``uns[key_added]``: ``{"table": table, "params": ...}``."""
+    return {"table": table.copy(), "params": params_record(**params)}
 
 
 def params_record(**params) -> dict:

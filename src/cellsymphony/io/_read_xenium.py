@@ -103,9 +103,7 @@ def read_xenium(
     >>> mdata = cs.io.read_xenium("outs/")  # doctest: +SKIP
     """
     if isinstance(he_alignment, str) and he_alignment == "auto":
-        from ._register_he import read_xenium_auto
-
-        return read_xenium_auto(path, he_image=he_image, sample=sample, he_mpp=he_mpp,
+        return _read_xenium_auto(path, he_image=he_image, sample=sample, he_mpp=he_mpp,
                                 nucleus_boundaries=nucleus_boundaries)
     folder = Path(path)
     if not folder.exists():
@@ -258,3 +256,30 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp, pixel_size: float) 
             stacklevel=3,
         )
     return out
+
+
+def _read_xenium_auto(path, *, he_image, sample, he_mpp, nucleus_boundaries) -> MuData:
+    """``read_xenium(path, he_image=..., he_alignment="auto")``: read without the H&E, register it, apply."""
+    from ._register_he import register_he
+
+    folder = Path(path)
+    if he_image is False:
+        raise ValueError("he_alignment='auto' registers an H&E image, but he_image=False was given.")
+    if he_image is None:
+        if folder.is_dir():
+            he_image, _ = find_he_files(folder)
+        if he_image is None:
+            raise ValueError(
+                f"he_alignment='auto': {str(folder)!r} holds no *he_image.ome.tif; pass the H&E with he_image=."
+            )
+    mdata = read_xenium(path, he_image=False, sample=sample, nucleus_boundaries=nucleus_boundaries)
+    reg = register_he(mdata, he_image, he_mpp=he_mpp)
+    if not reg.qc["ok"]:
+        name = Path(he_image.path if isinstance(he_image, HEImage) else he_image).name
+        raise ValueError(
+            f"he_alignment='auto': the automatic registration of the H&E {name!r} to {str(folder)!r} failed its QC "
+            f"({reg.summary()}). Nothing was read. Look at cs.io.register_he(path, he_image).plot(), check that the "
+            "image belongs to this section, or pass the alignment CSV with he_alignment=."
+        )
+    reg.apply(mdata)
+    return mdata

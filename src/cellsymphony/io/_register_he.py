@@ -222,7 +222,7 @@ class Registration:
 
     def plot(self, **kwargs: Any) -> Figure:
         """The registration QC figure (:func:`cellsymphony.pl.registration`)."""
-        from ..pl import registration
+        from ..pl._registration import registration
 
         return registration(self, **kwargs)
 
@@ -793,31 +793,3 @@ def _empty_residuals() -> pd.DataFrame:
                                                ("he_x", "he_y", "x_um", "y_um", "dx_um", "dy_um", "distance_um")},
         "inlier": pd.Series([], dtype=bool),
     })
-
-
-def read_xenium_auto(path, *, he_image, sample, he_mpp, nucleus_boundaries) -> MuData:
-    """``read_xenium(path, he_image=..., he_alignment="auto")``: read without the H&E, register it, apply."""
-    from ._read_xenium import read_xenium
-    from ._xenium_files import find_he_files
-
-    folder = Path(path)
-    if he_image is False:
-        raise ValueError("he_alignment='auto' registers an H&E image, but he_image=False was given.")
-    if he_image is None:
-        if folder.is_dir():
-            he_image, _ = find_he_files(folder)
-        if he_image is None:
-            raise ValueError(
-                f"he_alignment='auto': {str(folder)!r} holds no *he_image.ome.tif; pass the H&E with he_image=."
-            )
-    mdata = read_xenium(path, he_image=False, sample=sample, nucleus_boundaries=nucleus_boundaries)
-    reg = register_he(mdata, he_image, he_mpp=he_mpp)
-    if not reg.qc["ok"]:
-        name = Path(he_image.path if isinstance(he_image, HEImage) else he_image).name
-        raise ValueError(
-            f"he_alignment='auto': the automatic registration of the H&E {name!r} to {str(folder)!r} failed its QC "
-            f"({reg.summary()}). Nothing was read. Look at cs.io.register_he(path, he_image).plot(), check that the "
-            "image belongs to this section, or pass the alignment CSV with he_alignment=."
-        )
-    reg.apply(mdata)
-    return mdata

@@ -106,7 +106,7 @@ def patch_gallery(
     """
     import matplotlib.pyplot as plt
 
-    from ..pp import cell_patches
+    from ..pp._cell_patches import cell_patches
 
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}.")

@@ -174,19 +174,19 @@ def registration(
     from matplotlib.collections import LineCollection
     from matplotlib.patches import Ellipse
 
-    from ..io import Registration
+    from ._registration_overlay import is_registration
 
-    if isinstance(mdata, Registration) or key in (None, REGISTRATION_KEY):
+    if is_registration(mdata) or key in (None, REGISTRATION_KEY):
         from ._registration_overlay import registration_overlay
 
-        if key is None and not isinstance(mdata, Registration) and REGISTRATION_KEY not in getattr(mdata, "uns", {}):
+        if key is None and not is_registration(mdata) and REGISTRATION_KEY not in getattr(mdata, "uns", {}):
             raise ValueError(
                 f"No uns[{REGISTRATION_KEY!r}] (automatic registration): pass key= the key_added of "
                 "cs.pp.transfer_nucleus_labels, or register the H&E with cs.io.register_he(...).apply(mdata)."
             )
         fig = registration_overlay(mdata, sample=sample, region_um=300.0 if window_um is None else window_um,
                                    center=center, title=title)
-        name = mdata.sample if isinstance(mdata, Registration) else "he"
+        name = mdata.sample if is_registration(mdata) else "he"
         finish(fig, show=show, save=save, name=f"registration_{name}")
         return fig
     window_um = 150.0 if window_um is None else window_um

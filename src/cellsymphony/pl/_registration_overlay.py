@@ -32,10 +32,14 @@ class View:
     qc: dict
 
 
-def view_of(data: Any, sample: str | None) -> View:
-    from ..io import Registration
+def is_registration(data: Any) -> bool:
+    """Whether ``data`` is a :class:`cellsymphony.io.Registration`, checked without importing ``io`` (whose
+    ``Registration.plot`` imports this subpackage: importing it here would close an import cycle)."""
+    return type(data).__name__ == "Registration" and hasattr(data, "qc") and hasattr(data, "residuals")
 
-    if isinstance(data, Registration):
+
+def view_of(data: Any, sample: str | None) -> View:
+    if is_registration(data):
         return View(data.sample, data.he_path, data.alignment, data.pixel_size, data.nonrigid, data.xenium_path,
                     data.residuals, dict(data.qc))
     from .._validate import samples_registry
@@ -75,7 +79,7 @@ def render_he(v: View, bbox, r: float) -> np.ndarray:
     (white outside the image); only the needed region of one pyramid level is read."""
     from scipy.ndimage import map_coordinates
 
-    from ..io import read_he
+    from ..io._read_he import read_he
 
     pts, shape = _grid(bbox, r)
     px = um_to_he_px(pts, v.alignment, v.pixel_size, v.warp)

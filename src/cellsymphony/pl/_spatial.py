@@ -71,7 +71,7 @@ def _he_background(ax, reg: Mapping, bbox_um: np.ndarray, max_image_px: int, he_
     micrometres through the registration with an affine image transform; return the AxesImage."""
     from matplotlib.transforms import Affine2D
 
-    from ..io import read_he
+    from ..io._read_he import read_he
 
     alignment = np.asarray(reg[REG_ALIGNMENT], dtype=float)
     pixel_size = float(reg[REG_PIXEL_SIZE])

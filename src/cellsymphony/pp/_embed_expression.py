@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -11,11 +9,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._constants import MOD_RNA, X_SCGPT
+from .._constants import MOD_RNA, NUCLEUS_KEY, SAMPLE_KEY, SPATIAL_KEY, X_SCGPT
+from .._coordinates import cell_coordinates
 from .._docs import inject_docs
 from .._settings import logger, resolve_device, settings
-from .._utils import load_chunk, params_record, save_chunk
+from .._utils import as_rows, file_stamp, params_record, row_block
 from .._validate import get_modality, is_mudata, set_latest
+from ._chunks import Chunk, cache_folder, chunk_file, compact_chunks, fingerprint, row_chunks, run_chunks
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -37,13 +37,13 @@ def _gene_symbols(adata: AnnData, gene_key: str | None) -> np.ndarray:
 DEFAULT_CHUNK_SIZE = 2048
 
 
-def _cache_folder(cache_dir, model_dir, weights_checksum: str, col2tok: np.ndarray, *, max_length: int, seed: int) -> Path:
-    """``cache_dir/scgpt-<fingerprint>``: the fingerprint covers the checkpoint (weights, args and vocabulary
-    files), the arguments that change a cell's embedding and the gene matching (column -> token)."""
+def _cache_fingerprint(model_dir, weights_checksum: str, col2tok: np.ndarray, *, max_length: int, seed: int) -> str:
+    """The fingerprint of the cache folder ``scgpt-<fingerprint>`` (the same as before the chunk engine, so
+    existing caches are reused): the checkpoint (weights, args and vocabulary files), the arguments that
+    change a cell's embedding and the gene matching (column -> token)."""
     from ..models.encoders._scgpt_inputs import DRAWS
     from ..models.encoders._weights import file_checksum
 
-    h = hashlib.sha256()
     record = {
         "weights": weights_checksum,
         "args": file_checksum(Path(model_dir) / "args.json"),
@@ -53,9 +53,82 @@ def _cache_folder(cache_dir, model_dir, weights_checksum: str, col2tok: np.ndarr
         "n_bins": 51,
         "draws": DRAWS,
     }
-    h.update(json.dumps(record, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(col2tok, dtype=np.int64).tobytes())
-    return Path(cache_dir) / f"scgpt-{h.hexdigest()[:20]}"
+    return fingerprint(record, np.ascontiguousarray(col2tok, dtype=np.int64).tobytes())
+
+
+# ------------------------------------------------------------------------------------------------ the chunk job
+class _ExpressionJob:
+    """The chunk engine's job (:class:`~cellsymphony.pp._chunks.ChunkJob`) for scGPT embeddings: in this
+    process the pending chunks stream through :func:`embed_rows` (batches of each chunk's own cells); on a
+    cluster each chunk is :func:`_chunk_on_worker` with the chunk's rows, cell ids and the gene index."""
+
+    kind = "expression"
+    desc = "embed_expression"
+
+    def __init__(self, model, model_dir, X, ids, col2tok, lengths, out, *, kw: dict, device, requested_device):
+        self.model, self.model_dir, self.X, self.ids, self.col2tok = model, str(model_dir), X, ids, col2tok
+        self.lengths, self.out, self.kw = lengths, out, kw
+        self.dim = int(model.d_model)
+        self.device, self.requested_device = device, requested_device
+
+    def stream(self, chunks, progress, done) -> None:
+        from ..models.encoders._scgpt_inputs import embed_rows
+
+        # one uncached chunk of every cell (no cache, one process): one stream, batched over all cells
+        whole = len(chunks) == 1 and chunks[0].file is None and len(chunks[0].rows) == self.out.shape[0]
+        embed_rows(
+            self.model, self.X, self.ids, self.col2tok, lengths=self.lengths, **self.kw, device=self.device,
+            bucketed=True, num_workers=settings.num_workers, progress=progress,
+            chunks=None if whole else [ch.rows for ch in chunks],
+            on_chunk=None if whole else (lambda j, _values: done(j, None)), out=self.out,
+        )
+        if whole:
+            done(0, None)
+
+    def task(self, chunk):
+        rows = chunk.rows
+        if not (self.lengths[rows] > 0).any():  # no cell to embed: an all-NaN chunk, no model needed
+            return _nan_rows, (len(rows), self.dim), {}
+        args = (self.model_dir, row_block(self.X, rows), self.ids[rows], self.col2tok)
+        return _chunk_on_worker, args, {**self.kw, "device": self.requested_device}
+
+
+def _nan_rows(n: int, dim: int) -> np.ndarray:
+    return np.full((n, dim), np.nan, dtype=np.float32)
+
+
+def _worker_scgpt(model_dir: str, device: str | None):
+    """The worker's cached scGPT model and its device. The files' size and modification time are part of
+    the key: a checkpoint replaced in the same folder while the cluster stays up is loaded again, never
+    served (and cached under its new checksum) stale."""
+    from .._distributed import worker_cache
+    from ..models.encoders._scgpt import load_scgpt
+
+    dev = resolve_device(device)
+    path = os.path.realpath(model_dir)
+    stamp = tuple(file_stamp(os.path.join(path, f)) for f in ("args.json", "vocab.json", "best_model.pt"))
+    return worker_cache().model(("scgpt", path, stamp, dev), lambda: load_scgpt(path, device=dev)), dev
+
+
+def _chunk_on_worker(model_dir: str, block, cell_ids, col2tok, *, max_length: int, batch_size: int, seed: int,
+                     device) -> np.ndarray:  # fmt: skip
+    """One chunk's scGPT embeddings ``(k, d)`` float32 on a cluster worker (rows as CSR or dense)."""
+    from ..models.encoders._scgpt_inputs import embed_rows
+
+    model, dev = _worker_scgpt(model_dir, device)
+    return embed_rows(
+        model, block, cell_ids, col2tok, max_length=max_length, batch_size=batch_size, seed=seed, device=dev,
+        bucketed=True, num_workers=0, progress=False,
+    )
+
+
+def _task_chunk_size(n_cells: int, client) -> int:
+    """Cells per task without a cache: about four tasks per worker thread, between 64 and 4096 cells
+    (enough tasks to balance the load and to lose little when a worker dies, few enough that the
+    per-task overhead of milliseconds does not matter)."""
+    from .._distributed import n_threads
+
+    return int(np.clip(np.ceil(n_cells / (4 * n_threads(client))), 64, 4096))
 
 
 @inject_docs()
@@ -67,7 +140,7 @@ def embed_expression(
     gene_key: str | None = None,
     layer: str | None = None,
     max_length: int = 1200,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     min_gene_fraction: float = 0.5,
     device: str | None = None,
     seed: int = 0,
@@ -110,7 +183,7 @@ def embed_expression(
     max_length
         Maximum number of tokens per cell, ``<cls>`` included (1200 in scGPT).
     batch_size
-        Cells per forward pass.
+        Cells per forward pass; default ``cs.settings.batch_size`` (as :func:`cellsymphony.pp.embed_morphology`).
     min_gene_fraction
         Warn when fewer than this fraction of the genes are in the model's vocabulary.
     device
@@ -149,8 +222,10 @@ def embed_expression(
     """
     if max_length < 2:
         raise ValueError(f"max_length={max_length} must be at least 2 (the <cls> token and one gene).")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    batch_size = settings.batch_size if batch_size is None else batch_size
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer (default cs.settings.batch_size).")
+    batch_size = int(batch_size)
     if not 0 <= min_gene_fraction <= 1:
         raise ValueError(f"min_gene_fraction={min_gene_fraction} must lie in [0, 1].")
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
@@ -158,9 +233,10 @@ def embed_expression(
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise ValueError(f"cache_dir={str(cache_dir)!r} is a file; pass a folder (created if absent) or None.")
     if client is not None:
-        from .._distributed import check_client
+        from .._distributed import check_client, ensure_worker_cache
 
         check_client(client)
+        ensure_worker_cache(client)
     adata = get_modality(mdata, mod)
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"layer={layer!r} is not in .layers (it has {list(adata.layers)}).")
@@ -169,14 +245,7 @@ def embed_expression(
     device = resolve_device(device)
 
     from ..models.encoders._scgpt import load_scgpt
-    from ..models.encoders._scgpt_inputs import (
-        _as_rows,
-        _row_block,
-        chunk_digest,
-        embed_rows,
-        row_chunks,
-        scan_counts,
-    )
+    from ..models.encoders._scgpt_inputs import chunk_digest, scan_counts
     from ..models.encoders._weights import file_checksum
 
     model = load_scgpt(model_dir)
@@ -202,7 +271,7 @@ def embed_expression(
             stacklevel=2,
         )
 
-    X = _as_rows(adata.layers[layer] if layer is not None else adata.X)  # CSC / COO to CSR once, for every reader
+    X = as_rows(adata.layers[layer] if layer is not None else adata.X)  # CSC / COO to CSR once, for every reader
     lengths, report = scan_counts(X, col2tok)
     if report["n_negative"] or report["n_noninteger"]:
         row, value = report["example"]
@@ -228,50 +297,33 @@ def embed_expression(
     weights_checksum = file_checksum(Path(model_dir) / "best_model.pt")
     ids = np.asarray(adata.obs_names)
     emb = np.full((adata.n_obs, int(model.d_model)), np.nan, dtype=np.float32)
-    todo = None  # with a cache: the chunks to compute, as (index, rows, file)
-    n_resumed = 0
+
+    # ---- plan: the cache's consecutive chunks; without a cache one stream in this process, or spatially
+    # compact chunks of the non-empty cells per sample on a cluster
     if cache_dir is not None:
         chunk_size = int(chunk_size or DEFAULT_CHUNK_SIZE)
-        folder = _cache_folder(cache_dir, model_dir, weights_checksum, col2tok, max_length=max_length, seed=seed)
-        folder.mkdir(parents=True, exist_ok=True)
-        todo = []
-        for c, rows in enumerate(row_chunks(adata.n_obs, chunk_size)):
-            file = folder / f"chunk_{c:06d}_{chunk_digest(_row_block(X, rows), ids[rows], col2tok)}.npy"
-            cached = load_chunk(file, (len(rows), emb.shape[1]))
-            if cached is None:
-                todo.append((c, rows, str(file)))
-            else:
-                emb[rows] = cached
-                n_resumed += 1
-        if n_resumed:
-            logger.info("embed_expression: resumed %d finished chunk(s) from %s", n_resumed, folder)
-
-    if client is not None:  # scale-out: chunks of rows run as tasks on the cluster (cellsymphony._distributed)
-        from .._distributed import expression_chunk_inputs, expression_on_cluster
-
-        expression_on_cluster(
-            client, X, ids, col2tok, lengths, model_dir=model_dir, d_model=model.d_model,
-            **expression_chunk_inputs(adata), max_length=max_length, batch_size=batch_size, seed=seed,
-            device=requested_device, chunk_size=chunk_size, cached_chunks=todo, out=emb,
-        )
+        fp = _cache_fingerprint(model_dir, weights_checksum, col2tok, max_length=max_length, seed=seed)
+        folder = cache_folder(cache_dir, "scgpt", fp)
+        chunks = [
+            Chunk(c, rows, file=chunk_file(folder, c, chunk_digest(row_block(X, rows), ids[rows], col2tok)))
+            for c, rows in enumerate(row_chunks(adata.n_obs, chunk_size))
+        ]
+    elif client is None:
+        chunks = [Chunk(0, np.arange(adata.n_obs, dtype=np.int64))]
     else:
-        embed_rows(
-            model,
-            X,
-            ids,
-            col2tok,
-            lengths=lengths,
-            max_length=max_length,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            bucketed=True,
-            num_workers=settings.num_workers,
-            progress=settings.progress,
-            chunks=None if todo is None else [rows for _, rows, _ in todo],
-            on_chunk=None if todo is None else (lambda j, values: save_chunk(todo[j][2], values)),
-            out=emb,
-        )
+        nonempty = np.flatnonzero(~empty)
+        groups = [nonempty]
+        if SAMPLE_KEY in adata.obs:
+            labels = adata.obs[SAMPLE_KEY].astype(str).to_numpy()[nonempty]
+            groups = [nonempty[labels == s] for s in dict.fromkeys(labels.tolist())]
+        xy = cell_coordinates(adata, "nucleus") if NUCLEUS_KEY in adata.obsm or SPATIAL_KEY in adata.obsm else None
+        size = int(chunk_size or _task_chunk_size(len(nonempty), client))
+        chunks = [Chunk(c, rows) for c, rows in enumerate(compact_chunks(xy, groups, size))]
+    job = _ExpressionJob(
+        model, model_dir, X, ids, col2tok, lengths, emb, device=device, requested_device=requested_device,
+        kw={"max_length": int(max_length), "batch_size": int(batch_size), "seed": int(seed)},
+    )
+    run_chunks(job, chunks, emb, client=client)
 
     # write (on the copy, if asked)
     if copy:

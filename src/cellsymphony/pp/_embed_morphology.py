@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -13,9 +11,11 @@ import numpy as np
 from .._constants import IN_IMAGE_KEY, MOD_MORPH
 from .._docs import inject_docs
 from .._settings import logger, resolve_device, settings
-from .._utils import load_chunk, params_record, save_chunk
+from .._utils import file_stamp, params_record
 from .._validate import check_choice, get_modality, is_mudata, set_latest
-from ._morphology_runner import plan, run_batches
+from ..models.encoders import encoder_kind
+from ._chunks import Chunk, cache_folder, chunk_file, fingerprint, run_chunks
+from ._morphology_runner import embed_cells, plan, run_batches
 from ._patch_source import cell_centres, sample_sources
 
 if TYPE_CHECKING:
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 MODES = ("cell", "tile")
 POOLS = ("nucleus", "cls", "mean")
+
+
+def _identity(x):
+    return x
 
 
 def _build_encoder(model, weights, device: str, mpp: float):
@@ -48,18 +52,138 @@ def _module_checksum(module) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _fingerprint(src, names: np.ndarray, xy: np.ndarray, params: dict) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(params, sort_keys=True, default=str).encode())
-    h.update(json.dumps([src.he_path, src.pixel_size, src.he_mpp, src.sample]).encode())
-    # the slide itself (size and modification time, as a full hash of a multi-GB file is too slow): an H&E
-    # re-exported to the same path must not reuse chunks computed from the old pixels
-    st = os.stat(src.he_path)
-    h.update(json.dumps([st.st_size, st.st_mtime_ns]).encode())
-    h.update(src.geometry_bytes())
-    h.update("\x00".join(map(str, names)).encode())
-    h.update(np.ascontiguousarray(xy, dtype=np.float64).tobytes())
-    return h.hexdigest()[:20]
+def _cache_name(src, names: np.ndarray, xy: np.ndarray, params: dict) -> str:
+    """The fingerprint of one sample's cache folder ``<key>-<sample>-<fingerprint>`` (the same as before
+    the chunk engine, so existing caches are reused): the run's parameters, the slide (path, pixel sizes,
+    sample, file size and modification time: an H&E re-exported to the same path must not reuse chunks
+    computed from the old pixels), the registration, and the cells (names and nucleus positions)."""
+    return fingerprint(
+        params,
+        [src.he_path, src.pixel_size, src.he_mpp, src.sample],
+        list(file_stamp(src.he_path)),
+        src.geometry_bytes(),
+        "\x00".join(map(str, names)).encode(),
+        np.ascontiguousarray(xy, dtype=np.float64).tobytes(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the chunk job
+class _MorphologyJob:
+    """The chunk engine's job (:class:`~cellsymphony.pp._chunks.ChunkJob`) for morphology embeddings.
+
+    Each chunk's ``work`` is ``(PatchSource, [Batch])``, batch rows being output positions. In this
+    process the pending chunks of a sample stream through one DataLoader; on a cluster each chunk is
+    :func:`_chunk_on_worker` with the sample's source and the chunk's nucleus positions."""
+
+    kind = "morphology"
+    desc = "embed_morphology"
+
+    def __init__(self, encoder, out, xy, *, enc_ref, run, device, requested_device, num_workers):
+        self.encoder, self.out, self.xy, self.enc_ref = encoder, out, xy, enc_ref
+        self.dim = int(encoder.embed_dim)
+        self.run, self.device, self.requested_device, self.num_workers = run, device, requested_device, num_workers
+
+    def stream(self, chunks, progress, done) -> None:
+        p = self.run
+        radius_px = None if p["pool_radius_um"] is None else float(p["pool_radius_um"]) / p["mpp"]
+        start = 0
+        while start < len(chunks):  # the consecutive chunks of one sample share its slide and loader
+            src = chunks[start].work[0]
+            stop = start
+            while stop < len(chunks) and chunks[stop].work[0] is src:
+                stop += 1
+            owner = [i for i in range(start, stop) for _ in chunks[i].work[1]]
+            batches = [b for i in range(start, stop) for b in chunks[i].work[1]]
+            remaining = {i: len(chunks[i].work[1]) for i in range(start, stop)}
+            try:
+                for j, feats in run_batches(
+                    self.encoder, src, batches, size=p["size"], mpp=p["mpp"], pool=p["pool"], radius_px=radius_px,
+                    layer=p["layer"], device=self.device, num_workers=self.num_workers, progress=progress,
+                ):
+                    self.out[batches[j].rows] = feats
+                    remaining[owner[j]] -= 1
+                    if remaining[owner[j]] == 0:
+                        done(owner[j], None)
+            finally:
+                src.close()
+            start = stop
+
+    def task(self, chunk):
+        p = self.run
+        params = {k: p[k] for k in ("mode", "pool", "pool_radius_um", "layer", "size", "mpp", "tile_stride", "batch_size")}
+        return _chunk_on_worker, (self.enc_ref, chunk.work[0], self.xy[chunk.rows]), {
+            "params": params, "device": self.requested_device,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ the cluster side
+class RemoteEncoder:
+    """What the client needs to know about an encoder that only the cluster's workers load."""
+
+    def __init__(self, info: dict, ref: tuple):
+        self.__dict__.update(info)
+        self.ref = ref
+
+    def __repr__(self) -> str:
+        return f"RemoteEncoder({self.name!r}, embed_dim={self.embed_dim}, weights={self.weights_checksum[:19]})"
+
+
+def _named_encoder(model: str, weights, device: str | None):
+    """The worker's cached encoder for a registry / timm name (loaded once per process and device)."""
+    from .._distributed import worker_cache
+    from ..models.encoders._morphology import load_morphology_encoder
+
+    dev = resolve_device(device)
+    w = None if weights is None else str(weights)
+    return worker_cache().model(("morphology", model, w, dev), lambda: load_morphology_encoder(model, weights=w, device=dev))
+
+
+def _encoder_info(model: str, weights, device: str | None) -> dict:
+    """Task: load (and keep) the encoder on a worker; return its facts for the client's checks."""
+    enc = _named_encoder(model, weights, device)
+    return {
+        "name": enc.name, "embed_dim": int(enc.embed_dim), "patch_size": enc.patch_size, "n_layers": int(enc.n_layers),
+        "key": enc.key, "weights_checksum": enc.weights_checksum, "weights_path": str(enc.weights_path or ""),
+        "untrained": bool(getattr(enc, "untrained", False)), "kind": encoder_kind(enc),
+    }
+
+
+def _remote_encoder(client, model, weights, device: str | None, mpp: float):
+    """The encoder as the client sees it: a deep model named by a string is loaded by the workers only
+    (one task loads it and reports its dimensions, checksum and key); an ``nn.Module`` or the
+    handcrafted encoder is built here on the CPU and shipped to the workers."""
+    import uuid
+
+    if isinstance(model, str) and model.lower() != "handcrafted":
+        fut = client.submit(_encoder_info, model, weights, device, key=f"cs-morphology-encoder-{uuid.uuid4().hex[:10]}",
+                            pure=False)  # fmt: skip
+        info = fut.result()
+        fut.release()
+        # every worker loads the very file the first one resolved (not its own environment's)
+        return RemoteEncoder(info, ("named", model, info["weights_path"] or weights, info["weights_checksum"]))
+    return _build_encoder(model, weights, "cpu", mpp)
+
+
+def _chunk_on_worker(enc_ref, src, xy_um, *, params: dict, device: str | None) -> np.ndarray:
+    """One chunk's embeddings ``(k, D)`` on a cluster worker (all cells inside the image)."""
+    from .._distributed import worker_cache
+
+    cache = worker_cache()
+    if isinstance(enc_ref, tuple):
+        _, model, weights, checksum = enc_ref
+        encoder = _named_encoder(model, weights, device)
+        if encoder.weights_checksum != checksum:
+            raise ValueError(
+                f"Worker {os.uname().nodename} loaded {model!r} weights {encoder.weights_checksum[:19]}, "
+                f"not the {checksum[:19]} of the first worker: give every worker the same weights (weights=path)."
+            )
+    else:  # a module or the handcrafted encoder shipped by the client
+        encoder = enc_ref
+        if hasattr(encoder, "to"):
+            with cache.lock:
+                encoder.to(resolve_device(device))
+    return embed_cells(encoder, cache.source(src), np.asarray(xy_um, dtype=np.float64), num_workers=0,
+                       device=resolve_device(device), **params)  # fmt: skip
 
 
 @inject_docs()
@@ -96,7 +220,7 @@ def embed_morphology(
     runs); each cell takes the tokens at its nucleus (bilinear weights) from the tile whose centre is
     nearest, so it keeps at least ``(size - tile_stride) / 2`` px of context on every side.
 
-    Cells whose centre lies outside the H&E get a NaN row and ``in_image`` False. Memory beyond the
+    Cells whose centre lies outside the H&E get a NaN row, flagged in ``obs[f"{{key_added}}_empty"]``. Memory beyond the
     output does not grow with the number of cells: patches are decoded batch by batch (in
     ``num_workers`` DataLoader workers while the model runs) under ``torch.inference_mode``, with
     bf16/fp16 autocast on GPU. With ``cache_dir`` each finished chunk is saved atomically and a
@@ -154,7 +278,9 @@ def embed_morphology(
     ``None`` (or a modified copy with ``copy=True``); writes
 
     - ``mdata["morphology"].obsm[key_added]``: float32 ``(n_cells, embed_dim)``, NaN rows off-image;
-    - ``mdata["morphology"].obs["in_image"]``: whether the cell's centre lies in its H&E;
+    - ``mdata["morphology"].obs[f"{{key_added}}_empty"]``: True for the NaN rows (cells off the image);
+    - ``mdata["morphology"].obs["in_image"]`` only when absent (the readers write it: whether the cell's
+      nucleus lies in its H&E); earlier versions overwrote it on every run;
     - ``mdata["morphology"].uns[key_added]["params"]``: model, weights checksum, mode, pool, mpp, size
       and the other arguments, with the package version;
     - ``mdata.uns["cellsymphony"]["latest"]["morphology"] = key_added``.
@@ -175,7 +301,7 @@ def embed_morphology(
         raise ValueError(f"pool_radius_um must be >= 0 (or None), got {pool_radius_um!r}.")
     if pool_radius_um is not None and pool != "nucleus":
         raise ValueError("pool_radius_um applies to pool='nucleus' only.")
-    batch_size = int(batch_size or settings.batch_size)
+    batch_size = int(settings.batch_size if batch_size is None else batch_size)
     num_workers = int(settings.num_workers if num_workers is None else num_workers)
     if batch_size < 1 or num_workers < 0 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be >= 1 and num_workers >= 0.")
@@ -188,11 +314,13 @@ def embed_morphology(
 
     if client is None:
         encoder = _build_encoder(model, weights, device, mpp)
-    else:  # cellsymphony._distributed: named models are loaded by the workers only
-        from .._distributed import remote_morphology_encoder
+    else:  # named models are loaded by the workers only
+        from .._distributed import check_client, ensure_worker_cache
 
-        encoder = remote_morphology_encoder(client, model, weights, requested_device, mpp, _build_encoder)
-    handcrafted = not hasattr(encoder, "forward_tokens")
+        check_client(client)
+        ensure_worker_cache(client)
+        encoder = _remote_encoder(client, model, weights, requested_device, mpp)
+    handcrafted = encoder_kind(encoder) == "features"
     if handcrafted and (mode != "cell" or pool != "nucleus" or layer != -1):
         raise ValueError("model='handcrafted' works in mode='cell' with pool='nucleus' and layer=-1 only.")
     if not handcrafted:
@@ -224,65 +352,54 @@ def embed_morphology(
     dim = int(encoder.embed_dim)
     out = np.full((adata.n_obs, dim), np.nan, dtype=np.float32)
     in_image = np.zeros(adata.n_obs, dtype=bool)
-    radius_px = None if pool_radius_um is None else float(pool_radius_um) / mpp
-    from tqdm.auto import tqdm
+    names = adata.obs_names.to_numpy()
 
-    n_resumed = 0
-    if client is not None:  # scale-out: the chunks run as tasks on the cluster (cellsymphony._distributed)
-        from .._distributed import morphology_on_cluster
+    # ---- plan: per sample, the cells inside its H&E in chunks of batches (rows: output positions)
+    chunks: list[Chunk] = []
+    for src, pos in groups:
+        inside = src.in_image(xy[pos])
+        in_image[pos] = inside
+        valid = pos[inside]
+        folder = None
+        if cache_dir is not None:
+            fp = _cache_name(src, names[valid], xy[valid], run_params)
+            folder = cache_folder(cache_dir, key, src.sample or "sample", fp)
+        for ch in plan(
+            xy[valid], mode=mode, size=size, mpp=float(mpp), batch_size=batch_size, chunk_size=int(chunk_size),
+            tile_stride=int(tile_stride),
+        ):
+            for b in ch.work:
+                b.rows = valid[b.rows]
+            chunks.append(Chunk(
+                ch.index, valid[ch.rows], name=f"{src.sample or 'sample'}-{ch.index:06d}",
+                file=None if folder is None else chunk_file(folder, ch.index), work=(src, ch.work),
+            ))  # fmt: skip
+        src.close()  # reopened by whoever reads patches (this process's loader or a worker)
 
-        n_resumed = morphology_on_cluster(
-            client, encoder, groups, xy, adata.obs_names.to_numpy(), out, in_image, key=key,
-            run_params=run_params, cache_dir=cache_dir, device=requested_device,
-        )
-        groups = []
+    enc_ref = None
+    if client is not None:
+        if isinstance(encoder, RemoteEncoder):
+            enc_ref = encoder.ref
+        else:  # a user's module or the handcrafted encoder: one copy per worker, recomputable if a worker dies
+            import uuid
+
+            enc_ref = client.submit(_identity, encoder, key=f"cs-morphology-module-{uuid.uuid4().hex[:10]}", pure=False)
+    job = _MorphologyJob(
+        encoder, out, xy, enc_ref=enc_ref, run=run_params, device=device, requested_device=requested_device,
+        num_workers=num_workers,
+    )
     try:
-        for src, pos in groups:
-            inside = src.in_image(xy[pos])
-            in_image[pos] = inside
-            valid = pos[inside]
-            chunks = plan(
-                xy[valid], mode=mode, size=size, mpp=float(mpp), batch_size=batch_size, chunk_size=int(chunk_size),
-                tile_stride=int(tile_stride),
-            )
-            folder = None
-            if cache_dir is not None:
-                fp = _fingerprint(src, adata.obs_names[valid].to_numpy(), xy[valid], run_params)
-                folder = Path(cache_dir) / f"{key}-{src.sample or 'sample'}-{fp}"
-                folder.mkdir(parents=True, exist_ok=True)
-            pending, remaining = [], {}
-            for ch in chunks:
-                if folder is not None:
-                    cached = load_chunk(folder / f"chunk_{ch.index:06d}.npy", (len(ch.rows), dim))
-                    if cached is not None:
-                        out[valid[ch.rows]] = cached
-                        n_resumed += 1
-                        continue
-                pending.append(ch)
-                remaining[ch.index] = len(ch.batches)
-            batches = [b for ch in pending for b in ch.batches]
-            owner_chunk = [ch for ch in pending for _ in ch.batches]
-            total = int(sum(len(ch.rows) for ch in pending))
-            with tqdm(total=total, desc=f"embed_morphology {src.sample}".strip(), unit="cell",
-                      disable=not settings.progress or total == 0) as bar:
-                for i, feats in run_batches(
-                    encoder, src, batches, size=size, mpp=float(mpp), pool=pool, radius_px=radius_px, layer=layer,
-                    device=device, num_workers=num_workers, progress=bar,
-                ):
-                    out[valid[batches[i].rows]] = feats
-                    ch = owner_chunk[i]
-                    remaining[ch.index] -= 1
-                    if remaining[ch.index] == 0 and folder is not None:
-                        save_chunk(folder / f"chunk_{ch.index:06d}.npy", out[valid[ch.rows]])
-            src.close()
+        run_chunks(job, chunks, out, client=client)
     finally:
         for src, _ in groups:
             src.close()
-    if n_resumed:
-        logger.info("embed_morphology: resumed %d finished chunk(s) from %s", n_resumed, cache_dir)
+        if enc_ref is not None and not isinstance(enc_ref, tuple):
+            enc_ref.release()
 
     adata.obsm[key] = out
-    adata.obs[IN_IMAGE_KEY] = in_image
+    adata.obs[f"{key}_empty"] = ~np.isfinite(out).all(axis=1)
+    if IN_IMAGE_KEY not in adata.obs:  # the readers' flag; written here only for data built without them
+        adata.obs[IN_IMAGE_KEY] = in_image
     params = params_record(**run_params, cache_dir=cache_dir, n_cells=int(in_image.sum()))
     params["weights_path"] = str(getattr(encoder, "weights_path", "") or "")
     entry: dict[str, Any] = {"params": params}
@@ -293,7 +410,7 @@ def embed_morphology(
     if is_mudata(mdata):
         mdata.update()
     logger.info(
-        "added mdata[%r].obsm[%r] (%d x %d; %d cells off the image are NaN), uns[%r]['params']",
-        MOD_MORPH, key, out.shape[0], dim, int((~in_image).sum()), key,
+        "added mdata[%r].obsm[%r] (%d x %d; %d cells off the image are NaN), obs[%r], uns[%r]['params']",
+        MOD_MORPH, key, out.shape[0], dim, int((~in_image).sum()), f"{key}_empty", key,
     )
     return mdata if copy else None

@@ -1,7 +1,7 @@
 """The streaming engine behind ``embed_morphology``: plans, batches, DataLoader decoding, pooling.
 
-A *plan* splits the cells of one sample into chunks (the unit of the resumable cache and of a
-later scale-out) and each chunk into batches. A batch lists the patches to encode (their centres in
+A *plan* splits the cells of one sample into chunks (the unit of the resumable cache and of the
+dask scale-out, run by the chunk engine :mod:`cellsymphony.pp._chunks`) and each chunk into batches. A batch lists the patches to encode (their centres in
 micrometres) and, for each cell it serves, the patch it uses and the nucleus position in that patch.
 Cell mode: one patch per cell, centred on the nucleus. Tile mode: one patch per tile of a single
 global grid (so any subset of cells gives the same tiles), each cell pooled from the tile whose
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..models.encoders import encoder_kind
+from ._chunks import Chunk
 from ._patch_geometry import spatial_order, tile_assignment, token_pool_weights
 
 
@@ -31,15 +33,6 @@ class Batch:
     pos_px: np.ndarray  # (k, 2) nucleus position in its patch, patch pixels
 
 
-@dataclass
-class Chunk:
-    """A group of batches whose cells are cached together."""
-
-    index: int
-    rows: np.ndarray  # all cell positions of the chunk, in output order of the chunk file
-    batches: list
-
-
 def plan(
     xy_um: np.ndarray,
     *,
@@ -50,7 +43,8 @@ def plan(
     chunk_size: int,
     tile_stride: int | None = None,
 ) -> list[Chunk]:
-    """Split cells (rows of ``xy_um``, all finite) into spatially compact chunks of batches."""
+    """Split cells (rows of ``xy_um``, all finite) into spatially compact chunks of batches: engine
+    :class:`~cellsymphony.pp._chunks.Chunk` objects whose ``work`` is their list of :class:`Batch`."""
     xy = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2)
     n = len(xy)
     chunks: list[Chunk] = []
@@ -65,7 +59,7 @@ def plan(
             for b in range(0, len(rows), batch_size):
                 r = rows[b : b + batch_size]
                 batches.append(Batch(xy[r], r, np.arange(len(r)), np.repeat(centre, len(r), axis=0)))
-            chunks.append(Chunk(c, rows, batches))
+            chunks.append(Chunk(c, rows, work=batches))
         return chunks
     stride = size // 2 if tile_stride is None else int(tile_stride)  # embed_morphology's default
     ij, pos = tile_assignment(xy, size=size, mpp=mpp, stride=stride)
@@ -88,7 +82,7 @@ def plan(
             owner = np.concatenate([np.full(len(members[t]), k) for k, t in enumerate(tb)])
             batches.append(Batch(tile_xy[tb], rows, owner, pos[rows]))
             all_rows.append(rows)
-        chunks.append(Chunk(len(chunks), np.concatenate(all_rows), batches))
+        chunks.append(Chunk(len(chunks), np.concatenate(all_rows), work=batches))
 
     for t in tile_order:
         current.append(int(t))
@@ -191,7 +185,7 @@ def run_batches(
         prefetch_factor=2 if num_workers > 0 else None,
         persistent_workers=False,
     )
-    handcrafted = not isinstance(encoder, torch.nn.Module)
+    handcrafted = encoder_kind(encoder) == "features"
     for i, patches in loader:
         batch = batches[i]
         if handcrafted:
@@ -232,7 +226,7 @@ def embed_cells(
     chunks = plan(
         xy[ok], mode=mode, size=size, mpp=mpp, batch_size=batch_size, chunk_size=max(len(ok), 1), tile_stride=tile_stride
     )
-    batches = [b for c in chunks for b in c.batches]
+    batches = [b for c in chunks for b in c.work]
     radius = None if pool_radius_um is None else pool_radius_um / mpp
     for i, feats in run_batches(
         encoder, source, batches, size=size, mpp=mpp, pool=pool, radius_px=radius, layer=layer, device=device,

@@ -13,15 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._constants import (
-    NUCLEUS_KEY,
-    REG_ALIGNMENT,
-    REG_HE_MPP,
-    REG_HE_PATH,
-    REG_PIXEL_SIZE,
-    SAMPLE_KEY,
-    SPATIAL_KEY,
-)
+from .._constants import REG_ALIGNMENT, REG_HE_MPP, REG_HE_PATH, REG_PIXEL_SIZE, SAMPLE_KEY
+from .._coordinates import cell_coordinates
 from .._registration import check_alignment, he_px_per_um, local_um_to_he_affine, registry_warp, um_to_he_px
 from .._validate import samples_registry
 from ._patch_geometry import patch_to_um, spatial_order, um_to_level
@@ -50,7 +43,7 @@ class PatchSource:
     def he(self):
         """The opened :class:`HEImage` (opened once per process)."""
         if self._he is None or self._pid != os.getpid():
-            from ..io import read_he
+            from ..io._read_he import read_he
 
             self._he = read_he(self.he_path, mpp=self.he_mpp, cache_tiles=self.cache_tiles)
             self._pid = os.getpid()
@@ -188,20 +181,9 @@ def _warp_patch(he, level: int, affine: np.ndarray, size: int) -> np.ndarray:
 
 
 def cell_centres(adata) -> np.ndarray:
-    """Nucleus centroid of each cell (micrometres), the cell centroid where there is none."""
-    if SPATIAL_KEY not in adata.obsm and NUCLEUS_KEY not in adata.obsm:
-        raise ValueError(
-            f"The cells have no coordinates (obsm[{NUCLEUS_KEY!r}] / obsm[{SPATIAL_KEY!r}]); "
-            "read them with cs.io.read_xenium or cs.io.read_he_cells."
-        )
-    cell = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64) if SPATIAL_KEY in adata.obsm else None
-    if NUCLEUS_KEY in adata.obsm:
-        nuc = np.array(adata.obsm[NUCLEUS_KEY], dtype=np.float64)
-        if cell is not None:
-            missing = ~np.isfinite(nuc).all(axis=1)
-            nuc[missing] = cell[missing]
-        return nuc[:, :2]
-    return cell[:, :2]
+    """Nucleus centroid of each cell (micrometres), the cell centroid where there is none
+    (:func:`cellsymphony._coordinates.cell_coordinates` with ``which="nucleus"``)."""
+    return cell_coordinates(adata, "nucleus", purpose="embed_morphology / cell_patches")
 
 
 def select_cells(adata, cells) -> np.ndarray:

@@ -17,6 +17,7 @@ from .._constants import (
     SAMPLE_KEY,
     SPATIAL_KEY,
 )
+from .._coordinates import cell_coordinates
 from .._docs import inject_docs
 from .._registration import (
     apply_affine,
@@ -44,27 +45,16 @@ _MAX_ITER = 20
 
 
 def _cell_coords(data, cells: pd.Index) -> tuple[np.ndarray, str]:
-    """Xenium nucleus centroids (micrometres) of ``cells``, from ``obsm`` of the MuData or a modality."""
-    sources = [data] + (list(data.mod.values()) if is_mudata(data) else [])
-    for key in (NUCLEUS_KEY, SPATIAL_KEY):
-        for src in sources:
-            if key in src.obsm and src.obsm[key] is not None:
-                arr = np.asarray(src.obsm[key], dtype=np.float64)
-                if arr.ndim != 2 or arr.shape[1] < 2:
-                    continue
-                frame = pd.DataFrame(arr[:, :2], index=src.obs_names)
-                if not cells.isin(frame.index).all():
-                    continue
-                if key != NUCLEUS_KEY:
-                    logger.warning(
-                        "transfer_nucleus_labels: no obsm[%r]; matching to cell centroids obsm[%r] instead.",
-                        NUCLEUS_KEY, key,
-                    )
-                return frame.loc[cells].to_numpy(), key
-    raise ValueError(
-        f"No cell coordinates found: obsm[{NUCLEUS_KEY!r}] (or obsm[{SPATIAL_KEY!r}]) is missing; "
-        "read the data with cs.io.read_xenium."
-    )
+    """Xenium nucleus centroids (micrometres) of ``cells``, the cell centroid where a cell has none
+    (:func:`cellsymphony._coordinates.cell_coordinates`), and the key most of them came from."""
+    xy, keys = cell_coordinates(data, "nucleus", names=cells, return_keys=True, purpose="transfer_nucleus_labels")
+    n_cell = int((keys == SPATIAL_KEY).sum())
+    if n_cell:
+        logger.warning(
+            "transfer_nucleus_labels: %d of %d cells have no obsm[%r]; matching them by their cell centroid obsm[%r].",
+            n_cell, len(keys), NUCLEUS_KEY, SPATIAL_KEY,
+        )
+    return xy, NUCLEUS_KEY if (keys == NUCLEUS_KEY).any() else SPATIAL_KEY
 
 
 def _qc(cells_xy, nuclei_xy, ci, ni, n_cells, n_nuclei) -> dict:

@@ -7,6 +7,7 @@ import pandas as pd
 
 from .._docs import inject_docs
 from .._settings import logger
+from .._utils import getter_record
 from .._validate import find_obs_column
 
 if TYPE_CHECKING:
@@ -43,7 +44,8 @@ def cluster_enrichment(
     label_key
         Column of labels, looked up the same way.
     key_added
-        When given, the table is also stored in ``mdata.uns[key_added]``.
+        When given, the table is also stored as ``mdata.uns[key_added] = {{"table": ..., "params": ...}}``
+        (the storage shape of every getter).
 
     Returns
     -------
@@ -110,6 +112,6 @@ def cluster_enrichment(
     df = pd.DataFrame(rows)
     df["qval"] = multipletests(df["pval"].to_numpy(), method="fdr_bh")[1]
     if key_added is not None:
-        mdata.uns[key_added] = df.copy()
+        mdata.uns[key_added] = getter_record(df, cluster_key=cluster_key, label_key=label_key)
         logger.info("added .uns[%r] (%d clusters x %d labels)", key_added, counts.shape[0], counts.shape[1])
     return df

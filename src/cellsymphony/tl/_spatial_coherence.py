@@ -5,10 +5,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._constants import MOD_MORPH, MOD_RNA, SAMPLE_KEY, SPATIAL_KEY
+from .._constants import SAMPLE_KEY
+from .._coordinates import cell_coordinates
 from .._docs import inject_docs
 from .._settings import logger
-from .._validate import find_obs_column, is_mudata
+from .._utils import getter_record
+from .._validate import find_obs_column
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -18,34 +20,9 @@ OVERALL = "overall"
 
 
 def _coordinates(mdata: MuData | AnnData) -> np.ndarray:
-    """``obsm['spatial']`` (micrometres) indexed like ``mdata.obs``: the MuData's own, else filled from the
-    modalities (morphology first); NaN rows for cells with none."""
-    if SPATIAL_KEY in mdata.obsm:
-        xy = mdata.obsm[SPATIAL_KEY]
-        return np.asarray(xy.to_numpy() if isinstance(xy, pd.DataFrame) else xy, dtype=np.float64)[:, :2]
-    if not is_mudata(mdata):
-        raise ValueError(
-            "The AnnData has no .obsm['spatial'] (cell centroids in micrometres); read it with cs.io.read_xenium."
-        )
-    xy = np.full((mdata.n_obs, 2), np.nan)
-    order = [m for m in (MOD_MORPH, MOD_RNA) if m in mdata.mod] + [
-        m for m in mdata.mod if m not in (MOD_MORPH, MOD_RNA)
-    ]
-    found = False
-    for mod in order:
-        ad = mdata.mod[mod]
-        if SPATIAL_KEY not in ad.obsm:
-            continue
-        found = True
-        src = np.asarray(ad.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
-        idx = ad.obs_names.get_indexer(mdata.obs_names)
-        fill = (idx >= 0) & np.isnan(xy).any(axis=1)
-        xy[fill] = src[idx[fill]]
-    if not found:
-        raise ValueError(
-            "No modality has .obsm['spatial'] (cell centroids in micrometres); read the data with cs.io.read_xenium."
-        )
-    return xy
+    """Cell centroids ``obsm['spatial']`` (micrometres) indexed like ``mdata.obs``
+    (:func:`cellsymphony._coordinates.cell_coordinates`); NaN rows for cells with none."""
+    return cell_coordinates(mdata, "cell", purpose="spatial_coherence")
 
 
 def _same_fractions(codes: np.ndarray, src: np.ndarray, dst: np.ndarray, k: int) -> np.ndarray:
@@ -109,7 +86,8 @@ def spatial_coherence(
         Column of sections (a graph per section); ``None``, or the default ``'sample'`` when absent: all
         cells form one section.
     key_added
-        When given, the table is also stored in ``mdata.uns[key_added]``.
+        When given, the table is also stored as ``mdata.uns[key_added] = {{"table": ..., "params": ...}}``
+        (the storage shape of every getter).
 
     Returns
     -------
@@ -192,6 +170,9 @@ def spatial_coherence(
         index=pd.Index([*names, OVERALL], name="cluster"),
     )
     if key_added is not None:
-        mdata.uns[key_added] = df.copy()
+        mdata.uns[key_added] = getter_record(
+            df, cluster_key=cluster_key, n_neighs=int(n_neighs), radius=radius, n_perms=int(n_perms), seed=int(seed),
+            sample_key=sample_key,
+        )
         logger.info("added .uns[%r] (spatial coherence of %r)", key_added, cluster_key)
     return df

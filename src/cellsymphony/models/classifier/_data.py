@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..._constants import MOD_MORPH, MOD_RNA, SAMPLE_KEY, SPATIAL_KEY
+from ..._constants import MOD_MORPH, MOD_RNA, SAMPLE_KEY
 from ..._validate import find_obs_column, get_modality, get_rep, is_mudata
 
 SPLITS = ("random", "spatial", "sample")
@@ -80,24 +80,11 @@ def section_samples(data) -> np.ndarray:
 
 
 def section_coordinates(data) -> np.ndarray:
-    """Absolute micrometre centroids ``obsm["spatial"]`` aligned to ``data.obs`` (NaN where absent)."""
-    out = np.full((data.n_obs, 2), np.nan, dtype=np.float64)
-    sources = []
-    if SPATIAL_KEY in data.obsm:
-        sources.append(data)
-    if is_mudata(data):
-        sources += [data.mod[m] for m in data.mod if SPATIAL_KEY in data.mod[m].obsm]
-    if not sources:
-        raise ValueError(
-            f"No cell coordinates: the spatial architectures read obsm[{SPATIAL_KEY!r}] (micrometres) as "
-            "written by cs.io.read_xenium / cs.io.read_he_cells."
-        )
-    for src in sources:
-        xy = np.asarray(src.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
-        rows = _rows(data, src)
-        todo = ~np.isfinite(out[rows]).all(axis=1)
-        out[rows[todo]] = xy[todo]
-    return out
+    """Absolute micrometre centroids ``obsm["spatial"]`` aligned to ``data.obs`` (NaN where absent), by
+    :func:`cellsymphony._coordinates.cell_coordinates`."""
+    from ..._coordinates import cell_coordinates
+
+    return cell_coordinates(data, "cell", purpose="the spatial classifier architectures")
 
 
 def relative_coordinates(coords: np.ndarray, samples: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ class HandcraftedEncoder:
 
     name = "handcrafted"
     key = "X_handcrafted"
+    kind = "features"  # called on uint8 patches, one feature row per patch (ENCODER_KINDS)
     weights_checksum = "none"
 
     def __init__(self, mpp: float = 0.5, *, window_um: float = 32.0, search_um: float = 6.0):

@@ -191,7 +191,12 @@ class MorphologyEncoder(nn.Module):
         ``sha256:...`` of the loaded checkpoint, or ``"random"`` / ``"timm-pretrained"`` / ``"module"``.
     key
         Default ``obsm`` key of its embeddings.
+    kind
+        ``"tokens"``: the encoder kind :func:`cellsymphony.pp.embed_morphology` pools tokens from
+        (``forward_tokens``); see :data:`cellsymphony.models.encoders.ENCODER_KINDS`.
     """
+
+    kind = "tokens"
 
     def __init__(
         self,

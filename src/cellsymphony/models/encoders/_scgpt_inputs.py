@@ -34,6 +34,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from ..._utils import as_rows as _as_rows
+from ..._utils import row_block as _row_block
+
 N_BINS = 51
 #: the definition of the per-cell random draws; part of the cache fingerprint of the embeddings
 DRAWS = "splitmix64-counter-v1"
@@ -248,26 +251,6 @@ def collate(
     return genes, values, genes == pad_id
 
 
-def _as_rows(X):
-    """A matrix that can be read by blocks of rows: CSR, dense ndarray or an anndata backed dataset."""
-    if sp.issparse(X):
-        return X if X.format == "csr" else sp.csr_matrix(X)  # CSC / COO: one sparse copy, never dense
-    if isinstance(X, np.ndarray):
-        return X
-    if hasattr(X, "format") and getattr(X, "format", None) == "csr":  # anndata backed CSR dataset
-        return X
-    return np.asarray(X)
-
-
-def _row_block(X, idx: np.ndarray):
-    """Rows ``idx`` (sorted) of X as CSR or dense."""
-    block = X[idx]
-    if sp.issparse(block):
-        block = sp.csr_matrix(block)
-        block.sort_indices()
-    return block
-
-
 def cell_genes(block, col2tok: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and raw values of row ``i`` of ``block``: non-zero genes in the vocabulary, column order."""
     if sp.issparse(block):
@@ -320,15 +303,6 @@ def batch_order(lengths: np.ndarray, batch_size: int, *, bucketed: bool = True) 
     if bucketed:
         cells = cells[np.argsort(lengths[cells], kind="stable")]
     return [cells[i : i + batch_size] for i in range(0, len(cells), batch_size)]
-
-
-def row_chunks(n: int, chunk_size: int) -> list[np.ndarray]:
-    """Consecutive rows ``[k * chunk_size, (k + 1) * chunk_size)``: the chunks of the resumable cache.
-
-    They depend on the number of rows and ``chunk_size`` only (not on batch size, device or cluster),
-    so a single process and the workers of a cluster compute and cache the very same chunks.
-    """
-    return [np.arange(s, min(s + chunk_size, n), dtype=np.int64) for s in range(0, n, int(chunk_size))]
 
 
 def chunk_digest(block, cell_ids: Sequence, col2tok: np.ndarray) -> str:
@@ -395,7 +369,7 @@ def embed_rows(
     device: str = "cpu",
     bucketed: bool = True,
     num_workers: int = 0,
-    progress: bool = False,
+    progress=False,
     chunks: Sequence[np.ndarray] | None = None,
     on_chunk: Callable[[int, np.ndarray], None] | None = None,
     out: np.ndarray | None = None,
@@ -411,7 +385,8 @@ def embed_rows(
     of its own cells (the batches :func:`embed_rows` makes of that chunk's block alone, so a chunk's result
     does not depend on the other chunks); ``on_chunk(c, values)`` is called with the ``(len(chunks[c]),
     d_model)`` embeddings of chunk ``c`` as soon as it is finished (the resumable cache saves it then).
-    ``out``: a float32 ``(n_rows, d_model)`` array to write into (other rows untouched).
+    ``out``: a float32 ``(n_rows, d_model)`` array to write into (other rows untouched). ``progress``: show
+    a bar of its own (bool), or an existing tqdm bar to update.
 
     Returns a (n_rows, d_model) float32 array (``out`` if given), L2-normalised rows, NaN rows for cells
     without any non-zero vocabulary gene.
@@ -473,7 +448,8 @@ def embed_rows(
 
     for c in np.flatnonzero(remaining == 0):  # chunks without a non-empty cell: nothing to compute
         finished(int(c))
-    pbar = tqdm(total=int(sum(len(b) for b in batches)), unit="cell", desc="scGPT", disable=not progress)
+    own_bar = not hasattr(progress, "update")  # a bar of the caller's (the chunk engine's) is updated, not made
+    pbar = tqdm(total=int(sum(len(b) for b in batches)), unit="cell", desc="scGPT", disable=not progress) if own_bar else progress
     with torch.inference_mode(), autocast:
         for b, (idx, genes, values, mask, padded) in enumerate(loader):
             emb = model.encode_cls(
@@ -491,5 +467,6 @@ def embed_rows(
                 if remaining[c] == 0:
                     finished(c)
         flush()
-    pbar.close()
+    if own_bar:
+        pbar.close()
     return out

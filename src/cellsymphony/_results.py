@@ -132,3 +132,37 @@ def output_keys(data: Any, function: str | Sequence[str]) -> list[str]:
     names = {function} if isinstance(function, str) else set(function)
     outputs = data.uns.get(UNS_KEY, {}).get(OUTPUTS_KEY, {})
     return [str(k) for k, rec in outputs.items() if str(rec.get("function")) in names and k in data.uns]
+
+
+# ------------------------------------------------------------------------------------------ retrieval
+RETRIEVAL_DIRECTIONS = ("rna_to_morphology", "morphology_to_rna", "chance")
+
+
+def retrieval_table(model: str, retrieval: pd.DataFrame) -> pd.DataFrame:
+    """The held-out retrieval of a contrastive aligner as a metric table: sample and class ``"all"``,
+    metrics ``recall@<k>_rna_to_morphology``, ``recall@<k>_morphology_to_rna``, ``recall@<k>_chance`` and
+    ``support`` (the held-out cells scored)."""
+    rows = []
+    for name, r in retrieval.iterrows():
+        for d in RETRIEVAL_DIRECTIONS:
+            rows.append({"model": model, "sample": ALL, "class": ALL, "metric": f"{name}_{d}", "value": r[d]})
+    n = retrieval["n_cells"].iloc[0] if len(retrieval) else 0
+    rows.append({"model": model, "sample": ALL, "class": ALL, "metric": "support", "value": n})
+    return metrics_frame(rows)
+
+
+def retrieval_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The wide retrieval view of :func:`retrieval_table`'s rows (of one model): index ``recall@<k>``,
+    columns ``k``, ``rna_to_morphology``, ``morphology_to_rna``, ``chance``, ``n_cells``."""
+    long = check_metrics_table(table, "the retrieval metric table")
+    value = dict(zip(long["metric"], long["value"], strict=True))
+    names = list(dict.fromkeys(m.split("_", 1)[0] for m in long["metric"] if m.startswith("recall@")))
+    out = pd.DataFrame(
+        {
+            "k": [int(n.split("@")[1]) for n in names],
+            **{d: [value[f"{n}_{d}"] for n in names] for d in RETRIEVAL_DIRECTIONS},
+            "n_cells": [int(value.get("support", 0))] * len(names),
+        },
+        index=names,
+    )
+    return out

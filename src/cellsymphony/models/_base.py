@@ -56,6 +56,11 @@ STD_EPS = 1e-6  # a feature whose training standard deviation is below this is c
 DEFAULT_PATIENCE = 5
 
 
+class NotASavedModelError(FileNotFoundError, ValueError):
+    """A folder that lacks the files of a saved model (a ``FileNotFoundError``; also a ``ValueError``, which
+    ``ContrastiveAligner.load`` raised before the models shared one loader)."""
+
+
 # --------------------------------------------------------------------------------------------- helpers
 def autocast(device: torch.device | str):
     """bf16 autocast on CUDA, a no-op elsewhere."""
@@ -379,7 +384,7 @@ class BaseModel:
         Raises
         ------
         FileNotFoundError
-            When a file is missing.
+            When a file is missing (:class:`NotASavedModelError`, also a ``ValueError``).
         ValueError
             When ``config.json`` is not readable, names another model or a newer format, when the weights file
             does not match the sha256 recorded at saving, or when config and weights disagree; the message
@@ -392,7 +397,7 @@ class BaseModel:
         cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
         missing = [p.name for p in (w_path, cfg_path) if not p.is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise NotASavedModelError(
                 f"{d} is not a saved {cls.__name__}: missing {missing} (a model folder is written by .save(dir))."
             )
         try:

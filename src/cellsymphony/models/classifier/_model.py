@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..._settings import logger, resolve_device, settings
 from .._base import BaseModel, autocast, deprecated_layout, make_adamw, seeded, standardization
+from .._config import json_safe
 from ._config import ClassifierConfig, ClassifierTraining
 from ._data import (
     TEST,
@@ -409,10 +410,10 @@ class CellTypeClassifier(BaseModel):
         self.metrics_table = classification_table(self.arch, prep.y[test_rows], pred, inputs.samples[test_rows], classes)
         self.split = prep.split
         self.exclusions = prep.exclusions
-        self.fit_params = {
+        self.fit_params = json_safe({
             "label_key": label_key, **training.record(), "gene_rep": self.gene_rep, "morph_rep": self.morph_rep,
             "device": str(dev),
-        }  # fmt: skip
+        })  # fmt: skip
         logger.info(
             "classifier %r: test macro F1 %.3f, weighted F1 %.3f", self.arch, self.metrics["macro_f1"], self.metrics["weighted_f1"]
         )

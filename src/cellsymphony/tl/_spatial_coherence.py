@@ -193,5 +193,8 @@ def spatial_coherence(
     )
     if key_added is not None:
         mdata.uns[key_added] = df.copy()
+        from .._results import record_outputs
+
+        record_outputs(mdata, key_added, "tl.spatial_coherence", [f"uns[{key_added!r}]"])
         logger.info("added .uns[%r] (spatial coherence of %r)", key_added, cluster_key)
     return df

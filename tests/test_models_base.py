@@ -172,12 +172,12 @@ def test_format_1_aligner_folder_still_loads(tmp_path):
 def test_fit_leaves_the_global_random_state_alone():
     mdata = make_mdata(120)
     torch.manual_seed(123)
-    np.random.seed(7)
-    torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    np.random.seed(7)  # noqa: NPY002 - the legacy global state must stay untouched
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()  # noqa: NPY002
     cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", epochs=1, **TINY)
     cs.tl.align_contrastive(paired_mudata(100), epochs=1, dim=8, hidden=16)
     assert torch.equal(torch.get_rng_state(), torch_state)
-    np.testing.assert_array_equal(np.random.get_state()[1], np_state)
+    np.testing.assert_array_equal(np.random.get_state()[1], np_state)  # noqa: NPY002
 
 
 def test_early_stopping_restores_the_best_epoch():

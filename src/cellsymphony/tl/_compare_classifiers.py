@@ -118,7 +118,7 @@ def compare_classifiers(
     from .._results import METRICS_TABLE, metrics_wide, record_outputs
     from .._utils import params_record
     from .._validate import check_choice
-    from ..models.classifier._config import ClassifierConfig, ClassifierTraining
+    from ..models.classifier._config import ClassifierConfig, training_from
     from ..models.classifier._metrics import classification_table
     from ..models.classifier._model import CellTypeClassifier, prepare
     from ..models.classifier._module import arch_tokens
@@ -131,12 +131,7 @@ def compare_classifiers(
         check_choice("baseline", b, BASELINES)
     if not archs and not baselines:
         raise ValueError("Nothing to compare: pass at least one arch or baseline.")
-    training = ClassifierTraining(
-        gene_rep=gene_rep, morph_rep=morph_rep, exclude=exclude, confident_key=confident_key, split=split,
-        test_size=test_size, block_size=block_size, test_samples=test_samples, epochs=epochs, batch_size=batch_size,
-        lr=lr, weight_decay=weight_decay, class_weight=class_weight, early_stopping=early_stopping,
-        patience=patience, seed=seed, device=device,
-    )  # fmt: skip
+    training = training_from(locals())
     tokens = {t for a in archs for t in arch_tokens(a)}
     if baselines and not tokens & {"gene", "morph"}:
         tokens |= {"gene", "morph"}

@@ -146,19 +146,14 @@ def train_classifier(
       read) and ``exclusions`` (cells left out, per reason);
     - ``mdata.uns["cellsymphony"]["outputs"][key_added]``: this function's name and the keys it wrote.
     """
-    from ..models.classifier._config import ClassifierTraining
+    from ..models.classifier._config import training_from
     from ..models.classifier._model import CellTypeClassifier
 
     model = CellTypeClassifier(
         arch, d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout, dim_feedforward=dim_feedforward,
         wavelengths_um=wavelengths_um,
     )  # fmt: skip
-    training = ClassifierTraining(
-        gene_rep=gene_rep, morph_rep=morph_rep, exclude=exclude, confident_key=confident_key, split=split,
-        test_size=test_size, block_size=block_size, test_samples=test_samples, epochs=epochs, batch_size=batch_size,
-        lr=lr, weight_decay=weight_decay, class_weight=class_weight, early_stopping=early_stopping,
-        patience=patience, seed=seed, device=device,
-    )  # fmt: skip
+    training = training_from(locals())
     model._fit(mdata, label_key, training)
     write_classifier(mdata, model, key_added)
     return model

@@ -124,3 +124,9 @@ def _positive_int(name: str, v) -> None:
 def settings_names() -> tuple[set[str], set[str]]:
     """The field names of the two dataclasses: (architecture, training)."""
     return {f.name for f in dataclasses.fields(ClassifierConfig)}, {f.name for f in dataclasses.fields(ClassifierTraining)}
+
+
+def training_from(arguments: dict[str, Any]) -> ClassifierTraining:
+    """The :class:`ClassifierTraining` of an entry point's arguments (its ``locals()``): the one place where
+    the training settings are picked out of a signature."""
+    return ClassifierTraining(**{f.name: arguments[f.name] for f in dataclasses.fields(ClassifierTraining)})

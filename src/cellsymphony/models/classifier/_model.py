@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..._settings import logger, resolve_device, settings
 from .._base import BaseModel, autocast, deprecated_layout, make_adamw, seeded, standardization
 from .._config import json_safe
-from ._config import ClassifierConfig, ClassifierTraining
+from ._config import ClassifierConfig, ClassifierTraining, training_from
 from ._data import (
     TEST,
     TRAIN,
@@ -305,12 +305,7 @@ class CellTypeClassifier(BaseModel):
         name, or left out, the outputs are still written, with a warning; ``None`` writes nothing). Returns
         ``self``.
         """
-        training = ClassifierTraining(
-            gene_rep=gene_rep, morph_rep=morph_rep, exclude=exclude, confident_key=confident_key, split=split,
-            test_size=test_size, block_size=block_size, test_samples=test_samples, epochs=epochs,
-            batch_size=batch_size, lr=lr, weight_decay=weight_decay, class_weight=class_weight,
-            early_stopping=early_stopping, patience=patience, seed=seed, device=device,
-        )  # fmt: skip
+        training = training_from(locals())
         self._fit(mdata, label_key, training)
         if key_added is not None:
             key = "cs_pred" if key_added is _UNSET else key_added

@@ -152,6 +152,7 @@ class BaseModel:
     CONFIG_CLASS: ClassVar[type[ModelConfig]]
     TRAINER: ClassVar[str]  # the cs.tl function that trains it, for messages
     HISTORY_COLUMNS: ClassVar[tuple[str, ...]] = ("epoch", "train_loss", "test_loss")
+    AUTOCAST: ClassVar[bool] = True  # bf16 autocast of the training steps on CUDA
 
     def __init__(self, config: ModelConfig):
         self.config = config
@@ -264,7 +265,7 @@ class BaseModel:
             count = 0
             for batch in batches(gen):
                 n = batch_len(batch)
-                with autocast(device):
+                with autocast(device) if self.AUTOCAST else contextlib.nullcontext():
                     value = loss(batch)
                 opt.zero_grad(set_to_none=True)
                 value.backward()

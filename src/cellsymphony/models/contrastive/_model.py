@@ -18,103 +18,18 @@ from ..._settings import logger, resolve_device
 from ..._validate import check_choice, get_modality, get_rep, is_mudata, resolve_rep
 from .._base import BaseModel, deprecated_layout, seeded, standardization
 from .._config import ModelConfig
+from ._data import paired_inputs
+from ._metrics import RECALL_KS, retrieval_recall
 from ._module import ContrastiveModule, info_nce
+
+__all__ = ["ContrastiveAligner", "ContrastiveConfig", "paired_inputs", "retrieval_recall"]
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
 FORMAT = "cellsymphony.ContrastiveAligner"
-RECALL_KS = (1, 5, 10)
 MODALITIES = (MOD_RNA, MOD_MORPH)
-
-
-def paired_inputs(mdata: MuData, gene_rep: str | None, morph_rep: str | None) -> dict:
-    """The paired training inputs of a MuData: cells present in both modalities with finite rows.
-
-    Returns a dict with ``obs_names`` (the cells used, in ``rna`` order), ``x_gene``, ``x_morph``
-    (float32), the resolved ``gene_rep`` / ``morph_rep`` and the cell counts ``n_rna``, ``n_morphology``,
-    ``n_paired`` (in both), ``n_nan_rna`` / ``n_nan_morphology`` (paired cells whose row has a NaN or
-    infinite value) and ``n_used``.
-    """
-    if not is_mudata(mdata) or MOD_RNA not in mdata.mod or MOD_MORPH not in mdata.mod:
-        have = sorted(mdata.mod) if is_mudata(mdata) else "an AnnData"
-        raise ValueError(
-            f"Contrastive alignment needs a MuData with modalities 'rna' and 'morphology' (got {have}); "
-            "read the data with cs.io.read_xenium."
-        )
-    rna, morph = mdata.mod[MOD_RNA], mdata.mod[MOD_MORPH]
-    for name, ad in ((MOD_RNA, rna), (MOD_MORPH, morph)):
-        if not ad.obs_names.is_unique:
-            raise ValueError(f"The {name!r} modality has duplicated obs_names: cells are paired by name.")
-    gene_rep, xg = get_rep(mdata, MOD_RNA, gene_rep)
-    morph_rep, xm = get_rep(mdata, MOD_MORPH, morph_rep)
-    common = rna.obs_names[rna.obs_names.isin(morph.obs_names)]
-    if len(common) == 0:
-        raise ValueError(
-            "The 'rna' and 'morphology' modalities have no cell (obs_names) in common, so no pairs to train on: "
-            f"e.g. {list(rna.obs_names[:3])} vs {list(morph.obs_names[:3])}."
-        )
-    gi, mi = rna.obs_names.get_indexer(common), morph.obs_names.get_indexer(common)
-    ok_g = np.isfinite(xg).all(axis=1)[gi]
-    ok_m = np.isfinite(xm).all(axis=1)[mi]
-    ok = ok_g & ok_m
-    info = {
-        "gene_rep": gene_rep,
-        "morph_rep": morph_rep,
-        "n_rna": int(rna.n_obs),
-        "n_morphology": int(morph.n_obs),
-        "n_paired": int(len(common)),
-        "n_nan_rna": int((~ok_g).sum()),
-        "n_nan_morphology": int((~ok_m).sum()),
-        "n_used": int(ok.sum()),
-    }
-    if len(common) < rna.n_obs or len(common) < morph.n_obs:
-        logger.warning(
-            "pairing cells by obs_names: %d of %d rna and %d of %d morphology cells are in both modalities",
-            len(common), rna.n_obs, len(common), morph.n_obs,
-        )  # fmt: skip
-    if (~ok).any():
-        logger.warning(
-            "leaving out %d paired cells with NaN/inf rows (%d in %r, %d in %r); their outputs will be NaN",
-            int((~ok).sum()), info["n_nan_rna"], gene_rep, info["n_nan_morphology"], morph_rep,
-        )  # fmt: skip
-    info.update(obs_names=common[ok], x_gene=_take_rows(xg, gi[ok]), x_morph=_take_rows(xm, mi[ok]))
-    return info
-
-
-def _take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``x[rows]`` as a C-contiguous array, without a copy when ``rows`` is every row in order."""
-    if len(rows) == len(x) and (rows == np.arange(len(x))).all():
-        return np.ascontiguousarray(x)
-    return np.ascontiguousarray(x[rows])
-
-
-@torch.no_grad()
-def retrieval_recall(
-    z_a: torch.Tensor, z_b: torch.Tensor, ks=RECALL_KS, chunk: int = 4096
-) -> dict[int, float]:
-    """Recall@k of retrieving row ``i`` of ``z_b`` from row ``i`` of ``z_a`` by cosine similarity.
-
-    With ``g`` candidates scoring strictly higher than the true partner and ``t`` scoring the same
-    (the partner included), the partner's chance of being in the top ``k`` under random tie-breaking
-    is ``clip((k - g) / t, 0, 1)``; recall@k is its mean over the rows. Ties thus count at chance
-    (a collapsed projection scores ``k / n``), never as hits. Computed in chunks of rows so memory
-    stays ``chunk * n``.
-    """
-    n = z_a.shape[0]
-    greater, tied = [], []
-    for s in range(0, n, chunk):
-        sims = z_a[s : s + chunk] @ z_b.T
-        rows = torch.arange(sims.shape[0], device=sims.device)
-        true = sims[rows, rows + s][:, None]
-        greater.append((sims > true).sum(dim=1))
-        tied.append((sims == true).sum(dim=1))
-    if not n:
-        return {k: float("nan") for k in ks}
-    g = torch.cat(greater).cpu().numpy().astype(np.float64)
-    t = torch.cat(tied).cpu().numpy().astype(np.float64)
-    return {k: float(np.clip((k - g) / t, 0, 1).mean()) for k in ks}
 
 
 RETRIEVAL_CELLS = 10_000  # held-out cells among which retrieval is scored (a fixed candidate pool)
@@ -169,6 +84,8 @@ class ContrastiveAligner(BaseModel):
     CONFIG_CLASS = ContrastiveConfig
     TRAINER = "cs.tl.align_contrastive"
     HISTORY_COLUMNS = ("epoch", "train_loss", "test_loss", "temperature")
+    # float32 steps: the InfoNCE logits (cosines / 0.07) lose their ranking in bf16, and the heads are small
+    AUTOCAST = False
 
     def __init__(
         self,

@@ -172,21 +172,34 @@ def test_enrichment_heatmap_and_stars(mdata_h5mu):
     assert _ticks(ax.get_xticklabels()) == labels
     mat = np.asarray(ax.images[0].get_array())
     lim = ax.images[0].get_clim()[1]
+    assert lim == pytest.approx(min(4.0, np.abs(table["log2_odds_ratio"]).max()))
+    stars = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
     for r in table.itertuples():
-        v = mat[clusters.index(str(r.cluster)), labels.index(str(r.label))]
-        assert v == pytest.approx(np.clip(r.log2_odds_ratio, -lim, lim))
-    # one star-text per significant cell
-    qcol = next(c for c in table.columns if c in ("q", "qval", "q_value"))
-    assert len(ax.texts) == int((table[qcol] < 0.05).sum())
-    assert {t.get_text() for t in ax.texts} <= {"*", "**", "***"}
+        i, j = clusters.index(str(r.cluster)), labels.index(str(r.label))
+        assert mat[i, j] == pytest.approx(np.clip(r.log2_odds_ratio, -lim, lim))
+        # stars: q < 0.05, < 0.01, < 0.001
+        assert stars.get((i, j), "") == "*" * sum(r.qval < t for t in (0.05, 0.01, 0.001))
+    assert len(stars) == int((table["qval"] < 0.05).sum()) > 0  # the predictions are enriched in their labels
     assert ax.get_ylabel() == "cluster"
 
 
-def test_enrichment_errors(mdata):
+def test_enrichment_obs_exp_and_errors(mdata):
+    table = mdata.uns["cs_pred_enrichment"]
+    ax = cs.pl.enrichment(None, table, value="obs_exp", vmax=3)
+    mat = np.asarray(ax.images[0].get_array())
+    first = table.iloc[0]
+    clusters = sorted(set(table["cluster"].astype(str)))
+    labels = sorted(set(table["label"].astype(str)))
+    i, j = clusters.index(str(first["cluster"])), labels.index(str(first["label"]))
+    with np.errstate(divide="ignore"):
+        assert mat[i, j] == pytest.approx(np.clip(np.log2(first["obs_exp"]), -3, 3))
+    assert ax.images[0].get_clim() == (-3, 3)
     with pytest.raises(ValueError, match="cluster_enrichment"):
         cs.pl.enrichment(mdata, "missing_key")
     with pytest.raises(ValueError, match="value"):
         cs.pl.enrichment(mdata, "cs_pred_enrichment", value="zscore")
+    with pytest.raises(ValueError, match=r"no column \['log2_odds_ratio'\]"):
+        cs.pl.enrichment(None, table.rename(columns={"log2_odds_ratio": "log2_or"}))
 
 
 def test_plots_leave_data_unchanged(mdata):

@@ -340,8 +340,7 @@ def write_report(
             parts.append(f"<h3><code>{html.escape(k)}</code></h3>")
             parts.append(figure(f"enrichment_{_slug(k)}", f"{k}: log2 odds ratio per cluster and label (stars: BH q)",
                                 lambda k=k: pl.enrichment(mdata, k)))  # fmt: skip
-            qcol = next((c for c in tab.columns if str(c).lower() in {"q", "qval", "q_value", "fdr"}), None)
-            shown = tab.sort_values(qcol).head(15) if qcol is not None else tab.head(15)
+            shown = tab.sort_values("qval").head(15)
             parts.append("<p>Most significant pairs:</p>" + _table_html(shown, index=False))
         sections.append(("enrichment", "Cell-type enrichment in clusters", parts))
 

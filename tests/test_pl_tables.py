@@ -232,3 +232,21 @@ def test_wide_view_of_classes_named_like_a_metric():
     assert list(wide.columns) == ["architecture", "sample", "n_test", "p_x P", "p_x R", "p_x F1", "F1 P", "F1 R",
                                   "F1 F1", "macro F1", "weighted F1"]  # fmt: skip
     assert wide.loc["dual | s1", "p_x R"] == 0.25 and wide.loc["dual | s1", "n_test"] == 8
+
+
+def test_metrics_rows_per_section_when_a_record_has_several():
+    """A classifier evaluated on two sections has figures per section and pooled ("all"): one row each."""
+    from cellsymphony.models.classifier._metrics import classification_table
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 90)
+    pred = np.where(rng.random(90) < 0.7, y, rng.integers(0, 3, 90))
+    samples = np.repeat(["s1", "s2"], 45)
+    long = classification_table("dual", y, pred, samples, ["a", "b", "c"])
+    assert sorted(set(long["sample"])) == ["all", "s1", "s2"]
+    ax = cs.pl.metrics(None, long, metrics=("recall",))
+    assert _ticks(ax.get_yticklabels()) == ["dual / s1", "dual / s2", "dual / all"]
+    mat = np.asarray(ax.images[0].get_array())
+    s1 = samples == "s1"
+    expected = [((pred[s1] == k) & (y[s1] == k)).sum() / (y[s1] == k).sum() for k in range(3)]
+    np.testing.assert_allclose(mat[0], expected)

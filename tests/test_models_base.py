@@ -56,24 +56,26 @@ def test_flipped_weights_byte_is_refused_naming_the_file(classifier, tmp_path):
         CellTypeClassifier.load(d)
 
 
-def test_reversed_classes_in_the_config_are_refused(classifier, tmp_path):
-    _, model = classifier
-    d = _saved(model, tmp_path / "m")
+def _edit_config(model, path, **changes):
+    """Save ``model`` and change ``config.json`` entries (``section={"field": value}``, or a value)."""
+    d = _saved(model, path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["state"]["classes"] = cfg["state"]["classes"][::-1]
+    for section, change in changes.items():
+        if isinstance(change, dict) and change:
+            cfg[section].update(change)
+        else:
+            cfg[section] = change
     (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_config_edited_after_saving_is_refused(classifier, tmp_path):
+    _, model = classifier
+    d = _edit_config(model, tmp_path / "a", state={"classes": model.classes[::-1]})
     with pytest.raises(ValueError, match="disagree on 'classes'"):
         CellTypeClassifier.load(d)
-
-
-def test_config_and_weights_of_different_models(classifier, tmp_path):
-    _, model = classifier
-    d = _saved(model, tmp_path / "m")
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["config"]["d_model"] = 64
-    cfg["config"]["dim_feedforward"] = 256
-    cfg["weights"] = {}  # no checksum to catch it first
-    (d / "config.json").write_text(json.dumps(cfg))
+    # config and weights of different models (no checksum to catch it first)
+    d = _edit_config(model, tmp_path / "b", config={"d_model": 64, "dim_feedforward": 256}, weights={})
     with pytest.raises(ValueError, match="does not fit the model described by"):
         CellTypeClassifier.load(d)
 

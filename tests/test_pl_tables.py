@@ -95,7 +95,7 @@ def test_metrics_read_only_the_schema(mdata):
         cs.pl.metrics(mdata, "cs_pred", metrics=("accuracy",))
     # any other layout is refused, naming the columns a metric table has
     wide = pd.DataFrame({"arch": ["dual"], "T cell_precision": [0.5]})
-    with pytest.raises(ValueError, match=r"exactly \['model', 'sample', 'class', 'metric', 'value'\]"):
+    with pytest.raises(ValueError, match=r"neither a metric table \(columns \['model', 'sample', 'class', 'metric', 'value'\]\)"):
         cs.pl.metrics(None, wide)
     with pytest.raises(ValueError, match="has no 'metrics_table'"):
         cs.pl.metrics(mdata, "cs_pred_enrichment")
@@ -232,6 +232,17 @@ def test_wide_view_of_classes_named_like_a_metric():
     assert list(wide.columns) == ["architecture", "sample", "n_test", "p_x P", "p_x R", "p_x F1", "F1 P", "F1 R",
                                   "F1 F1", "macro F1", "weighted F1"]  # fmt: skip
     assert wide.loc["dual | s1", "p_x R"] == 0.25 and wide.loc["dual | s1", "n_test"] == 8
+    # and back, column by column (per-class support is not in the view); two views concatenate
+    from cellsymphony._results import metrics_from_wide
+
+    back = metrics_from_wide(pd.concat([wide, wide.assign(architecture="spatial")]))
+    long = metrics_frame(rows)
+    keep = ~((long["metric"] == "support") & (long["class"] != "all")) & (long["metric"] != "accuracy")
+    expected = long[keep].sort_values(["class", "metric"]).reset_index(drop=True)
+    got = back[back["model"] == "dual"].sort_values(["class", "metric"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected)
+    with pytest.raises(ValueError, match="neither a metric table"):
+        metrics_from_wide(wide.drop(columns="p_x R"))
 
 
 def test_metrics_rows_per_section_when_a_record_has_several():

@@ -89,8 +89,34 @@ def metrics_wide(table: pd.DataFrame, *, model_column: str = "architecture") -> 
         rows.append(row)
     wide = pd.DataFrame(rows)
     wide.index = pd.Index([f"{m} | {s}" for m, s in models], name="run")
-    wide.attrs[METRICS_TABLE] = long
     return wide
+
+
+def metrics_from_wide(wide: pd.DataFrame, *, model_column: str = "architecture") -> pd.DataFrame:
+    """The metric table back from a wide view written by :func:`metrics_wide` (the table
+    ``compare_classifiers`` returns), checking its layout column by column; per-class support is not in
+    the view and so not in the result."""
+    cols = [str(c) for c in wide.columns]
+    head, tail = [model_column, "sample", "n_test"], ["macro F1", "weighted F1"]
+    middle = cols[3:-2]
+    labels = list(WIDE_LABELS.values())
+    classes = [c[: -len(" P")] for c in middle[0::3]]
+    expected = head + [f"{c} {k}" for c in classes for k in labels] + tail
+    if cols != expected:
+        raise ValueError(
+            f"The table is neither a metric table (columns {list(METRIC_COLUMNS)}) nor the wide view "
+            f"compare_classifiers returns ({head} + '<class> P/R/F1' + {tail}); its columns are {cols[:8]}..."
+        )
+    rows = []
+    for r in wide.itertuples(index=False):
+        rec = dict(zip(cols, r, strict=True))
+        m, smp = rec[model_column], rec["sample"]
+        for c in classes:
+            for metric, k in WIDE_LABELS.items():
+                rows.append({"model": m, "sample": smp, "class": c, "metric": metric, "value": rec[f"{c} {k}"]})
+        for metric, k in (("macro_f1", "macro F1"), ("weighted_f1", "weighted F1"), ("support", "n_test")):
+            rows.append({"model": m, "sample": smp, "class": ALL, "metric": metric, "value": rec[k]})
+    return metrics_frame(rows)
 
 
 def metrics_of(data: Any, key: str, producer: str) -> pd.DataFrame:

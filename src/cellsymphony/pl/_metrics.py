@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._results import METRICS_TABLE, WIDE_LABELS, check_metrics_table, metrics_of
+from .._results import METRIC_COLUMNS, WIDE_LABELS, check_metrics_table, metrics_from_wide, metrics_of
 from ._common import finish, new_axes
 
 if TYPE_CHECKING:
@@ -23,10 +23,11 @@ PRODUCERS = "cs.tl.train_classifier or cs.tl.compare_classifiers"
 def metrics_table(mdata: Any, key: str | Sequence[str] | pd.DataFrame) -> pd.DataFrame:
     """The metric table(s) :func:`metrics` draws (columns model, sample, class, metric, value): of the
     ``uns`` records ``key`` (their ``"metrics_table"``), or the table given (a metric table, or the wide
-    table returned by :func:`cellsymphony.tl.compare_classifiers`, which carries it in ``.attrs``)."""
+    table returned by :func:`cellsymphony.tl.compare_classifiers`, read back column by column)."""
     if isinstance(key, pd.DataFrame):
-        table = key.attrs.get(METRICS_TABLE, key)
-        return check_metrics_table(table, "the table given as key")
+        if [str(c) for c in key.columns] == list(METRIC_COLUMNS):
+            return check_metrics_table(key, "the table given as key")
+        return metrics_from_wide(key)
     if isinstance(key, str):
         return metrics_of(mdata, key, PRODUCERS)
     keys = list(key)

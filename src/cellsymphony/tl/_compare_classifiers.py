@@ -109,8 +109,7 @@ def compare_classifiers(
 
     Returns
     -------
-    A flat DataFrame in the layout of the paper's Tables 1-2, a view of the long metric table (which it
-    carries in ``.attrs["metrics_table"]``): one row per architecture x sample (index
+    A flat DataFrame in the layout of the paper's Tables 1-2, a view of the long metric table: one row per architecture x sample (index
     ``"<architecture> | <sample>"``; a row ``"all"`` pools the samples when there are several), columns
     ``architecture``, ``sample``, ``n_test``, then ``"<class> P"``, ``"<class> R"``, ``"<class> F1"`` for
     every class, then ``macro F1`` and ``weighted F1``.

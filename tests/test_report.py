@@ -77,3 +77,7 @@ def test_report_finds_only_recorded_outputs(mdata, tmp_path):
     html = write_report(data, tmp_path, settings_note="x", label_keys=[]).read_text()
     assert "lookalike" not in html
     assert "confusion_cs_pred.png" in html
+    # named anyway, it is listed as not drawn (no metric table), and the rest of the report is written
+    html = write_report(data, tmp_path / "named", settings_note="x", label_keys=[], classifier_keys=["lookalike"]).read_text()
+    problems = html.split('id="problems">Not drawn')[1]
+    assert "classifier summary" in problems and "has no &#x27;metrics_table&#x27;" in problems

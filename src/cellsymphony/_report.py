@@ -235,6 +235,15 @@ def write_report(
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
 
+    def table(name: str, build: Callable[[], pd.DataFrame], **kw) -> str:
+        """A result table as HTML; a record that lacks it goes to "Not drawn" like a figure."""
+        try:
+            return _table_html(build(), **kw)
+        except ValueError as err:
+            problems.append((name, f"{type(err).__name__}: {err}"))
+            logger.warning("report: table %s not written: %s", name, err)
+            return ""
+
     from ._results import metrics_of, metrics_wide, output_keys, retrieval_frame
 
     classifier_keys = list(classifier_keys) if classifier_keys is not None else output_keys(mdata, CLASSIFIER_FN)
@@ -303,13 +312,13 @@ def write_report(
         parts = []
         if comparison_key is not None:
             parts.append(f"<h3>Comparison (<code>uns[{html.escape(comparison_key)!r}]</code>)</h3>")
-            wide = metrics_wide(metrics_of(mdata, comparison_key, "cs.tl.compare_classifiers"))
-            parts.append(_table_html(wide, index=False))
+            parts.append(table("comparison", lambda: metrics_wide(metrics_of(mdata, comparison_key, "cs.tl.compare_classifiers")),
+                               index=False))  # fmt: skip
             parts.append(figure("metrics_comparison", "Per-class precision, recall and F1 of the compared classifiers",
                                 lambda: pl.metrics(mdata, comparison_key)))  # fmt: skip
         if classifier_keys:
             parts.append("<h3>Trained classifiers</h3>")
-            parts.append(_table_html(_classifier_summary(mdata, classifier_keys), index=False))
+            parts.append(table("classifier summary", lambda: _classifier_summary(mdata, classifier_keys), index=False))
             parts.append(figure("metrics", "Per-class precision, recall and F1 on the held-out cells",
                                 lambda: pl.metrics(mdata, classifier_keys)))  # fmt: skip
             for k in classifier_keys:
@@ -320,9 +329,9 @@ def write_report(
     # ---- contrastive
     if contrastive_key is not None:
         parts = []
-        ret = retrieval_frame(metrics_of(mdata, contrastive_key, "cs.tl.align_contrastive"))
-        if len(ret):
-            parts.append("<h3>Held-out retrieval (recall@k, with chance)</h3>" + _table_html(ret, index=not isinstance(ret.index, pd.RangeIndex)))
+        ret = table("retrieval", lambda: retrieval_frame(metrics_of(mdata, contrastive_key, "cs.tl.align_contrastive")))
+        if ret:
+            parts.append("<h3>Held-out retrieval (recall@k, with chance)</h3>" + ret)
         parts.append(figure(f"history_{_slug(contrastive_key)}", "Contrastive training curves", lambda: pl.history(mdata, contrastive_key)))
         color = niche_key if niche_key in label_keys else (label_keys[0] if label_keys else None)
         shown, subsampled = umap_cells(mdata, umap_max_cells)

@@ -1,6 +1,9 @@
-"""A small MuData in the documented layout, with the records the plotting functions read.
+"""Data for the plotting and report tests.
 
-Built by hand (no slow pipeline), so each plotting test knows exactly what the figure must show.
+- :func:`run_producers`: a tiny synthetic section (``cs.datasets``) put through the real producers at tiny
+  sizes (tiny models, 2 epochs), so the plots and the report read exactly what the producers write;
+- :func:`make_mdata`: a hand-built section with a known H&E geometry (registration, warped image) for the
+  spatial maps, and the nucleus-label matches of :func:`add_matches`.
 """
 
 from __future__ import annotations
@@ -101,59 +104,8 @@ def make_mdata(tmpdir: str | Path, *, n: int = 240, seed: int = 0, he: bool = Tr
         },
         "latest": {"rna": "X_scgpt", "morphology": "X_uni2"},
     }
-    add_classifier(mdata, "cs_pred", truth, rng, accuracy=0.8, arch="dual")
-    add_classifier(mdata, "cs_pred_unimodal", truth, rng, accuracy=0.6, arch="unimodal")
-    add_enrichment(mdata)
     add_matches(mdata, rng)
     return mdata
-
-
-def add_classifier(mdata, key, truth, rng, *, accuracy, arch):
-    """Predictions, split and a record as :func:`cs.tl.train_classifier` writes them (metrics from sklearn)."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    n = len(truth)
-    pred = truth.copy()
-    wrong = rng.random(n) > accuracy
-    pred[wrong] = np.array(CLASSES)[rng.integers(0, len(CLASSES), wrong.sum())]
-    split = np.where(np.arange(n) % 5 == 0, "test", "train")
-    mdata.obs[key] = pd.Categorical(pred, categories=CLASSES)
-    mdata.obs[f"{key}_split"] = pd.Categorical(split)
-    t = split == "test"
-    p, r, f, s = precision_recall_fscore_support(truth[t], pred[t], labels=CLASSES, zero_division=0)
-    epochs = 6
-    mdata.uns[key] = {
-        "params": {"label_key": "cell_type", "arch": arch, "epochs": epochs},
-        "classes": np.array(CLASSES),
-        "history": {
-            "train_loss": np.linspace(1.4, 0.3, epochs),
-            "test_loss": np.linspace(1.5, 0.6, epochs),
-            "macro_f1": np.linspace(0.3, f.mean(), epochs),
-        },
-        "metrics": {
-            "precision": p,
-            "recall": r,
-            "f1": f,
-            "support": s.astype(np.int64),
-            "macro_f1": float(f.mean()),
-            "confusion": confusion_matrix(truth[t], pred[t], labels=CLASSES),
-        },
-    }
-
-
-def add_enrichment(mdata):
-    """A long cluster x label table as :func:`cs.tl.cluster_enrichment` returns it."""
-    rows = []
-    for k, cl in enumerate(["0", "1", "2", "10"]):
-        for j, lab in enumerate(CLASSES):
-            lo = 2.0 if j == k % len(CLASSES) else -1.0
-            if cl == "10" and lab == "tumour":
-                lo = np.inf
-            rows.append(
-                {"cluster": cl, "label": lab, "count": 10 + j, "obs_exp": 2.0**lo if np.isfinite(lo) else 8.0,
-                 "log2_odds": lo, "p": 1e-4 if lo > 0 else 0.9, "q": 1e-3 * (1 + k) if lo > 0 else 1.0}
-            )  # fmt: skip
-    mdata.uns["cs_niche_enrichment"] = pd.DataFrame(rows)
 
 
 def add_matches(mdata, rng, *, offsets: bool = True):
@@ -185,3 +137,40 @@ def add_matches(mdata, rng, *, offsets: bool = True):
             }
         },
     }
+
+
+TINY_CLASSIFIER = {"d_model": 16, "n_layers": 1, "n_heads": 2, "epochs": 2, "lr": 3e-3}
+LABEL_KEY = "he_label"
+
+
+def run_producers(tmpdir: str | Path):
+    """A 300-cell synthetic section through the real producers: reading, handcrafted morphology and tiny
+    scGPT embeddings, H&E nucleus labels, a classifier comparison (``cs_compare``), two trained classifiers
+    (``cs_pred``: dual, ``cs_pred_unimodal``), a contrastive alignment, a cluster enrichment and a spatial
+    coherence table; the MuData is written to and read back from ``.h5mu``, as users have it."""
+    import mudata as md
+    import torch
+
+    import cellsymphony as cs
+
+    torch.set_num_threads(1)
+    tmpdir = Path(tmpdir)
+    progress, cs.settings.progress = cs.settings.progress, False
+    try:
+        bundle = cs.datasets.synthetic_xenium(tmpdir / "xenium", n_cells=300, seed=0)
+        mdata = cs.io.read_xenium(bundle)
+        cs.pp.embed_morphology(mdata, model="handcrafted")
+        ckpt = cs.datasets.tiny_scgpt_checkpoint(tmpdir / "scgpt", list(mdata["rna"].var_names), seed=0)
+        cs.pp.embed_expression(mdata, model_dir=ckpt, seed=0)
+        cs.pp.transfer_nucleus_labels(mdata, bundle / "he_nuclei.csv", x="x", y="y", label="class")
+        cs.tl.compare_classifiers(mdata, LABEL_KEY, archs=("unimodal", "dual"), key_added="cs_compare", **TINY_CLASSIFIER)
+        cs.tl.train_classifier(mdata, LABEL_KEY, arch="dual", **TINY_CLASSIFIER)
+        cs.tl.train_classifier(mdata, LABEL_KEY, arch="unimodal", key_added="cs_pred_unimodal", **TINY_CLASSIFIER)
+        cs.tl.align_contrastive(mdata, epochs=2, dim=8, hidden=16)
+        cs.tl.cluster_enrichment(mdata, "cs_pred", LABEL_KEY, key_added="cs_pred_enrichment")
+        cs.tl.spatial_coherence(mdata, "cs_pred", n_perms=20, key_added="cs_pred_coherence")
+    finally:
+        cs.settings.progress = progress
+    path = tmpdir / "produced.h5mu"
+    mdata.write(path)
+    return mdata, md.read_h5mu(path)

@@ -16,3 +16,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test files not found at {SHARED_DATA} (a plain clone has no ../shared)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def produced(tmp_path_factory):
+    """``(mdata, mdata read back from .h5mu)``: a tiny synthetic section through the real producers
+    (``_pl_data.run_producers``), shared by the plotting and report tests."""
+    from _pl_data import run_producers
+
+    return run_producers(tmp_path_factory.mktemp("produced"))

@@ -408,10 +408,22 @@ def test_save_load_predict(tmp_path):
     d = model.save(tmp_path / "clf")
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["classes"] == list(CLASSES)
-    assert (cfg["gene_dim"], cfg["morph_dim"]) == (16, 24)
-    assert (cfg["gene_rep"], cfg["morph_rep"]) == ("X_scgpt", "X_uni2")
+    assert (cfg["format"], cfg["format_version"]) == ("cellsymphony.CellTypeClassifier", 2)
+    state = cfg["state"]
+    assert state["classes"] == list(CLASSES)
+    assert (state["gene_dim"], state["morph_dim"]) == (16, 24)
+    assert (state["gene_rep"], state["morph_rep"]) == ("X_scgpt", "X_uni2")
+    assert cfg["config"]["arch"] == "multi_input" and cfg["config"]["d_model"] == 32
     assert cfg["cellsymphony_version"] == cs.__version__
+    # the provenance of each input representation, and the checksum of the weights file
+    assert cfg["inputs"]["rna"]["key"] == "X_scgpt" and cfg["inputs"]["rna"]["dim"] == 16
+    assert cfg["inputs"]["morphology"]["key"] == "X_uni2" and cfg["inputs"]["morphology"]["dim"] == 24
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+    assert cfg["weights"] == {"model.safetensors": digest}
+    assert cfg["fit_params"]["epochs"] == 2 and cfg["fit_params"]["label_key"] == "cell_type"
+    assert len(cfg["history"]["train_loss"]) == 2
     with pytest.raises(FileExistsError, match="overwrite=True"):
         model.save(d)
     model.save(d, overwrite=True)

@@ -243,14 +243,16 @@ def test_report_umap_uses_a_fixed_random_subsample(tmp_path, monkeypatch):
     assert "400 of the 1,500 cells" in caption
     assert umap_cells(mdata, 5000) == (mdata, "")
     mdata.uns["X_cs_contrastive"] = {"retrieval": pd.DataFrame({"k": [1], "chance": [0.001]})}
-    write_report(mdata, tmp_path, settings_note="test", umap_max_cells=400, label_keys=["cell_type"])
+    write_report(mdata, tmp_path, settings_note="test", umap_max_cells=400, label_keys=["cell_type"],
+                 contrastive_key="X_cs_contrastive")  # a hand-made record: named, as the outputs record lacks it
     html = (tmp_path / "report.html").read_text()
     assert html.count("400 of the 1,500 cells, drawn at random (seed 0)") == 4  # alt text and caption, 2 figures
     assert (tmp_path / "figures" / "umap_X_cs_contrastive_morphology.png").exists()
     assert [g[0] for g in given] == [400, 400] and {g[2] for g in given} == {"rna", "morphology"}
     assert given[0][1] == list(view.obs_names[:5])  # the same cells in every figure and run
     given.clear()
-    write_report(mdata, tmp_path / "all", settings_note="test", umap_max_cells=None, label_keys=["cell_type"])
+    write_report(mdata, tmp_path / "all", settings_note="test", umap_max_cells=None, label_keys=["cell_type"],
+                 contrastive_key="X_cs_contrastive")
     assert [g[0] for g in given] == [1500, 1500]
 
 

@@ -1,32 +1,19 @@
-"""write_report: the figures and tables it writes, found from the layout of uns."""
+"""write_report: the figures and tables it writes, found from the outputs record of uns["cellsymphony"]."""
 
 from __future__ import annotations
 
 import re
 
 import numpy as np
-import pandas as pd
 import pytest
-from _pl_data import CLASSES, make_mdata
 
-import cellsymphony as cs
 from cellsymphony._report import write_report
 
 
 @pytest.fixture(scope="module")
-def mdata(tmp_path_factory):
-    data = make_mdata(tmp_path_factory.mktemp("report"), he=hasattr(cs.io, "read_he"))
-    # a comparison table in the layout of cs.tl.compare_classifiers (dict with "table", "<class> P" columns)
-    rows = []
-    for arch, key in (("dual", "cs_pred"), ("unimodal", "cs_pred_unimodal")):
-        m = data.uns[key]["metrics"]
-        row = {"architecture": arch, "sample": "s1", "n_test": 48}
-        for i, c in enumerate(CLASSES):
-            row.update({f"{c} P": m["precision"][i], f"{c} R": m["recall"][i], f"{c} F1": m["f1"][i]})
-        row["macro F1"] = float(np.mean(m["f1"]))
-        rows.append(row)
-    data.uns["cs_compare"] = {"table": pd.DataFrame(rows), "params": {"label_key": "cell_type"}}
-    return data
+def mdata(produced):
+    """The real producers' output read back from .h5mu (tests/_pl_data.run_producers)."""
+    return produced[1]
 
 
 def test_report_writes_figures_and_tables(mdata, tmp_path):
@@ -35,16 +22,23 @@ def test_report_writes_figures_and_tables(mdata, tmp_path):
     html = path.read_text()
     figs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
     expected = {"metrics.png", "metrics_comparison.png", "confusion_cs_pred.png", "history_cs_pred.png",
-                "enrichment_cs_niche_enrichment.png", "registration_he_label.png", "spatial_cell_type.png"}  # fmt: skip
+                "confusion_cs_pred_unimodal.png", "history_X_cs_contrastive.png",
+                "enrichment_cs_pred_enrichment.png", "registration_he_label.png", "spatial_he_label.png"}  # fmt: skip
     assert expected <= set(figs), figs
     # every figure is linked from the page, and every linked figure exists
     linked = set(re.findall(r'src="figures/([^"]+)"', html))
     assert linked == set(figs)
-    # the tables: comparison (with its columns), enrichment rows, registration statistics, timings, settings
-    assert "tumour F1" in html
-    assert "unimodal" in html
-    assert "samples.s1.median_um" in html
-    assert f"{mdata.uns['he_label']['samples']['s1']['median_um']:.3f}" in html
+    # the tables: comparison (the wide view of its metric table), classifier summaries, retrieval, enrichment,
+    # registration statistics, coherence, timings, settings
+    classes = list(mdata.uns["cs_compare"]["table"].filter(like=" F1").columns)
+    assert classes and all(c in html for c in classes)
+    assert "logistic" in html and "unimodal" in html
+    macro = mdata.uns["cs_pred"]["metrics"]["macro_f1"]
+    assert f"{macro:.3f}" in html.split('id="classifiers"')[1]
+    assert "recall@10" in html and "rna_to_morphology" in html
+    assert "samples.synthetic.median_um" in html
+    assert f"{mdata.uns['he_label']['samples']['synthetic']['median_um']:.3f}" in html
+    assert "Spatial coherence of clusters" in html
     assert "<th>total</th>" in html
     assert "4.000" in html  # total seconds
     assert "Settings that differ from the paper" in html
@@ -54,6 +48,7 @@ def test_report_writes_figures_and_tables(mdata, tmp_path):
 
 def test_report_lists_what_could_not_be_drawn(mdata, tmp_path):
     data = mdata.copy()
+    data.uns["cs_pred"] = dict(data.uns["cs_pred"])
     del data.uns["cs_pred"]["history"]
     path = write_report(data, tmp_path, settings_note="demo sizes", classifier_keys=["cs_pred"])
     html = path.read_text()
@@ -65,14 +60,24 @@ def test_report_lists_what_could_not_be_drawn(mdata, tmp_path):
 
 def test_report_settings_as_nested_mapping_and_coherence(mdata, tmp_path):
     data = mdata.copy()
-    data.uns["cs_niche_coherence"] = pd.DataFrame(
-        {"n_cells": [10, 20], "observed": [0.8, 0.6], "null_mean": [0.3, 0.3], "null_sd": [0.05, 0.05], "z": [10.0, 6.0], "pval": [0.005, 0.005]},
-        index=pd.Index(["0", "overall"], name="cluster"),
-    )
     note = {"classifier size": {"demo": "d_model 64", "paper": "d_model 512"}}
     html = write_report(data, tmp_path, settings_note=note, label_keys=[]).read_text()
     settings = html.split('id="settings">')[1]
     assert "<th>demo</th>" in settings and "<th>paper</th>" in settings
     assert "<td>d_model 512</td>" in settings
     assert "Spatial coherence of clusters" in html
-    assert "<th>overall</th>" in html
+    coherence = data.uns["cs_pred_coherence"]["table"]  # the getters' storage shape
+    assert all(f"<th>{c}</th>" in html for c in coherence.index.astype(str))
+
+
+def test_report_finds_only_recorded_outputs(mdata, tmp_path):
+    """A record of the classifier layout not written by a producer is not taken for one."""
+    data = mdata.copy()
+    data.uns["lookalike"] = {"metrics": {"precision": np.array([0.5])}, "classes": np.array(["a"])}
+    html = write_report(data, tmp_path, settings_note="x", label_keys=[]).read_text()
+    assert "lookalike" not in html
+    assert "confusion_cs_pred.png" in html
+    # named anyway, it is listed as not drawn (no metric table), and the rest of the report is written
+    html = write_report(data, tmp_path / "named", settings_note="x", label_keys=[], classifier_keys=["lookalike"]).read_text()
+    problems = html.split('id="problems">Not drawn')[1]
+    assert "classifier summary" in problems and "has no &#x27;metrics_table&#x27;" in problems

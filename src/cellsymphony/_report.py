@@ -2,8 +2,10 @@
 
 ``write_report(mdata, out_dir, settings_note=...)`` writes ``out_dir/figures/*.png`` and
 ``out_dir/report.html`` (figures linked by relative path, so the folder can be moved or zipped).
-Which records to show is found from the layout of ``uns`` (classifier records with ``metrics``,
-contrastive records with ``retrieval``, enrichment tables, registration QC); each can also be named.
+Which records to show is read from ``uns["cellsymphony"]["outputs"]``, where each producer records the
+keys it wrote (classifiers, comparisons, contrastive alignments, enrichment and coherence tables, nucleus-label
+transfers); each can also be named. Metrics are read from the producers' metric tables
+(:mod:`cellsymphony._results`).
 """
 
 from __future__ import annotations
@@ -36,68 +38,13 @@ nav a{margin-right:1em}
 
 
 # ------------------------------------------------------------------------------------------- discovery
-def _is_classifier(v: Any) -> bool:
-    return isinstance(v, Mapping) and "metrics" in v and "classes" in v
-
-
-def _is_contrastive(v: Any) -> bool:
-    return isinstance(v, Mapping) and "retrieval" in v
-
-
-def _is_enrichment(v: Any) -> bool:
-    if isinstance(v, Mapping) and isinstance(v.get("table"), pd.DataFrame):
-        v = v["table"]  # the getters' storage shape
-    if not isinstance(v, pd.DataFrame):
-        return False
-    cols = {str(c).lower() for c in v.columns}
-    return "cluster" in cols and "label" in cols and bool(cols & {"log2_odds_ratio", "log2_odds", "obs_exp"})
-
-
-def _comparison_table(v: Any) -> pd.DataFrame | None:
-    """The compare_classifiers table of an uns entry (the DataFrame, or the dict holding it under ``table``)."""
-    if isinstance(v, Mapping) and isinstance(v.get("table"), pd.DataFrame):
-        return v["table"]
-    return v if isinstance(v, pd.DataFrame) else None
-
-
-def _is_comparison(v: Any) -> bool:
-    v = _comparison_table(v)
-    if v is None or _is_enrichment(v):
-        return False
-    from .pl._common import comparison_long
-
-    try:
-        return not comparison_long(v).empty
-    except ValueError:
-        return False
-
-
-def _is_coherence(v: Any) -> bool:
-    if isinstance(v, Mapping) and isinstance(v.get("table"), pd.DataFrame):
-        v = v["table"]  # the getters' storage shape
-    return isinstance(v, pd.DataFrame) and {"observed", "null_mean", "z"} <= {str(c) for c in v.columns}
-
-
-def _is_registration(v: Any) -> bool:
-    if not isinstance(v, Mapping):
-        return False
-    from .pl._registration import _DX, _col
-
-    for sub in ("matches", "pairs", "matched"):
-        tab = v.get(sub)
-        if isinstance(tab, pd.DataFrame) and _col(tab, _DX) is not None:
-            return True
-    per = v.get("samples")
-    return isinstance(per, Mapping) and any(isinstance(e, Mapping) and "median_um" in e for e in per.values())
-
-
-def _uns_items(mdata: Any) -> list[tuple[str, Any]]:
-    items = [(str(k), v) for k, v in mdata.uns.items() if k != UNS_KEY]
-    return items
-
-
-def _find(mdata: Any, pred: Callable[[Any], bool]) -> list[str]:
-    return [k for k, v in _uns_items(mdata) if pred(v)]
+# the function names producers record in uns["cellsymphony"]["outputs"]
+CLASSIFIER_FN = "tl.train_classifier"
+COMPARISON_FN = "tl.compare_classifiers"
+CONTRASTIVE_FN = "tl.align_contrastive"
+ENRICHMENT_FN = "tl.cluster_enrichment"
+COHERENCE_FN = "tl.spatial_coherence"
+TRANSFER_FN = "pp.transfer_nucleus_labels"
 
 
 def _label_columns(mdata: Any, exclude: Sequence[str]) -> list[str]:
@@ -149,26 +96,23 @@ def _scalars(d: Mapping, prefix: str = "") -> dict[str, Any]:
 
 
 def _classifier_summary(mdata: Any, keys: Sequence[str]) -> pd.DataFrame:
-    from .pl._common import per_class_long
+    """One row per classifier: architecture, labels, the summary metrics and per-class F1, from its metric
+    table (the pooled figures, sample ``"all"``, where it has several sections)."""
+    from ._results import ALL, metrics_of
 
     rows = []
     for k in keys:
-        rec = mdata.uns[k]
-        params = rec.get("params", {})
-        met = rec.get("metrics", {})
+        params = mdata.uns[k].get("params", {})
+        long = metrics_of(mdata, k, "cs.tl.train_classifier")
+        sample = ALL if (long["sample"] == ALL).any() else long["sample"].iloc[0]
+        long = long[long["sample"] == sample]
         row = {"classifier": k, "arch": str(params.get("arch", "")), "labels": str(params.get("label_key", ""))}
+        summary = long[long["class"] == ALL].set_index("metric")["value"]
         for name in ("macro_f1", "weighted_f1", "accuracy"):
-            if isinstance(met, Mapping) and np.ndim(met.get(name, np.nan)) == 0 and name in met:
-                row[name] = float(met[name])
-        try:
-            long = per_class_long(met, rec.get("classes"))
-            f1 = long[long["metric"] == "f1"]
-            if "macro_f1" not in row and len(f1):
-                row["macro_f1"] = float(f1["value"].mean())
-            for _, r in f1.iterrows():
-                row[f"F1 {r['class']}"] = float(r["value"])
-        except ValueError:
-            pass
+            if name in summary:
+                row[name] = float(summary[name])
+        for _, r in long[(long["metric"] == "f1") & (long["class"] != ALL)].iterrows():
+            row[f"F1 {r['class']}"] = float(r["value"])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -218,16 +162,18 @@ def write_report(
     timings
         Seconds per pipeline step; default ``mdata.uns["cellsymphony"]["timings"]`` where present.
     classifier_keys
-        ``uns`` keys of classifier records; default every record with ``metrics`` and ``classes``.
+        ``uns`` keys of classifier records; default every key :func:`cellsymphony.tl.train_classifier`
+        recorded in ``uns["cellsymphony"]["outputs"]``.
     comparison_key
-        ``uns`` key of the :func:`cellsymphony.tl.compare_classifiers` table; default the first table
-        that reads as one.
+        ``uns`` key of a :func:`cellsymphony.tl.compare_classifiers` record; default the first recorded.
     contrastive_key
-        ``uns`` key of the contrastive record; default ``"X_cs_contrastive"`` or the first with ``retrieval``.
+        ``uns`` key of the contrastive record; default ``"X_cs_contrastive"`` or the first recorded by
+        :func:`cellsymphony.tl.align_contrastive`.
     enrichment_keys
-        ``uns`` keys of enrichment tables; default every cluster x label table.
+        ``uns`` keys of enrichment tables; default every key recorded by :func:`cellsymphony.tl.cluster_enrichment`.
     registration_key
-        ``uns`` key of the nucleus-label transfer with matches; default the first found. An automatic
+        ``uns`` key of a nucleus-label transfer; default the first recorded by
+        :func:`cellsymphony.pp.transfer_nucleus_labels`. An automatic
         registration (``uns["he_registration"]``, :meth:`cellsymphony.io.Registration.apply`) has its own
         section: the QC per sample and :func:`cellsymphony.pl.registration`'s figure.
     label_keys
@@ -289,16 +235,27 @@ def write_report(
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
 
-    classifier_keys = list(classifier_keys) if classifier_keys is not None else _find(mdata, _is_classifier)
+    def table(name: str, build: Callable[[], pd.DataFrame], **kw) -> str:
+        """A result table as HTML; a record that lacks it goes to "Not drawn" like a figure."""
+        try:
+            return _table_html(build(), **kw)
+        except ValueError as err:
+            problems.append((name, f"{type(err).__name__}: {err}"))
+            logger.warning("report: table %s not written: %s", name, err)
+            return ""
+
+    from ._results import metrics_of, metrics_wide, output_keys, retrieval_frame
+
+    classifier_keys = list(classifier_keys) if classifier_keys is not None else output_keys(mdata, CLASSIFIER_FN)
     if comparison_key is None:
-        found = _find(mdata, _is_comparison)
+        found = output_keys(mdata, COMPARISON_FN)
         comparison_key = found[0] if found else None
     if contrastive_key is None:
-        found = _find(mdata, _is_contrastive)
+        found = output_keys(mdata, CONTRASTIVE_FN)
         contrastive_key = CONTRASTIVE_KEY if CONTRASTIVE_KEY in found else (found[0] if found else None)
-    enrichment_keys = list(enrichment_keys) if enrichment_keys is not None else _find(mdata, _is_enrichment)
+    enrichment_keys = list(enrichment_keys) if enrichment_keys is not None else output_keys(mdata, ENRICHMENT_FN)
     if registration_key is None:
-        found = [k for k in _find(mdata, _is_registration) if k != REGISTRATION_KEY]  # that one has its own section
+        found = [k for k in output_keys(mdata, TRANSFER_FN) if k != REGISTRATION_KEY]  # that one has its own section
         registration_key = found[0] if found else None
     label_keys = list(label_keys) if label_keys is not None else _label_columns(mdata, exclude=())
     # cs.tl.niches writes its label on the modality: mdata.obs shows it as "<mod>:<niche_key>"
@@ -357,12 +314,13 @@ def write_report(
         parts = []
         if comparison_key is not None:
             parts.append(f"<h3>Comparison (<code>uns[{html.escape(comparison_key)!r}]</code>)</h3>")
-            parts.append(_table_html(_comparison_table(mdata.uns[comparison_key]), index=False))
+            parts.append(table("comparison", lambda: metrics_wide(metrics_of(mdata, comparison_key, "cs.tl.compare_classifiers")),
+                               index=False))  # fmt: skip
             parts.append(figure("metrics_comparison", "Per-class precision, recall and F1 of the compared classifiers",
                                 lambda: pl.metrics(mdata, comparison_key)))  # fmt: skip
         if classifier_keys:
             parts.append("<h3>Trained classifiers</h3>")
-            parts.append(_table_html(_classifier_summary(mdata, classifier_keys), index=False))
+            parts.append(table("classifier summary", lambda: _classifier_summary(mdata, classifier_keys), index=False))
             parts.append(figure("metrics", "Per-class precision, recall and F1 on the held-out cells",
                                 lambda: pl.metrics(mdata, classifier_keys)))  # fmt: skip
             for k in classifier_keys:
@@ -372,11 +330,10 @@ def write_report(
 
     # ---- contrastive
     if contrastive_key is not None:
-        rec = mdata.uns[contrastive_key]
         parts = []
-        ret = rec.get("retrieval")
-        if isinstance(ret, pd.DataFrame):
-            parts.append("<h3>Held-out retrieval (recall@k, with chance)</h3>" + _table_html(ret, index=not isinstance(ret.index, pd.RangeIndex)))
+        ret = table("retrieval", lambda: retrieval_frame(metrics_of(mdata, contrastive_key, "cs.tl.align_contrastive")))
+        if ret:
+            parts.append("<h3>Held-out retrieval (recall@k, with chance)</h3>" + ret)
         parts.append(figure(f"history_{_slug(contrastive_key)}", "Contrastive training curves", lambda: pl.history(mdata, contrastive_key)))
         color = niche_key if niche_key in label_keys else (label_keys[0] if label_keys else None)
         shown, subsampled = umap_cells(mdata, umap_max_cells)
@@ -394,13 +351,12 @@ def write_report(
             parts.append(f"<h3><code>{html.escape(k)}</code></h3>")
             parts.append(figure(f"enrichment_{_slug(k)}", f"{k}: log2 odds ratio per cluster and label (stars: BH q)",
                                 lambda k=k: pl.enrichment(mdata, k)))  # fmt: skip
-            qcol = next((c for c in tab.columns if str(c).lower() in {"q", "qval", "q_value", "fdr"}), None)
-            shown = tab.sort_values(qcol).head(15) if qcol is not None else tab.head(15)
+            shown = tab.sort_values("qval").head(15)
             parts.append("<p>Most significant pairs:</p>" + _table_html(shown, index=False))
         sections.append(("enrichment", "Cell-type enrichment in clusters", parts))
 
     # ---- spatial coherence
-    coherence = _find(mdata, _is_coherence)
+    coherence = output_keys(mdata, COHERENCE_FN)
     if coherence:
         parts = []
         for k in coherence:

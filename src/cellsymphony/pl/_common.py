@@ -1,4 +1,6 @@
-"""Helpers shared by the plotting functions: saving/showing, colours, reading tables out of ``uns``."""
+"""Helpers shared by the plotting functions: saving/showing, colours, reading records out of ``uns``.
+
+Metric tables are read by :func:`cellsymphony._results.metrics_of`, in the one schema their producers write."""
 
 from __future__ import annotations
 
@@ -7,9 +9,6 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
-import pandas as pd
 
 from .._settings import logger
 
@@ -111,173 +110,6 @@ def uns_entry(mdata: Any, key: str, producer: str) -> Any:
         f"uns has no entry {key!r}: run {producer} first (with key_added={key!r}); "
         f"uns has {sorted(map(str, mdata.uns))}."
     )
-
-
-def as_frame(obj: Any) -> pd.DataFrame:
-    """A DataFrame from a DataFrame, a dict of equal-length columns, or a 2-d array."""
-    if isinstance(obj, pd.DataFrame):
-        return obj.copy()
-    if isinstance(obj, Mapping):
-        cols = {k: np.asarray(v) for k, v in obj.items()}
-        lengths = {v.shape[0] for v in cols.values() if v.ndim == 1}
-        if len(lengths) == 1:
-            return pd.DataFrame({k: v for k, v in cols.items() if v.ndim == 1})
-    raise ValueError(f"Expected a table (DataFrame or dict of columns), got {type(obj).__name__}.")
-
-
-# ---------------------------------------------------------------------------------------------
-# classifier metrics: every layout a metrics record can come in, normalised to one long table
-METRIC_NAMES = {
-    "precision": "precision",
-    "p": "precision",
-    "prec": "precision",
-    "recall": "recall",
-    "r": "recall",
-    "rec": "recall",
-    "f1": "f1",
-    "f1-score": "f1",
-    "f1_score": "f1",
-    "f": "f1",
-    "support": "support",
-}
-METRIC_LABELS = {"precision": "P", "recall": "R", "f1": "F1", "support": "n"}
-_SUMMARY_ROWS = {"macro avg", "weighted avg", "micro avg", "accuracy", "macro", "weighted", "micro", "avg"}
-
-
-def _metric_of(token: str) -> str | None:
-    return METRIC_NAMES.get(token.strip().lower())
-
-
-def split_metric_column(col: str) -> tuple[str, str] | None:
-    """``"T cell_precision"`` / ``"precision_T cell"`` / ``"T cell P"`` / ``"f1:B cell"`` -> (class, metric)."""
-    col = str(col)
-    seps = [sep for sep in ("|", ":", "/", "__", "_", " ", ".") if sep in col]
-    # a metric suffix under any separator first (compare_classifiers' "<class> P"), then a prefix, so
-    # that a class such as "p_x" in "p_x F1" is not read as "precision" of "x F1"
-    for sep in seps:
-        head, _, tail = col.rpartition(sep)
-        if head and _metric_of(tail):
-            return head.strip(), _metric_of(tail)
-    for sep in seps:
-        head, _, tail = col.partition(sep)
-        if tail and _metric_of(head):
-            return tail.strip(), _metric_of(head)
-    return None
-
-
-def per_class_long(metrics: Any, classes: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per-class metrics of one classifier as a long table with columns class, metric, value.
-
-    Accepts a DataFrame indexed by class with metric columns (as ``sklearn``'s
-    ``classification_report(output_dict=True)`` transposed), a long table (class, metric, value),
-    a dict of per-class arrays (``precision``, ``recall``, ``f1``, optional ``support`` and
-    ``classes``), a dict holding such a table under ``per_class``, or a dict class -> dict of metrics.
-    """
-    if isinstance(metrics, Mapping):
-        for sub in ("per_class", "per_class_metrics", "table", "report"):
-            if sub in metrics:
-                return per_class_long(metrics[sub], metrics.get("classes", classes))
-        keyed = {k: v for k, v in metrics.items() if _metric_of(str(k))}
-        arrays = {_metric_of(k): np.asarray(v) for k, v in keyed.items() if np.ndim(v) == 1}
-        if arrays:
-            cls = metrics.get("classes", metrics.get("class", classes))
-            if cls is None:
-                raise ValueError("The metrics record has per-class arrays but no class names.")
-            cls = [str(c) for c in np.asarray(cls)]
-            rows = [
-                {"class": c, "metric": m, "value": float(v[i])}
-                for m, v in arrays.items()
-                for i, c in enumerate(cls)
-                if i < len(v)
-            ]
-            return pd.DataFrame(rows)
-        nested = {k: v for k, v in metrics.items() if isinstance(v, Mapping)}
-        if nested:
-            rows = [
-                {"class": str(c), "metric": _metric_of(m), "value": float(v)}
-                for c, d in nested.items()
-                if str(c).lower() not in _SUMMARY_ROWS
-                for m, v in d.items()
-                if _metric_of(str(m)) and np.ndim(v) == 0
-            ]
-            if rows:
-                return pd.DataFrame(rows)
-        raise ValueError(f"Cannot find per-class precision/recall/F1 in the metrics record (keys {list(metrics)}).")
-    df = as_frame(metrics)
-    lower = {c: str(c).lower() for c in df.columns}
-    if {"class", "metric", "value"} <= set(lower.values()):
-        df = df.rename(columns={c: lower[c] for c in df.columns})
-        out = df[["class", "metric", "value"]].copy()
-        out["metric"] = out["metric"].map(lambda m: _metric_of(str(m)) or str(m))
-        return out
-    metric_cols = {c: _metric_of(str(c)) for c in df.columns if _metric_of(str(c))}
-    if metric_cols:
-        class_col = next((c for c in df.columns if str(c).lower() in {"class", "label", "cell_type"}), None)
-        names = df[class_col].astype(str) if class_col is not None else df.index.astype(str)
-        rows = [
-            {"class": n, "metric": m, "value": float(v)}
-            for n, (_, row) in zip(names, df.iterrows(), strict=True)
-            if n.lower() not in _SUMMARY_ROWS
-            for c, m in metric_cols.items()
-            for v in [row[c]]
-        ]
-        return pd.DataFrame(rows)
-    raise ValueError(f"Cannot find per-class precision/recall/F1 columns in {list(df.columns)}.")
-
-
-def comparison_long(table: pd.DataFrame) -> pd.DataFrame:
-    """A ``compare_classifiers`` table (rows: classifier x sample) as a long table model, class, metric, value.
-
-    Wide tables have one column per class and metric (``"T cell_precision"``, ``"f1 B cell"``...);
-    long tables have columns class, metric, value plus the columns naming the model.
-    """
-    df = as_frame(table)
-    lower = {str(c).lower(): c for c in df.columns}
-    id_names = [
-        lower[n]
-        for n in ("arch", "architecture", "model", "classifier", "method", "label_key", "labels", "sample", "split")
-        if n in lower
-    ]
-    if {"class", "metric", "value"} <= set(lower):
-        ids = id_names or [c for c in df.columns if str(c).lower() not in {"class", "metric", "value"}]
-        model = df[ids].astype(str).agg(" / ".join, axis=1) if ids else pd.Series(df.index.astype(str))
-        return pd.DataFrame(
-            {
-                "model": model.to_numpy(),
-                "class": df[lower["class"]].astype(str).to_numpy(),
-                "metric": [(_metric_of(str(m)) or str(m)) for m in df[lower["metric"]]],
-                "value": df[lower["value"]].astype(float).to_numpy(),
-            }
-        )
-    if {"class", "precision"} <= set(lower) or {"class", "f1"} <= set(lower):
-        ids = id_names or []
-        model = df[ids].astype(str).agg(" / ".join, axis=1) if ids else pd.Series(df.index.astype(str))
-        rows = []
-        for mname, (_, row) in zip(model, df.iterrows(), strict=True):
-            for lc, col in lower.items():
-                m = _metric_of(lc)
-                if m:
-                    rows.append({"model": mname, "class": str(row[lower["class"]]), "metric": m, "value": float(row[col])})
-        return pd.DataFrame(rows)
-    split = {c: split_metric_column(c) for c in df.columns}
-    split = {c: s for c, s in split.items() if s is not None and s[0].lower() not in _SUMMARY_ROWS}
-    if not split:
-        raise ValueError(
-            "Cannot read the comparison table: expected columns like '<class>_precision' / '<class>_f1', "
-            f"or columns class, metric, value; got {list(df.columns)[:12]}."
-        )
-    if not id_names:
-        id_names = [c for c in df.columns if c not in split and not pd.api.types.is_numeric_dtype(df[c])]
-    if id_names:
-        model = df[id_names].astype(str).agg(" / ".join, axis=1)
-    else:
-        model = pd.Series(df.index.astype(str), index=df.index)
-    rows = [
-        {"model": mname, "class": cls, "metric": m, "value": float(row[c])}
-        for mname, (_, row) in zip(model, df.iterrows(), strict=True)
-        for c, (cls, m) in split.items()
-    ]
-    return pd.DataFrame(rows)
 
 
 def natural_key(s: str) -> list:

@@ -19,18 +19,10 @@ if TYPE_CHECKING:
 
 
 def _stored_confusion(entry: Mapping) -> tuple[np.ndarray, list[str]] | None:
+    """``uns[key]["metrics"]["confusion"]`` and ``uns[key]["classes"]``, as train_classifier writes them."""
     met = entry.get("metrics")
-    classes = entry.get("classes")
-    if isinstance(met, Mapping):
-        for name in ("confusion", "confusion_matrix", "cm"):
-            cm = met.get(name)
-            if cm is None:
-                continue
-            if isinstance(cm, pd.DataFrame):
-                return cm.to_numpy(dtype=float), [str(c) for c in cm.index]
-            cls = met.get("classes", classes)
-            if cls is not None:
-                return np.asarray(cm, dtype=float), [str(c) for c in np.asarray(cls)]
+    if isinstance(met, Mapping) and met.get("confusion") is not None and entry.get("classes") is not None:
+        return np.asarray(met["confusion"], dtype=float), [str(c) for c in np.asarray(entry["classes"])]
     return None
 
 

@@ -16,15 +16,13 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from mudata import MuData
 
+# the series the trainers write (train_classifier: train_loss, test_loss, test_macro_f1, test_accuracy;
+# align_contrastive: train_loss, test_loss, temperature) and their legend labels
 _PRETTY = {
     "train_loss": "train",
     "test_loss": "held-out",
-    "val_loss": "held-out",
-    "valid_loss": "held-out",
-    "heldout_loss": "held-out",
-    "held_out_loss": "held-out",
-    "macro_f1": "macro F1 (held-out)",
     "test_macro_f1": "macro F1 (held-out)",
+    "test_accuracy": "accuracy (held-out)",
     "temperature": "temperature",
 }
 
@@ -85,8 +83,8 @@ def history(
 
     df = history_table(mdata, key)
     # train first, then held-out, then the rest (h5mu round trips sort the keys alphabetically)
-    rank = {"train": 0, "test": 1, "val": 1, "valid": 1, "held": 1, "heldout": 1}
-    cols = sorted(df.columns, key=lambda c: rank.get(str(c).lower().split("_")[0], 2))
+    rank = {"train_loss": 0, "test_loss": 1}
+    cols = sorted(df.columns, key=lambda c: rank.get(str(c), 2))
     df = df[cols]
     losses = [c for c in df.columns if "loss" in str(c).lower()]
     others = [c for c in df.columns if c not in losses]

@@ -3,48 +3,37 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from ._common import METRIC_LABELS, comparison_long, finish, new_axes, per_class_long, uns_entry
+from .._results import METRIC_COLUMNS, WIDE_LABELS, check_metrics_table, metrics_from_wide, metrics_of
+from ._common import finish, new_axes
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
     from mudata import MuData
 
-
-def _classifier_long(mdata: Any, key: str) -> pd.DataFrame:
-    entry = uns_entry(mdata, key, "cs.tl.train_classifier or cs.tl.compare_classifiers")
-    if isinstance(entry, pd.DataFrame):
-        return comparison_long(entry)
-    if isinstance(entry, Mapping):
-        for sub in ("table", "comparison"):
-            if isinstance(entry.get(sub), pd.DataFrame):
-                return comparison_long(entry[sub])
-        if "metrics" in entry:
-            long = per_class_long(entry["metrics"], entry.get("classes"))
-            long.insert(0, "model", key)
-            return long
-    raise ValueError(
-        f"uns[{key!r}] is neither a classifier record (with 'metrics', written by cs.tl.train_classifier) "
-        "nor a comparison table (written by cs.tl.compare_classifiers)."
-    )
+PRODUCERS = "cs.tl.train_classifier or cs.tl.compare_classifiers"
 
 
 def metrics_table(mdata: Any, key: str | Sequence[str] | pd.DataFrame) -> pd.DataFrame:
-    """The long table (model, class, metric, value) that :func:`metrics` draws."""
+    """The metric table(s) :func:`metrics` draws (columns model, sample, class, metric, value): of the
+    ``uns`` records ``key`` (their ``"metrics_table"``), or the table given (a metric table, or the wide
+    table returned by :func:`cellsymphony.tl.compare_classifiers`, read back column by column)."""
     if isinstance(key, pd.DataFrame):
-        return comparison_long(key)
+        if [str(c) for c in key.columns] == list(METRIC_COLUMNS):
+            return check_metrics_table(key, "the table given as key")
+        return metrics_from_wide(key)
     if isinstance(key, str):
-        return _classifier_long(mdata, key)
+        return metrics_of(mdata, key, PRODUCERS)
     keys = list(key)
     if not keys:
         raise ValueError("key is an empty list: give one or more classifier keys of uns.")
-    return pd.concat([_classifier_long(mdata, k) for k in keys], ignore_index=True)
+    return pd.concat([metrics_of(mdata, k, PRODUCERS) for k in keys], ignore_index=True)
 
 
 def metrics(
@@ -62,8 +51,8 @@ def metrics(
 ) -> Axes:
     """Per-class precision, recall and F1 of classifiers side by side, as the paper's metric tables.
 
-    Rows are classifiers (architecture x sample for a comparison table), columns are the
-    metrics grouped by class, each cell annotated with its value.
+    Rows are classifiers (classifier x section where a record has figures of several sections), columns
+    are the metrics grouped by class, each cell annotated with its value.
 
     Parameters
     ----------
@@ -71,9 +60,10 @@ def metrics(
         MuData (or AnnData) holding the classifier records in ``uns``; may be ``None`` when ``key`` is a
         DataFrame.
     key
-        A classifier's ``key_added`` (``uns[key]["metrics"]`` written by
+        A classifier's ``key_added`` (its ``uns[key]["metrics_table"]``, written by
         :func:`cellsymphony.tl.train_classifier`), a list of such keys (drawn side by side), the ``key_added``
-        of :func:`cellsymphony.tl.compare_classifiers`, or its returned DataFrame.
+        of :func:`cellsymphony.tl.compare_classifiers`, its returned DataFrame, or a metric table
+        (columns ``model, sample, class, metric, value``).
     metrics
         Which per-class metrics to show, in order (``"precision"``, ``"recall"``, ``"f1"``).
     classes
@@ -97,13 +87,15 @@ def metrics(
     metric); row labels are the y tick labels, metric labels the x tick labels and class names the
     labels of the secondary x axis on top.
     """
-    wanted = [METRIC_LABELS.get(m) and m for m in metrics]
-    if not all(wanted):
-        raise ValueError(f"metrics must be among {['precision', 'recall', 'f1']}, got {list(metrics)}.")
+    if not all(m in WIDE_LABELS for m in metrics):
+        raise ValueError(f"metrics must be among {list(WIDE_LABELS)}, got {list(metrics)}.")
     long = metrics_table(mdata, key)
-    long = long[long["metric"].isin(list(metrics))]
+    long = long[long["metric"].isin(list(metrics)) & (long["class"] != "all")].copy()
     if long.empty:
         raise ValueError(f"No {list(metrics)} values found for {key!r}.")
+    # one row per model, or per model x section where a model has figures of several sections
+    n_samples = long.groupby("model", sort=False)["sample"].nunique()
+    long["model"] = [m if n_samples[m] == 1 else f"{m} / {s}" for m, s in zip(long["model"], long["sample"], strict=True)]
     models = list(dict.fromkeys(long["model"]))
     all_classes = list(dict.fromkeys(long["class"]))
     if classes is not None:
@@ -121,7 +113,7 @@ def metrics(
     width = max(4.0, 0.45 * len(columns) + 2.0 + 0.06 * max(len(m) for m in models))
     fig, ax = new_axes(ax, (width, 0.45 * len(models) + 1.8))
     im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(columns)), [METRIC_LABELS[m] for _, m in columns], fontsize=8)
+    ax.set_xticks(range(len(columns)), [WIDE_LABELS[m] for _, m in columns], fontsize=8)
     ax.set_yticks(range(len(models)), models, fontsize=9)
     nm = len(metrics)
     for k in range(1, len(all_classes)):

@@ -21,16 +21,6 @@ if TYPE_CHECKING:
 
     from ..io import Registration
 
-_DX = ("dx", "dx_um", "offset_x", "offset_x_um", "delta_x")
-_DY = ("dy", "dy_um", "offset_y", "offset_y_um", "delta_y")
-_ID = ("cell_id", "cell", "obs_name", "obs_names", "cell_ids")
-
-
-def _col(df: pd.DataFrame, names: Sequence[str]) -> str | None:
-    lower = {str(c).lower(): c for c in df.columns}
-    return next((lower[n] for n in names if n in lower), None)
-
-
 def registration_pairs(mdata: Any, key: str) -> pd.DataFrame:
     """The matched cells of a nucleus-label transfer, one row each, indexed by cell id.
 
@@ -38,32 +28,16 @@ def registration_pairs(mdata: Any, key: str) -> pd.DataFrame:
     nucleus and, when per-cell offsets were stored, ``dx, dy`` (Xenium minus H&E, micrometres, the sign
     convention of the ``mean_offset_um`` statistic) and the H&E nucleus position ``he_x, he_y``.
 
-    Read from what :func:`cellsymphony.pp.transfer_nucleus_labels` writes: ``obs[f"{key}_distance"]``,
-    per-cell offsets ``obsm[f"{key}_offset"]`` (or ``obs[f"{key}_dx"]`` / ``obs[f"{key}_dy"]``) where
-    present, or a table of matches (``cell_id, dx, dy``) in ``uns[key]``.
+    Read from what :func:`cellsymphony.pp.transfer_nucleus_labels` writes: ``uns[key]`` (its record),
+    ``obs[f"{key}_distance"]`` and, where present, per-cell offsets ``obsm[f"{key}_offset"]``.
     """
-    entry = uns_entry(mdata, key, "cs.pp.transfer_nucleus_labels")
+    uns_entry(mdata, key, "cs.pp.transfer_nucleus_labels")
     nuc = obsm_frame(mdata, NUCLEUS_KEY)
     names = mdata.obs_names.astype(str)
     offsets = None
-    if isinstance(entry, Mapping):
-        for sub in ("matches", "pairs", "matched"):
-            tab = entry.get(sub)
-            if isinstance(tab, pd.DataFrame) and _col(tab, _DX) is not None and _col(tab, _DY) is not None:
-                idc = _col(tab, _ID)
-                ids = tab[idc].astype(str) if idc is not None else tab.index.astype(str)
-                offsets = pd.DataFrame(
-                    {"dx": tab[_col(tab, _DX)].to_numpy(float), "dy": tab[_col(tab, _DY)].to_numpy(float)}, index=ids
-                )
-                break
-    for okey in (f"{key}_offset", f"{key}_offset_um", f"{key}_offsets"):
-        if offsets is None and okey in mdata.obsm:
-            arr = np.asarray(mdata.obsm[okey], dtype=float)[:, :2]
-            offsets = pd.DataFrame(arr, index=names, columns=["dx", "dy"]).dropna()
-    if offsets is None and f"{key}_dx" in mdata.obs and f"{key}_dy" in mdata.obs:
-        offsets = pd.DataFrame(
-            {"dx": mdata.obs[f"{key}_dx"].to_numpy(float), "dy": mdata.obs[f"{key}_dy"].to_numpy(float)}, index=names
-        ).dropna()
+    if f"{key}_offset" in mdata.obsm:
+        arr = np.asarray(mdata.obsm[f"{key}_offset"], dtype=float)[:, :2]
+        offsets = pd.DataFrame(arr, index=names, columns=["dx", "dy"]).dropna()
     if offsets is not None:
         offsets = offsets[offsets.index.isin(nuc.index)]
         xy = nuc.loc[offsets.index].to_numpy(float)

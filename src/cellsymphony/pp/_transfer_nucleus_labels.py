@@ -385,6 +385,9 @@ def transfer_nucleus_labels(
         ),
         "samples": samples,
     }
+    from .._results import record_outputs
+
+    record_outputs(data, key_added, "pp.transfer_nucleus_labels", [f"obs[{key_added!r}]", f"uns[{key_added!r}]"])
     logger.info(
         "transfer_nucleus_labels: sample %r: %d of %d cells matched to %d H&E nuclei (%.1f%% of cells, %.1f%% of nuclei) "
         "within %.1f um; registration QC: median %.2f um, 95th percentile %.2f um, mean offset (%+.2f, %+.2f) um. "

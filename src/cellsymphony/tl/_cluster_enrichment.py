@@ -113,5 +113,8 @@ def cluster_enrichment(
     df["qval"] = multipletests(df["pval"].to_numpy(), method="fdr_bh")[1]
     if key_added is not None:
         mdata.uns[key_added] = getter_record(df, cluster_key=cluster_key, label_key=label_key)
+        from .._results import record_outputs
+
+        record_outputs(mdata, key_added, "tl.cluster_enrichment", [f"uns[{key_added!r}]"])
         logger.info("added .uns[%r] (%d clusters x %d labels)", key_added, counts.shape[0], counts.shape[1])
     return df

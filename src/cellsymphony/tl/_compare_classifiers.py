@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -36,26 +37,6 @@ def _logistic(inputs, y_all, train_rows, test_rows, class_weight, seed) -> np.nd
     return clf.predict(rows(test_rows)).astype(np.int64)
 
 
-def _rows_of(method: str, y_true, y_pred, samples, classes) -> list[dict]:
-    from ..models.classifier._metrics import classification_metrics
-
-    groups = [(s, samples == s) for s in sorted(set(samples))]
-    if len(groups) > 1:
-        groups.append((ALL_SAMPLES, np.ones(len(samples), dtype=bool)))
-    rows = []
-    for sample, sel in groups:
-        m = classification_metrics(y_true[sel], y_pred[sel], classes)
-        row = {"architecture": method, "sample": str(sample), "n_test": m["n"]}
-        for cls, r in m["per_class"].iterrows():
-            row[f"{cls} P"] = r["precision"]
-            row[f"{cls} R"] = r["recall"]
-            row[f"{cls} F1"] = r["f1"]
-        row["macro F1"] = m["macro_f1"]
-        row["weighted F1"] = m["weighted_f1"]
-        rows.append(row)
-    return rows
-
-
 @inject_docs()
 def compare_classifiers(
     mdata: MuData | AnnData,
@@ -67,7 +48,7 @@ def compare_classifiers(
     morph_rep: str | None = None,
     exclude: Sequence[str] = ("ambiguous",),
     confident_key: str | None = None,
-    split: Literal["random", "spatial", "sample"] = "random",
+    split: Literal["random", "spatial", "sample"] | Sequence[str] = "random",
     test_size: float = 0.2,
     block_size: float | None = None,
     test_samples: Sequence[str] | None = None,
@@ -78,7 +59,12 @@ def compare_classifiers(
     d_model: int = 512,
     n_layers: int = 6,
     n_heads: int = 8,
+    dropout: float = 0.1,
+    wavelengths_um: Sequence[float] | None = None,
+    dim_feedforward: int | None = None,
     class_weight: Literal["balanced"] | None = "balanced",
+    early_stopping: bool = False,
+    patience: int = 5,
     seed: int = 0,
     device: str | None = None,
     key_added: str | None = None,
@@ -105,138 +91,101 @@ def compare_classifiers(
     morph_rep
         {morph_rep}
     exclude, confident_key, split, test_size, block_size, test_samples
-        Exclusions and split, as in :func:`~cellsymphony.tl.train_classifier`.
-    epochs, batch_size, lr, weight_decay, d_model, n_layers, n_heads, class_weight
-        Training settings shared by every architecture.
+        Exclusions and split, as in :func:`~cellsymphony.tl.train_classifier` (``split`` may be a per-cell
+        array of ``"train"`` / ``"test"`` / ``"unused"``).
+    epochs, batch_size, lr, weight_decay, d_model, n_layers, n_heads, dropout, wavelengths_um, dim_feedforward, class_weight, early_stopping, patience
+        Architecture and training settings shared by every architecture, as in
+        :func:`~cellsymphony.tl.train_classifier` (one definition:
+        :class:`~cellsymphony.models.classifier._config.ClassifierTraining`).
     seed
         {seed}
     device
         {device}
     key_added
-        When given, also store the table and the parameters in ``mdata.uns[key_added]``
-        (``"table"``, ``"params"``); ``None`` writes nothing.
+        When given, also store in ``mdata.uns[key_added]``: ``"metrics_table"`` (the long table
+        ``model, sample, class, metric, value`` that ``cs.pl.metrics`` and the report read; model = the
+        architecture or baseline), ``"table"`` (the returned wide view) and ``"params"``, and record the
+        call in ``mdata.uns["cellsymphony"]["outputs"]``; ``None`` writes nothing.
 
     Returns
     -------
-    A flat DataFrame in the layout of the paper's Tables 1-2: one row per architecture x sample
-    (index ``"<architecture> | <sample>"``; a row ``"all"`` pools the samples when there are several),
-    columns ``architecture``, ``sample``, ``n_test``, then ``"<class> P"``, ``"<class> R"``,
-    ``"<class> F1"`` for every class, then ``macro F1`` and ``weighted F1``.
+    A flat DataFrame in the layout of the paper's Tables 1-2, a view of the long metric table: one row per architecture x sample (index
+    ``"<architecture> | <sample>"``; a row ``"all"`` pools the samples when there are several), columns
+    ``architecture``, ``sample``, ``n_test``, then ``"<class> P"``, ``"<class> R"``, ``"<class> F1"`` for
+    every class, then ``macro F1`` and ``weighted F1``.
     """
+    from .._results import METRICS_TABLE, metrics_wide, record_outputs
     from .._utils import params_record
     from .._validate import check_choice
-    from ..models.classifier._data import (
-        TEST,
-        TRAIN,
-        check_test_size,
-        gather_inputs,
-        make_split,
-        section_coordinates,
-        usable_labels,
-    )
-    from ..models.classifier._model import CellTypeClassifier
-    from ..models.classifier._module import ARCHS, arch_tokens
+    from ..models.classifier._config import ClassifierConfig, training_from
+    from ..models.classifier._metrics import classification_table
+    from ..models.classifier._model import CellTypeClassifier, prepare
+    from ..models.classifier._module import arch_tokens
 
     archs = [archs] if isinstance(archs, str) else list(archs)
     baselines = [baselines] if isinstance(baselines, str) else list(baselines)
     for a in archs:
-        check_choice("arch", a, ARCHS)
+        ClassifierConfig(a, d_model, n_layers, n_heads, dropout, dim_feedforward, wavelengths_um)  # validates
     for b in baselines:
         check_choice("baseline", b, BASELINES)
     if not archs and not baselines:
         raise ValueError("Nothing to compare: pass at least one arch or baseline.")
-    if isinstance(exclude, str):
-        exclude = (exclude,)
-    check_test_size(test_size)
+    training = training_from(locals())
     tokens = {t for a in archs for t in arch_tokens(a)}
     if baselines and not tokens & {"gene", "morph"}:
         tokens |= {"gene", "morph"}
     tokens = [t for t in ("gene", "morph", "spatial") if t in tokens]
-    inputs = gather_inputs(mdata, tokens, gene_rep, morph_rep)
-    labels, exclusions = usable_labels(mdata, label_key, exclude, confident_key, inputs.available)
-    classes = sorted(set(labels[pd.notna(labels)]))
-    if len(classes) < 2:
-        raise ValueError(f"Comparing classifiers needs at least 2 classes in {label_key!r}, found {classes}.")
-    split_arr = make_split(
-        labels,
-        split=split,
-        test_size=test_size,
-        seed=seed,
-        samples=inputs.samples,
-        coords_abs=section_coordinates(mdata) if split == "spatial" else None,
-        block_size=block_size,
-        test_samples=test_samples,
-    )
-    train_rows = np.flatnonzero(split_arr == TRAIN)
-    test_rows = np.flatnonzero(split_arr == TEST)
+    try:
+        prep = prepare(mdata, label_key, tokens, training)
+    except ValueError as err:
+        if "at least 2 classes" in str(err):
+            raise ValueError(f"Comparing classifiers needs at least 2 classes in {label_key!r}: {err}") from err
+        raise
+    inputs, classes = prep.inputs, prep.classes
+    train_rows, test_rows = prep.train_rows, prep.test_rows
     if len(test_rows) == 0:
         raise ValueError("The split leaves no test cells to compare the classifiers on.")
-    y_all = np.full(len(labels), -1, dtype=np.int64)
-    lab_rows = np.flatnonzero(pd.notna(labels))
-    y_all[lab_rows] = pd.Categorical(labels[lab_rows], categories=classes).codes
     test_samples_arr = inputs.samples[test_rows].astype(str)
     logger.info(
         "comparing %s on %d training / %d test cells; left out: %s",
-        ", ".join(archs + baselines),
-        len(train_rows),
-        len(test_rows),
-        exclusions,
-    )
-
-    rows = []
+        ", ".join(archs + baselines), len(train_rows), len(test_rows), prep.exclusions,
+    )  # fmt: skip
+    # every architecture sees the same cells and the same split
+    common = dataclasses.replace(training, gene_rep=inputs.gene_rep, morph_rep=inputs.morph_rep, split=prep.split)
+    tables = []
     for arch in archs:
-        model = CellTypeClassifier(arch, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
-        model.fit(
-            mdata,
-            label_key,
-            gene_rep=inputs.gene_rep,
-            morph_rep=inputs.morph_rep,
-            exclude=exclude,
-            confident_key=confident_key,
-            split=split_arr,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            class_weight=class_weight,
-            seed=seed,
-            device=device,
-            key_added=None,
-        )
-        names = np.asarray(model.classes, dtype=object)[model._fit_proba[test_rows].argmax(axis=1)]
+        model = CellTypeClassifier(
+            arch, d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout,
+            dim_feedforward=dim_feedforward, wavelengths_um=wavelengths_um,
+        )  # fmt: skip
+        model._fit(mdata, label_key, common)
+        # the model's classes are those of its training cells, the same as here (one split)
+        names = np.asarray(model.classes, dtype=object)[model.test_proba.argmax(axis=1)]
         pred = pd.Categorical(names, categories=classes).codes.astype(np.int64)
-        rows += _rows_of(arch, y_all[test_rows], pred, test_samples_arr, classes)
+        tables.append(classification_table(arch, prep.y[test_rows], pred, test_samples_arr, classes))
     for base in baselines:
-        pred = _logistic(inputs, y_all, train_rows, test_rows, class_weight, seed)
-        rows += _rows_of(base, y_all[test_rows], pred, test_samples_arr, classes)
+        pred = _logistic(inputs, prep.y, train_rows, test_rows, class_weight, seed)
+        tables.append(classification_table(base, prep.y[test_rows], pred, test_samples_arr, classes))
 
-    table = pd.DataFrame(rows)
-    table.index = pd.Index([f"{r['architecture']} | {r['sample']}" for r in rows], name="run")
+    long = pd.concat(tables, ignore_index=True)
+    table = metrics_wide(long)
     if key_added is not None:
         mdata.uns[key_added] = {
+            METRICS_TABLE: long,
             "table": table,
             "params": params_record(
                 label_key=label_key,
                 archs=tuple(archs),
                 baselines=tuple(baselines),
-                gene_rep=inputs.gene_rep,
-                morph_rep=inputs.morph_rep,
-                exclude=tuple(exclude),
-                confident_key=confident_key,
-                split=split,
-                test_size=float(test_size),
-                block_size=block_size,
-                test_samples=tuple(test_samples) if test_samples is not None else None,
-                epochs=int(epochs),
-                batch_size=int(batch_size),
-                lr=float(lr),
-                weight_decay=float(weight_decay),
+                **{**training.record(), "gene_rep": inputs.gene_rep, "morph_rep": inputs.morph_rep},
                 d_model=int(d_model),
                 n_layers=int(n_layers),
                 n_heads=int(n_heads),
-                class_weight=class_weight,
-                seed=int(seed),
+                dropout=float(dropout),
+                wavelengths_um=tuple(ClassifierConfig(wavelengths_um=wavelengths_um).wavelengths_um),
+                dim_feedforward=int(dim_feedforward or 4 * d_model),
             ),
         }
+        record_outputs(mdata, key_added, "tl.compare_classifiers", [f"uns[{key_added!r}]"])
         logger.info("added uns[%r] (comparison table) to the %s", key_added, type(mdata).__name__)
     return table

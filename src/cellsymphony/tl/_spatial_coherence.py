@@ -174,5 +174,8 @@ def spatial_coherence(
             df, cluster_key=cluster_key, n_neighs=int(n_neighs), radius=radius, n_perms=int(n_perms), seed=int(seed),
             sample_key=sample_key,
         )
+        from .._results import record_outputs
+
+        record_outputs(mdata, key_added, "tl.spatial_coherence", [f"uns[{key_added!r}]"])
         logger.info("added .uns[%r] (spatial coherence of %r)", key_added, cluster_key)
     return df

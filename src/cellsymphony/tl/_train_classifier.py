@@ -38,7 +38,10 @@ def train_classifier(
     n_heads: int = 8,
     dropout: float = 0.1,
     wavelengths_um: Sequence[float] | None = None,
+    dim_feedforward: int | None = None,
     class_weight: Literal["balanced"] | None = "balanced",
+    early_stopping: bool = False,
+    patience: int = 5,
     seed: int = 0,
     device: str | None = None,
     key_added: str = PRED_KEY,
@@ -48,7 +51,8 @@ def train_classifier(
     Each input becomes one token (projected to ``d_model``, plus a learned modality embedding); a
     transformer encoder fuses the tokens, which are mean-pooled and classified by a linear head.
     Training uses AdamW and class-weighted cross-entropy, batched on the device (bf16 autocast on
-    CUDA). The weights of the last epoch are kept (the test split never selects a model).
+    CUDA). The weights of the last epoch are kept, so the test split never selects a model, unless
+    ``early_stopping=True``.
 
     Parameters
     ----------
@@ -105,9 +109,18 @@ def train_classifier(
     wavelengths_um
         Wavelengths of the spatial encoding in micrometres; ``None`` uses
         ``(50, 100, 200, 500, 1000, 2000, 5000, 10000, 25000)``.
+    dim_feedforward
+        Hidden width of the feed-forward blocks; ``None`` uses ``4 * d_model``.
     class_weight
         ``"balanced"``: cross-entropy weights ``n / (n_classes * n_class)`` from the training cells;
         ``None``: unweighted.
+    early_stopping
+        Stop once the test loss has not improved for ``patience`` epochs and keep the weights of the best
+        epoch. Off by default: the test cells are also the ones the metrics are reported on, so stopping on
+        them selects the model on its own test set (a mild optimism); use it when ``cs.pl.history`` shows the
+        test loss rising early.
+    patience
+        Epochs without improvement of the test loss before stopping (with ``early_stopping``).
     seed
         {seed}
     device
@@ -128,35 +141,20 @@ def train_classifier(
       ``test_macro_f1``, ``test_accuracy``), ``metrics`` (``per_class`` DataFrame of precision,
       recall, f1 and support on the test split; ``macro_f1`` and ``weighted_f1`` over the classes
       with test support; ``accuracy``; ``n_test``; ``confusion``, rows true and columns predicted
-      class) and ``exclusions`` (cells left out, per reason).
+      class), ``metrics_table`` (the same metrics as a long table ``model, sample, class, metric, value``,
+      model = ``key_added``, per section and pooled as ``"all"``; the table ``cs.pl.metrics`` and the report
+      read) and ``exclusions`` (cells left out, per reason);
+    - ``mdata.uns["cellsymphony"]["outputs"][key_added]``: this function's name and the keys it wrote.
     """
+    from .._results import write_classifier
+    from ..models.classifier._config import training_from
     from ..models.classifier._model import CellTypeClassifier
 
     model = CellTypeClassifier(
-        arch,
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        dropout=dropout,
+        arch, d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout, dim_feedforward=dim_feedforward,
         wavelengths_um=wavelengths_um,
-    )
-    return model.fit(
-        mdata,
-        label_key,
-        gene_rep=gene_rep,
-        morph_rep=morph_rep,
-        exclude=exclude,
-        confident_key=confident_key,
-        split=split,
-        test_size=test_size,
-        block_size=block_size,
-        test_samples=test_samples,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        class_weight=class_weight,
-        seed=seed,
-        device=device,
-        key_added=key_added,
-    )
+    )  # fmt: skip
+    training = training_from(locals())
+    model._fit(mdata, label_key, training)
+    write_classifier(mdata, model, key_added)
+    return model

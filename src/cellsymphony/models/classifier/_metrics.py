@@ -43,3 +43,27 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequ
         "n": int(len(y_true)),
         "confusion": conf,
     }
+
+
+def classification_table(
+    model: str, y_true: np.ndarray, y_pred: np.ndarray, samples: np.ndarray, classes: Sequence[str]
+) -> pd.DataFrame:
+    """The metrics of one classifier as a metric table (see :mod:`cellsymphony._results`): per section, and
+    pooled as sample ``"all"`` when there are several sections; per class (precision, recall, f1, support)
+    and over the classes (``class="all"``: macro_f1, weighted_f1, accuracy, support)."""
+    from ..._results import ALL, metrics_frame
+
+    samples = np.asarray(samples).astype(str)
+    groups = [(s, samples == s) for s in sorted(set(samples))]
+    if len(groups) != 1:  # several sections (or no test cell at all): the pooled figures too
+        groups.append((ALL, np.ones(len(samples), dtype=bool)))
+    rows = []
+    for sample, sel in groups:
+        m = classification_metrics(np.asarray(y_true)[sel], np.asarray(y_pred)[sel], classes)
+        for cls, r in m["per_class"].iterrows():
+            for metric in ("precision", "recall", "f1", "support"):
+                rows.append({"model": model, "sample": sample, "class": cls, "metric": metric, "value": r[metric]})
+        for metric, v in (("macro_f1", m["macro_f1"]), ("weighted_f1", m["weighted_f1"]),
+                          ("accuracy", m["accuracy"]), ("support", m["n"])):  # fmt: skip
+            rows.append({"model": model, "sample": sample, "class": ALL, "metric": metric, "value": v})
+    return metrics_frame(rows)

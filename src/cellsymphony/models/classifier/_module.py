@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCHS = ("unimodal", "spatial", "dual", "multi_input", "morphology")
+from .._base import safe_std
+from ._config import ARCHS, DEFAULT_WAVELENGTHS_UM
 
 # tokens of each architecture, in sequence order
 ARCH_TOKENS: dict[str, tuple[str, ...]] = {
@@ -35,14 +36,6 @@ ARCH_TOKENS: dict[str, tuple[str, ...]] = {
     "multi_input": ("gene", "morph", "spatial"),
     "morphology": ("morph",),
 }
-
-# Wavelengths (micrometres) of the sinusoidal spatial encoding. The shortest, 50 um, is a few cell
-# diameters (local neighbourhood); the longest, 25 mm, exceeds the whole Xenium imaging area
-# (about 10.5 x 22.5 mm), so with coordinates centred on the section the pair (sin, cos) at 25 mm is
-# one-to-one over any section and the long wavelengths encode the position in the tissue (e.g.
-# cortex vs medulla) smoothly. The ones between resolve tissue compartments of 0.1 - 10 mm.
-DEFAULT_WAVELENGTHS_UM: tuple[float, ...] = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 25000.0)
-
 
 def arch_tokens(arch: str) -> tuple[str, ...]:
     """The tokens (``"gene"``, ``"morph"``, ``"spatial"``) an architecture reads, in order."""
@@ -203,10 +196,7 @@ class CellClassifierModule(nn.Module):
     def set_standardization(self, name: str, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Set the per-feature mean / std used to standardise input ``name`` (``"gene"`` or ``"morph"``)."""
         getattr(self, f"{name}_mean").copy_(torch.as_tensor(mean, dtype=torch.float32))
-        # a feature (nearly) constant on the training cells is centred, not divided by ~0 (as in the
-        # contrastive ProjectionHead): elsewhere it would be amplified about a million-fold
-        std = torch.as_tensor(std, dtype=torch.float32)
-        getattr(self, f"{name}_std").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+        getattr(self, f"{name}_std").copy_(safe_std(std))  # (nearly) constant features: centred, not scaled
 
     def embed_tokens(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import time
 import warnings
@@ -14,120 +14,56 @@ import pandas as pd
 import torch
 
 from ..._constants import MOD_MORPH, MOD_RNA
-from ..._settings import logger, resolve_device, settings
-from ..._utils import atomic_path, package_version
+from ..._settings import logger, resolve_device
 from ..._validate import check_choice, get_modality, get_rep, is_mudata, resolve_rep
+from .._base import BaseModel, deprecated_layout, seeded, standardization
+from .._config import ModelConfig
+from ._data import paired_inputs
+from ._metrics import RECALL_KS, retrieval_recall
 from ._module import ContrastiveModule, info_nce
+
+__all__ = ["ContrastiveAligner", "ContrastiveConfig", "paired_inputs", "retrieval_recall"]
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-RECALL_KS = (1, 5, 10)
+FORMAT = "cellsymphony.ContrastiveAligner"
 MODALITIES = (MOD_RNA, MOD_MORPH)
-
-
-def paired_inputs(mdata: MuData, gene_rep: str | None, morph_rep: str | None) -> dict:
-    """The paired training inputs of a MuData: cells present in both modalities with finite rows.
-
-    Returns a dict with ``obs_names`` (the cells used, in ``rna`` order), ``x_gene``, ``x_morph``
-    (float32), the resolved ``gene_rep`` / ``morph_rep`` and the cell counts ``n_rna``, ``n_morphology``,
-    ``n_paired`` (in both), ``n_nan_rna`` / ``n_nan_morphology`` (paired cells whose row has a NaN or
-    infinite value) and ``n_used``.
-    """
-    if not is_mudata(mdata) or MOD_RNA not in mdata.mod or MOD_MORPH not in mdata.mod:
-        have = sorted(mdata.mod) if is_mudata(mdata) else "an AnnData"
-        raise ValueError(
-            f"Contrastive alignment needs a MuData with modalities 'rna' and 'morphology' (got {have}); "
-            "read the data with cs.io.read_xenium."
-        )
-    rna, morph = mdata.mod[MOD_RNA], mdata.mod[MOD_MORPH]
-    for name, ad in ((MOD_RNA, rna), (MOD_MORPH, morph)):
-        if not ad.obs_names.is_unique:
-            raise ValueError(f"The {name!r} modality has duplicated obs_names: cells are paired by name.")
-    gene_rep, xg = get_rep(mdata, MOD_RNA, gene_rep)
-    morph_rep, xm = get_rep(mdata, MOD_MORPH, morph_rep)
-    common = rna.obs_names[rna.obs_names.isin(morph.obs_names)]
-    if len(common) == 0:
-        raise ValueError(
-            "The 'rna' and 'morphology' modalities have no cell (obs_names) in common, so no pairs to train on: "
-            f"e.g. {list(rna.obs_names[:3])} vs {list(morph.obs_names[:3])}."
-        )
-    gi, mi = rna.obs_names.get_indexer(common), morph.obs_names.get_indexer(common)
-    ok_g = np.isfinite(xg).all(axis=1)[gi]
-    ok_m = np.isfinite(xm).all(axis=1)[mi]
-    ok = ok_g & ok_m
-    info = {
-        "gene_rep": gene_rep,
-        "morph_rep": morph_rep,
-        "n_rna": int(rna.n_obs),
-        "n_morphology": int(morph.n_obs),
-        "n_paired": int(len(common)),
-        "n_nan_rna": int((~ok_g).sum()),
-        "n_nan_morphology": int((~ok_m).sum()),
-        "n_used": int(ok.sum()),
-    }
-    if len(common) < rna.n_obs or len(common) < morph.n_obs:
-        logger.warning(
-            "pairing cells by obs_names: %d of %d rna and %d of %d morphology cells are in both modalities",
-            len(common), rna.n_obs, len(common), morph.n_obs,
-        )  # fmt: skip
-    if (~ok).any():
-        logger.warning(
-            "leaving out %d paired cells with NaN/inf rows (%d in %r, %d in %r); their outputs will be NaN",
-            int((~ok).sum()), info["n_nan_rna"], gene_rep, info["n_nan_morphology"], morph_rep,
-        )  # fmt: skip
-    info.update(obs_names=common[ok], x_gene=_take_rows(xg, gi[ok]), x_morph=_take_rows(xm, mi[ok]))
-    return info
-
-
-def _take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``x[rows]`` as a C-contiguous array, without a copy when ``rows`` is every row in order."""
-    if len(rows) == len(x) and (rows == np.arange(len(x))).all():
-        return np.ascontiguousarray(x)
-    return np.ascontiguousarray(x[rows])
-
-
-@torch.no_grad()
-def retrieval_recall(
-    z_a: torch.Tensor, z_b: torch.Tensor, ks=RECALL_KS, chunk: int = 4096
-) -> dict[int, float]:
-    """Recall@k of retrieving row ``i`` of ``z_b`` from row ``i`` of ``z_a`` by cosine similarity.
-
-    With ``g`` candidates scoring strictly higher than the true partner and ``t`` scoring the same
-    (the partner included), the partner's chance of being in the top ``k`` under random tie-breaking
-    is ``clip((k - g) / t, 0, 1)``; recall@k is its mean over the rows. Ties thus count at chance
-    (a collapsed projection scores ``k / n``), never as hits. Computed in chunks of rows so memory
-    stays ``chunk * n``.
-    """
-    n = z_a.shape[0]
-    greater, tied = [], []
-    for s in range(0, n, chunk):
-        sims = z_a[s : s + chunk] @ z_b.T
-        rows = torch.arange(sims.shape[0], device=sims.device)
-        true = sims[rows, rows + s][:, None]
-        greater.append((sims > true).sum(dim=1))
-        tied.append((sims == true).sum(dim=1))
-    if not n:
-        return {k: float("nan") for k in ks}
-    g = torch.cat(greater).cpu().numpy().astype(np.float64)
-    t = torch.cat(tied).cpu().numpy().astype(np.float64)
-    return {k: float(np.clip((k - g) / t, 0, 1).mean()) for k in ks}
 
 
 RETRIEVAL_CELLS = 10_000  # held-out cells among which retrieval is scored (a fixed candidate pool)
 
 
-class ContrastiveAligner:
+@dataclasses.dataclass
+class ContrastiveConfig(ModelConfig):
+    """Architecture of a :class:`ContrastiveAligner` (see its parameters)."""
+
+    dim: int = 128
+    hidden: int = 256
+    dropout: float = 0.1
+    temperature: float = 0.07
+    learn_temperature: bool = True
+
+    def __post_init__(self):
+        for name in ("dim", "hidden"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer.")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r} must lie in [0, 1).")
+        self.dim, self.hidden, self.dropout = int(self.dim), int(self.hidden), float(self.dropout)
+        self.temperature, self.learn_temperature = float(self.temperature), bool(self.learn_temperature)
+
+
+class ContrastiveAligner(BaseModel):
     """Align expression and morphology embeddings of the same cells in a shared space (CLIP-style).
 
     Two projection networks (:class:`~cellsymphony.models.contrastive._module.ProjectionHead`) map the
     expression embedding (e.g. scGPT) and the morphology embedding (e.g. UNI2-h) of each cell onto a
     ``dim``-dimensional unit sphere; they are trained with the symmetric InfoNCE loss, the matched
     cell being the positive and the other cells of the batch the negatives. Usually made by
-    :func:`cellsymphony.tl.align_contrastive`.
+    :func:`cellsymphony.tl.align_contrastive`, which writes the projections.
 
     Parameters
     ----------
@@ -143,6 +79,14 @@ class ContrastiveAligner:
         Learn the temperature (log-parameterised, clamped to ``[0.01, 1]``) or keep it fixed.
     """
 
+    FORMAT = FORMAT
+    FORMAT_VERSION = 2
+    CONFIG_CLASS = ContrastiveConfig
+    TRAINER = "cs.tl.align_contrastive"
+    HISTORY_COLUMNS = ("epoch", "train_loss", "test_loss", "temperature")
+    # float32 steps: the InfoNCE logits (cosines / 0.07) lose their ranking in bf16, and the heads are small
+    AUTOCAST = False
+
     def __init__(
         self,
         *,
@@ -152,62 +96,74 @@ class ContrastiveAligner:
         temperature: float = 0.07,
         learn_temperature: bool = True,
     ):
-        for name, v in (("dim", dim), ("hidden", hidden)):
-            if int(v) != v or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer.")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout={dropout!r} must lie in [0, 1).")
-        self.config = {
-            "dim": int(dim),
-            "hidden": int(hidden),
-            "dropout": float(dropout),
-            "temperature": float(temperature),
-            "learn_temperature": bool(learn_temperature),
-        }
-        self.module: ContrastiveModule | None = None
+        super().__init__(ContrastiveConfig(dim, hidden, dropout, temperature, learn_temperature))
         self.gene_rep: str | None = None
         self.morph_rep: str | None = None
         self.n_gene: int | None = None
         self.n_morph: int | None = None
-        self.history = pd.DataFrame(columns=["epoch", "train_loss", "test_loss", "temperature"])
         self.retrieval = pd.DataFrame()
+        self.metrics_table: pd.DataFrame | None = None
         self.fit_info: dict = {}
         self.train_obs_names = pd.Index([])
         self.test_obs_names = pd.Index([])
-        self.device = "cpu"
-        self.timings: dict = {}
 
     def __repr__(self) -> str:
         state = f"trained on {self.fit_info.get('n_used', '?')} cells" if self.is_trained else "not trained"
         return (
-            f"ContrastiveAligner(dim={self.config['dim']}, hidden={self.config['hidden']}, "
+            f"ContrastiveAligner(dim={self.config.dim}, hidden={self.config.hidden}, "
             f"inputs=({self.gene_rep!r}: {self.n_gene}, {self.morph_rep!r}: {self.n_morph}), {state})"
         )
-
-    @property
-    def is_trained(self) -> bool:
-        """Whether :meth:`fit` has run (or a trained model was loaded)."""
-        return self.module is not None
 
     @property
     def temperature(self) -> float:
         """The current softmax temperature."""
         if self.module is None:
-            return self.config["temperature"]
+            return self.config.temperature
         return float(self.module.temperature.detach().cpu())
 
-    def _build(self, n_gene: int, n_morph: int) -> None:
+    # ------------------------------------------------------------------ the base's hooks
+    def _build_module(self) -> ContrastiveModule:
         c = self.config
-        self.n_gene, self.n_morph = int(n_gene), int(n_morph)
-        self.module = ContrastiveModule(
-            self.n_gene,
-            self.n_morph,
-            dim=c["dim"],
-            hidden=c["hidden"],
-            dropout=c["dropout"],
-            temperature=c["temperature"],
-            learn_temperature=c["learn_temperature"],
-        )
+        return ContrastiveModule(
+            self.n_gene, self.n_morph, dim=c.dim, hidden=c.hidden, dropout=c.dropout, temperature=c.temperature,
+            learn_temperature=c.learn_temperature,
+        )  # fmt: skip
+
+    def _get_state(self) -> dict:
+        return {
+            "n_gene": self.n_gene,
+            "n_morph": self.n_morph,
+            "gene_rep": self.gene_rep,
+            "morph_rep": self.morph_rep,
+            "fit_info": self.fit_info,
+            "retrieval": self.retrieval.to_dict(orient="list"),
+            "retrieval_index": list(self.retrieval.index),
+            "test_obs_names": [str(x) for x in self.test_obs_names],
+        }
+
+    def _set_state(self, state) -> None:
+        self.n_gene, self.n_morph = int(state["n_gene"]), int(state["n_morph"])
+        self.gene_rep, self.morph_rep = state.get("gene_rep"), state.get("morph_rep")
+        self.fit_info = dict(state.get("fit_info") or {})
+        self.retrieval = pd.DataFrame(state.get("retrieval") or {}, index=state.get("retrieval_index") or None)
+        self.test_obs_names = pd.Index(state.get("test_obs_names") or [])
+
+    @classmethod
+    def _upgrade(cls, meta: dict, path: Path) -> dict:
+        if meta.get("format") == f"{FORMAT}/1":  # the layout of 0.1
+            deprecated_layout(path, "format-1 ContrastiveAligner")
+            state = {k: meta.get(k) for k in ("n_gene", "n_morph", "gene_rep", "morph_rep", "fit_info", "retrieval",
+                                              "retrieval_index", "test_obs_names")}  # fmt: skip
+            return {
+                "format": FORMAT,
+                "format_version": 1,
+                "cellsymphony_version": meta.get("version"),
+                "config": meta.get("config", {}),
+                "state": state,
+                "fit_params": meta.get("fit_params") or {},
+                "history": meta.get("history") or {},
+            }
+        return meta
 
     # ------------------------------------------------------------------ training
     def fit(
@@ -222,10 +178,15 @@ class ContrastiveAligner:
         weight_decay: float = 1e-4,
         test_size: float = 0.1,
         retrieval_cells: int | None = RETRIEVAL_CELLS,
+        early_stopping: bool = False,
+        patience: int = 5,
         seed: int = 0,
         device: str | None = None,
     ) -> ContrastiveAligner:
         """Train on the cells present in both modalities, holding out ``test_size`` of them.
+
+        The aligner reads ``mdata`` and writes nothing into it (:func:`cellsymphony.tl.align_contrastive`
+        writes the projections).
 
         Parameters
         ----------
@@ -249,17 +210,24 @@ class ContrastiveAligner:
             (``None``: all of them). Its cost grows with the square of the cells, and recall@k depends on
             how many candidates there are: a fixed number keeps whole sections fast and their figures
             comparable.
+        early_stopping
+            Stop once the held-out loss has not improved for ``patience`` epochs and keep the weights of the
+            best epoch (needs ``test_size > 0``). Off by default (results as in earlier versions, and the
+            held-out cells, on which retrieval is reported, do not select the model); turn it on when the
+            held-out loss rises early, as in the demo (from epoch 3 of 30).
+        patience
+            Epochs without improvement before stopping.
         seed
-            Seed of the split, initial weights, shuffling and dropout.
+            Seed of the split, initial weights, shuffling and dropout (the global random state is left as it was).
         device
             Torch device; ``None`` uses ``cs.settings.device``.
 
         Returns
         -------
-        The aligner itself, with ``history``, ``retrieval``, ``fit_info``, ``train_obs_names`` and
-        ``test_obs_names`` set.
+        The aligner itself, with ``history``, ``retrieval``, ``metrics_table``, ``fit_info``, ``fit_params``,
+        ``provenance``, ``train_obs_names`` and ``test_obs_names`` set.
         """
-        if int(epochs) != epochs or epochs < 1:
+        if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
             raise ValueError(f"epochs={epochs!r} must be a positive integer.")
         if int(batch_size) != batch_size or batch_size < 2:
             raise ValueError(f"batch_size={batch_size!r} must be an integer >= 2 (InfoNCE needs negatives).")
@@ -269,12 +237,12 @@ class ContrastiveAligner:
             raise ValueError(f"lr={lr!r} must be positive.")
         if retrieval_cells is not None and (int(retrieval_cells) != retrieval_cells or retrieval_cells < 2):
             raise ValueError(f"retrieval_cells={retrieval_cells!r} must be an integer >= 2 (or None).")
+        if isinstance(patience, bool) or int(patience) != patience or patience < 1:
+            raise ValueError(f"patience={patience!r} must be a positive integer.")
         t_start = time.perf_counter()
         data = paired_inputs(mdata, gene_rep, morph_rep)
         n = data["n_used"]
-        n_test = int(round(test_size * n)) if test_size > 0 else 0
-        if test_size > 0:
-            n_test = max(n_test, 2)
+        n_test = max(int(round(test_size * n)), 2) if test_size > 0 else 0
         n_train = n - n_test
         if n_train < 2:
             raise ValueError(
@@ -290,97 +258,69 @@ class ContrastiveAligner:
             )
             batch_size = n_train
         device = resolve_device(device)
+        self.timings = {}
         self.gene_rep, self.morph_rep = data["gene_rep"], data["morph_rep"]
+        self.n_gene, self.n_morph = data["x_gene"].shape[1], data["x_morph"].shape[1]
+        self._record_inputs(mdata, {"rna": (self.gene_rep, self.n_gene), "morphology": (self.morph_rep, self.n_morph)})
 
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(n)
+        order = np.random.default_rng(seed).permutation(n)
         test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
         self.train_obs_names = data["obs_names"][train_idx]
         self.test_obs_names = data["obs_names"][test_idx]
 
-        fork_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(seed)
-            self._build(data["x_gene"].shape[1], data["x_morph"].shape[1])
-            module = self.module
+        with seeded(seed, device):
+            self.module = module = self._build_module()
             xg = torch.from_numpy(data["x_gene"]).to(device)
             xm = torch.from_numpy(data["x_morph"]).to(device)
             tr = torch.from_numpy(train_idx).to(device)
             te = torch.from_numpy(test_idx).to(device)
-            module.gene_head.set_standardisation(xg[tr].mean(0), xg[tr].std(0))
-            module.morph_head.set_standardisation(xm[tr].mean(0), xm[tr].std(0))
+            module.gene_head.set_standardization(*standardization(xg[tr]))
+            module.morph_head.set_standardization(*standardization(xm[tr]))
             module.to(device)
             self.device = device
+            decay = [p for p in module.parameters() if p.ndim == 2]
+            no_decay = [p for p in module.parameters() if p.ndim != 2]
 
-            decay = [p for name, p in module.named_parameters() if p.ndim == 2]
-            no_decay = [p for name, p in module.named_parameters() if p.ndim != 2]
-            opt = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=lr,
-            )
-            n_batches = math.ceil(n_train / batch_size)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * n_batches)
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            rows = []
-            from tqdm.auto import tqdm
-
-            epoch_seconds = []
-            for epoch in tqdm(range(epochs), desc="contrastive", disable=not settings.progress):
-                t_epoch = time.perf_counter()
-                module.train()
+            def batches(gen):
                 perm = tr[torch.randperm(n_train, generator=gen).to(device)]
-                total, count = 0.0, 0
                 for s in range(0, n_train, batch_size):
                     idx = perm[s : s + batch_size]
-                    if idx.numel() < 2:  # a lone cell has no negatives
-                        continue
-                    loss = module.loss(xg[idx], xm[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    module.clamp_temperature()
-                    total += float(loss.detach()) * idx.numel()
-                    count += idx.numel()
-                test_loss = self._eval_loss(xg, xm, te, batch_size)
-                epoch_seconds.append(time.perf_counter() - t_epoch)
-                rows.append(
-                    {
-                        "epoch": epoch + 1,
-                        "train_loss": total / max(count, 1),
-                        "test_loss": test_loss,
-                        "temperature": self.temperature,
-                    }
-                )
-            module.eval()
-            self.history = pd.DataFrame(rows)
+                    if idx.numel() >= 2:  # a lone cell has no negatives
+                        yield idx
+
+            self.history = self._fit_loop(
+                batches=batches,
+                loss=lambda idx: module.loss(xg[idx], xm[idx]),
+                evaluate=lambda: {"test_loss": self._eval_loss(xg, xm, te, batch_size), "temperature": self.temperature},
+                batch_len=lambda idx: int(idx.numel()),
+                n_train=n_train, epochs=int(epochs), lr=lr, weight_decay=weight_decay, seed=seed, device=device,
+                early_stopping=early_stopping, patience=int(patience),
+                param_groups=[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                schedule="cosine", steps_per_epoch=math.ceil(n_train / batch_size), after_step=module.clamp_temperature,
+                desc="contrastive",
+            )  # fmt: skip
             t_eval = time.perf_counter()
             scored = te
             if retrieval_cells is not None and te.numel() > retrieval_cells:
                 pick = np.sort(np.random.default_rng([seed, 1]).choice(te.numel(), int(retrieval_cells), replace=False))
                 scored = te[torch.from_numpy(pick).to(te.device)]
             self.retrieval = self._retrieval(xg, xm, scored)
-            # wall-clock seconds, for benchmarks; not stored with the results (they vary between runs)
-            self.timings = {
-                "epochs": epoch_seconds,
-                "retrieval": time.perf_counter() - t_eval,
-                "total": time.perf_counter() - t_start,
-            }
+            self.timings.update(retrieval=time.perf_counter() - t_eval, total=time.perf_counter() - t_start)
+        from ..._results import retrieval_table
+
+        self.metrics_table = retrieval_table("contrastive", self.retrieval)
         self.fit_info = {k: v for k, v in data.items() if k.startswith("n_")}
         self.fit_info.update(n_train=int(n_train), n_test=int(n_test), batch_size=batch_size)
         self.fit_params = {
-            "epochs": int(epochs),
-            "batch_size": batch_size,
-            "lr": float(lr),
-            "weight_decay": float(weight_decay),
-            "test_size": float(test_size),
+            "gene_rep": self.gene_rep, "morph_rep": self.morph_rep, "epochs": int(epochs), "batch_size": batch_size,
+            "lr": float(lr), "weight_decay": float(weight_decay), "test_size": float(test_size),
             "retrieval_cells": None if retrieval_cells is None else int(retrieval_cells),
-            "seed": int(seed),
-        }
+            "early_stopping": bool(early_stopping), "patience": int(patience), "seed": int(seed), "device": device,
+        }  # fmt: skip
         last = self.history.iloc[-1]
         logger.info(
             "contrastive: %d epochs, train loss %.3f, held-out loss %.3f, temperature %.3f",
-            epochs, last.train_loss, last.test_loss, last.temperature,
+            len(self.history), last.train_loss, last.test_loss, self.temperature,
         )  # fmt: skip
         return self
 
@@ -426,10 +366,6 @@ class ContrastiveAligner:
         )
 
     # ------------------------------------------------------------------ inference
-    def _check_trained(self) -> None:
-        if self.module is None:
-            raise ValueError("The aligner is not trained: call .fit(mdata) or cs.tl.align_contrastive first.")
-
     @torch.no_grad()
     def transform_array(
         self, x: np.ndarray, modality: Literal["rna", "morphology"] = MOD_MORPH, *, batch_size: int = 8192
@@ -457,7 +393,7 @@ class ContrastiveAligner:
             raise ValueError(
                 f"The aligner's {modality!r} network takes {want} features per cell; got an array of shape {x.shape}."
             )
-        out = np.full((x.shape[0], self.config["dim"]), np.nan, dtype=np.float32)
+        out = np.full((x.shape[0], self.config.dim), np.nan, dtype=np.float32)
         ok = np.flatnonzero(np.isfinite(x).all(axis=1))
         self.module.eval()
         head = self.module.gene_head if modality == MOD_RNA else self.module.morph_head
@@ -528,86 +464,3 @@ class ContrastiveAligner:
         zg = torch.from_numpy(self.transform_array(x_gene, MOD_RNA))
         zm = torch.from_numpy(self.transform_array(x_morph, MOD_MORPH))
         return float(info_nce(zg, zm, self.temperature))
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, dir_path: str | Path, *, overwrite: bool = False) -> Path:
-        """Save weights (``model.safetensors``) and configuration, history and retrieval (``config.json``).
-
-        Parameters
-        ----------
-        dir_path
-            Folder to write; created when missing.
-        overwrite
-            Replace the files of an existing saved model; otherwise an existing one is an error.
-
-        Returns
-        -------
-        The folder; it holds ``model.safetensors`` and ``config.json`` (each written atomically). An existing
-        saved model without ``overwrite=True`` raises ``FileExistsError``, as
-        :meth:`cellsymphony.models.CellTypeClassifier.save` does.
-        """
-        from safetensors.torch import save_file
-
-        self._check_trained()
-        d = Path(dir_path)
-        if not overwrite and ((d / WEIGHTS_FILE).exists() or (d / CONFIG_FILE).exists()):
-            raise FileExistsError(f"{d} already holds a saved model: pass overwrite=True to replace it.")
-        d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-        meta = {
-            "format": "cellsymphony.ContrastiveAligner/1",
-            "version": package_version(),
-            "config": self.config,
-            "n_gene": self.n_gene,
-            "n_morph": self.n_morph,
-            "gene_rep": self.gene_rep,
-            "morph_rep": self.morph_rep,
-            "learn_temperature": self.config["learn_temperature"],
-            "fit_info": self.fit_info,
-            "fit_params": getattr(self, "fit_params", {}),
-            "history": self.history.to_dict(orient="list"),
-            "retrieval": self.retrieval.to_dict(orient="list"),
-            "retrieval_index": list(self.retrieval.index),
-            "test_obs_names": [str(x) for x in self.test_obs_names],
-        }
-        with atomic_path(d / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp))
-        with atomic_path(d / CONFIG_FILE) as tmp:
-            tmp.write_text(json.dumps(meta, indent=1, allow_nan=True))
-        logger.info("saved the contrastive aligner to %s", d)
-        return d
-
-    @classmethod
-    def load(cls, dir_path: str | Path, *, device: str | None = None) -> ContrastiveAligner:
-        """Load an aligner written by :meth:`save`.
-
-        Parameters
-        ----------
-        dir_path
-            Folder holding ``model.safetensors`` and ``config.json``.
-        device
-            Torch device to put the model on; ``None`` uses ``cs.settings.device``.
-
-        Returns
-        -------
-        The trained :class:`ContrastiveAligner`.
-        """
-        from safetensors.torch import load_file
-
-        d = Path(dir_path)
-        missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (d / f).exists()]
-        if missing:
-            raise ValueError(f"{d} is not a saved ContrastiveAligner: missing {missing}.")
-        meta = json.loads((d / CONFIG_FILE).read_text())
-        self = cls(**meta["config"])
-        self._build(meta["n_gene"], meta["n_morph"])
-        self.module.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
-        self.device = resolve_device(device)
-        self.module.to(self.device).eval()
-        self.gene_rep, self.morph_rep = meta["gene_rep"], meta["morph_rep"]
-        self.fit_info = meta.get("fit_info", {})
-        self.fit_params = meta.get("fit_params", {})
-        self.history = pd.DataFrame(meta.get("history", {}))
-        self.retrieval = pd.DataFrame(meta.get("retrieval", {}), index=meta.get("retrieval_index") or None)
-        self.test_obs_names = pd.Index(meta.get("test_obs_names", []))
-        return self

@@ -7,10 +7,13 @@ wraps it (the scvi-tools split between a *module* and a data-aware *model*).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._base import safe_std
 
 MIN_TEMPERATURE = 0.01  # logits scale at most 100, as in CLIP
 MAX_TEMPERATURE = 1.0
@@ -62,11 +65,20 @@ class ProjectionHead(nn.Module):
         )
 
     @torch.no_grad()
-    def set_standardisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Set the input standardisation; standard deviations below 1e-6 are treated as 1."""
-        std = torch.where(std > 1e-6, std, torch.ones_like(std))
-        self.mean.copy_(mean)
-        self.std.copy_(std)
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.std.copy_(safe_std(std))
+
+    def set_standardisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Deprecated spelling of :meth:`set_standardization`."""
+        warnings.warn(
+            "ProjectionHead.set_standardisation is deprecated: call set_standardization (the spelling of "
+            "CellClassifierModule.set_standardization).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        self.set_standardization(mean, std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.net((x - self.mean) / self.std)

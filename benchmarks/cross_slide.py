@@ -1,6 +1,6 @@
 """Cross-slide cell typing from H&E alone: train on section A, type the cells of H&E-only slides B.
 
-    PYTHONPATH=src python benchmarks/cross_slide.py [--cells 3000] [--shifts 0 0.5 1.0]
+    PYTHONPATH=src python benchmarks/cross_slide.py [--cells 2000] [--shifts 0 0.5 1.0]
 
 Section A is the synthetic Xenium section (seed 0); each slide B is another section of the same tissue
 model (seed 1, another "patient") written by ``cs.datasets.synthetic_he`` with the stain shift
@@ -30,7 +30,7 @@ from _he_only import ALIGNER, CLASSIFIER, expression_pca, macro_f1, quiet, secti
 import cellsymphony as cs
 
 
-def run(n_cells: int = 3000, shifts=(0.0, 0.5, 1.0), seed: int = 0) -> list[dict]:
+def run(n_cells: int = 2000, shifts=(0.0, 0.5, 1.0), seed: int = 0) -> list[dict]:
     quiet()
     t0 = time.perf_counter()
     a, _ = section_a(n_cells, seed)
@@ -70,7 +70,7 @@ def run(n_cells: int = 3000, shifts=(0.0, 0.5, 1.0), seed: int = 0) -> list[dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", type=int, default=3000)
+    ap.add_argument("--cells", type=int, default=2000)
     ap.add_argument("--shifts", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

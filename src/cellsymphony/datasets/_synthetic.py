@@ -697,12 +697,7 @@ def synthetic_xenium(
                "record_mpp": he_record_mpp, "deformation_um": float(he_deformation_um),
                "wavelength_um": float(he_deformation_wavelength_um), "alignment": bool(he_alignment),
                "stain": stain, "blur_um": float(he_blur_um), "jpeg_quality": int(he_jpeg_quality)}
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{path} exists and is not a folder")
-        if any(path.iterdir()) and not overwrite:
-            raise ValueError(f"{path} exists and is not empty; pass overwrite=True or choose another folder")
+    path = check_output_folder(path, overwrite)
     t0 = time.perf_counter()
     _check_disk(path, n_cells=int(n_cells), transcripts=transcripts, reference_cells=reference_cells, he_mpp=he_mpp)
     # generate into a hidden sibling and rename it into place at the end: an interrupted run leaves no
@@ -725,6 +720,17 @@ def synthetic_xenium(
 # bytes per cell of each part of a bundle (measured at 50,000 cells with the default he_mpp, plus ~10 %)
 _BYTES_PER_CELL = {"dapi": 5_800, "he": 1_300, "masks": 2_100, "tables": 900, "transcripts": 4_300}
 _BYTES_PER_REFERENCE_CELL = 1_900
+
+
+def check_output_folder(path: str | os.PathLike, overwrite: bool) -> Path:
+    """The output folder of a generator as a Path: absent, empty, or (with ``overwrite``) any folder."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} exists and is not a folder")
+        if any(path.iterdir()) and not overwrite:
+            raise ValueError(f"{path} exists and is not empty; pass overwrite=True or choose another folder")
+    return path
 
 
 def _check_stain(stain: dict | None) -> dict | None:

@@ -111,14 +111,10 @@ def synthetic_he(
     import h5py
     import scipy.sparse as sp
 
-    from ._synthetic import _move_into_place, _partial_tag, synthetic_xenium
+    from ._synthetic import _check_stain, _move_into_place, _partial_tag, check_output_folder, synthetic_xenium
 
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{path} exists and is not a folder")
-        if any(path.iterdir()) and not overwrite:
-            raise ValueError(f"{path} exists and is not empty; pass overwrite=True or choose another folder")
+    path = check_output_folder(path, overwrite)
+    _check_stain(stain)  # everything else is checked by synthetic_xenium, before it writes anything
     tmp = path.parent / f".{path.name}.he-partial-{_partial_tag()}"
     full = tmp / "xenium"
     try:

@@ -27,10 +27,10 @@ import cellsymphony as cs
 
 def _pearson_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson r of each column pair; NaN where either column is constant (the mean profile has no per-gene r)."""
+    const = (np.ptp(a, axis=0) == 0) | (np.ptp(b, axis=0) == 0)
     a, b = a - a.mean(0), b - b.mean(0)
-    sa, sb = np.sqrt((a * a).sum(0)), np.sqrt((b * b).sum(0))
-    ok = (sa > 1e-9 * (1 + np.abs(a).max())) & (sb > 0)
-    return np.where(ok, (a * b).sum(0) / np.where(ok, sa * sb, 1), np.nan)
+    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    return np.where(const, np.nan, (a * b).sum(0) / np.where(const, 1.0, den))
 
 
 def score(pred: np.ndarray, true: np.ndarray) -> dict:
@@ -82,8 +82,8 @@ def run(n_cells: int = 3000, seed: int = 0, k: int = 50) -> tuple[list[dict], pd
         sub = sub.toarray() if hasattr(sub, "toarray") else np.asarray(sub)
         true = np.log1p(sub / np.maximum(libt, 1e-12)[:, None] * target_sum)
         rows_t = tgt.mod["morphology"].obs_names.get_indexer(true_ad.obs_names)
-        for method, kw in (("knn (shared space)", {"method": "knn", "aligner": aligner, "k": k}),
-                           ("knn (morphology match)", {"method": "knn", "aligner": aligner, "k": k, "match": "morphology"}),
+        for method, kw in (("knn, match='rna' (BLEEP)", {"method": "knn", "aligner": aligner, "k": k, "match": "rna"}),
+                           ("knn, match='morphology'", {"method": "knn", "aligner": aligner, "k": k, "match": "morphology"}),
                            ("ridge on raw morphology", {"method": "ridge", "morph_rep": "X_handcrafted"})):
             cs.tl.predict_expression(tgt, train, genes=hvg, key_added="predicted", **kw)
             pred = np.asarray(tgt.mod["rna"].X)[rows_t]

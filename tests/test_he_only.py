@@ -299,10 +299,11 @@ def test_predict_expression_writes_a_modality_that_round_trips(method, tmp_path)
     assert back["rna"].obsm["X_pca"].shape == (tgt.n_obs, 5)
 
 
-def test_knn_beats_the_mean_profile_and_matches_by_hand():
+def test_knn_is_the_mean_of_the_nearest_reference_cells():
     ref, tgt, aligner, true = world()
     with pytest.warns(UserWarning, match="left out"):
-        cs.tl.predict_expression(tgt, ref, aligner=aligner, k=15, genes=["g3", "g1", "nope"], normalize=False)
+        cs.tl.predict_expression(tgt, ref, aligner=aligner, k=15, genes=["g3", "g1", "nope"], normalize=False,
+                                 match="rna")
     pred = tgt["rna"].X
     assert list(tgt["rna"].var_names) == ["g3", "g1"]
     zt = aligner.transform(tgt, "morphology")
@@ -311,6 +312,11 @@ def test_knn_beats_the_mean_profile_and_matches_by_hand():
     by_hand = ref["rna"][:, ["g3", "g1"]].X[nn].mean(axis=1)
     assert np.allclose(pred[:3], by_hand, atol=1e-5)
     assert list(tgt["rna"].uns["predicted"]["genes_missing"]) == ["nope"]
+    # match="morphology" (the default): neighbours among the reference's morphology projections
+    cs.tl.predict_expression(tgt, ref, aligner=aligner, k=15, genes=["g3"], normalize=False)
+    zm = aligner.transform(ref, "morphology")
+    nn = np.argsort(-(zt[:3] @ zm.T), axis=1)[:, :15]
+    assert np.allclose(tgt["rna"].X[:3, 0], ref["rna"][:, "g3"].X[nn].mean(axis=1).ravel(), atol=1e-5)
 
 
 def test_nan_embeddings_give_nan_rows_and_rerun_replaces_the_prediction():

@@ -98,7 +98,7 @@ def predict_expression(
     genes: Sequence[str] | None = None,
     key_added: str = "predicted",
     k: int = 50,
-    match: Literal["rna", "morphology"] = "rna",
+    match: Literal["rna", "morphology"] = "morphology",
     n_comps: int = 50,
     alpha: float = 1.0,
     layer: str | None = None,
@@ -112,8 +112,9 @@ def predict_expression(
     ``method="knn"`` (BLEEP's rule, per cell): each target cell's morphology embedding is projected into
     the shared space of ``aligner`` (the :class:`~cellsymphony.models.ContrastiveAligner` that
     :func:`cellsymphony.tl.align_contrastive` returned on the reference); its prediction is the mean
-    expression of the ``k`` reference cells nearest to it there (cosine similarity to their expression
-    projections with ``match="rna"``, to their morphology projections with ``match="morphology"``).
+    expression of the ``k`` reference cells nearest to it there (cosine similarity to their morphology
+    projections with ``match="morphology"``, the default; to their expression projections with
+    ``match="rna"``, BLEEP's query against expression).
     ``method="ridge"`` (the HEST benchmark's baseline): ridge regression of expression on the first
     ``n_comps`` principal components of the standardised morphology embedding ``morph_rep``, fitted on
     the reference cells.
@@ -139,8 +140,9 @@ def predict_expression(
     k
         Reference cells averaged per target cell (``"knn"``).
     match
-        What target cells are matched to in the shared space: the reference's expression projections
-        (``"rna"``, as BLEEP) or its morphology projections (``"morphology"``).
+        What target cells are matched to in the shared space: the reference's morphology projections
+        (``"morphology"``: same-modality neighbours, the more accurate in ``benchmarks/virtual_xenium.py``) or
+        its expression projections (``"rna"``, as BLEEP).
     n_comps
         Principal components of the embedding (``"ridge"``; at most the embedding's dimension).
     alpha

@@ -111,7 +111,13 @@ def synthetic_he(
     import h5py
     import scipy.sparse as sp
 
-    from ._synthetic import _check_stain, _move_into_place, _partial_tag, check_output_folder, synthetic_xenium
+    from ._synthetic import (
+        _check_stain,
+        _move_into_place,
+        _partial_tag,
+        check_output_folder,
+        synthetic_xenium,
+    )
 
     path = check_output_folder(path, overwrite)
     _check_stain(stain)  # everything else is checked by synthetic_xenium, before it writes anything

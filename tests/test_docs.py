@@ -37,7 +37,7 @@ def test_index_pages_exist():
 
 
 def test_tutorials_are_myst_notebooks():
-    for name in ("end_to_end", "own_labels", "he_only"):
+    for name in ("end_to_end", "own_labels", "he_only", "he_slides"):
         text = (ROOT / "tutorials" / f"{name}.md").read_text()
         assert text.startswith("---\nfile_format: mystnb"), name
         assert "{code-cell} ipython3" in text, name

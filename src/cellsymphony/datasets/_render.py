@@ -302,6 +302,22 @@ def _fibre_tiles(rng: np.random.Generator, size: int = 512, n_orient: int = 4) -
     return out
 
 
+# the stain and scanner of a slide (cs.datasets.synthetic_he / synthetic_xenium(he_stain=)): hematoxylin and eosin
+# optical-density vectors (None: the usual ones, drawn per slide), their strengths, the optical density of the
+# glass (scalar or per RGB channel; 0.03 is near white)
+STAIN_DEFAULTS = {"hematoxylin": None, "eosin": None, "hematoxylin_strength": 1.0, "eosin_strength": 1.0,
+                  "background": 0.03}
+STAIN_KEYS = tuple(STAIN_DEFAULTS)
+
+
+def blur_band(band: np.ndarray, sigma_px: float) -> np.ndarray:
+    """A Gaussian blur of an RGB band (a scanner out of focus); rows beyond the band are taken as its edge rows."""
+    if sigma_px <= 0:
+        return band
+    return np.clip(ndi.gaussian_filter(band.astype(np.float32), (sigma_px, sigma_px, 0), mode="nearest"), 0, 255
+                   ).round().astype(np.uint8)
+
+
 # per compartment background stain densities: (eosin, hematoxylin)
 _BG = {
     STROMA: (0.95, 0.06),
@@ -325,7 +341,7 @@ class HERenderer:
     """
 
     def __init__(self, tissue: Tissue, he2um: np.ndarray, shape: tuple[int, int], rng: np.random.Generator,
-                 deform=None):
+                 deform=None, stain: dict | None = None):
         self.t = tissue
         self.he2um = he2um  # (3, 3): H&E pixel (x, y, 1) -> um (x, y, 1)
         self.shape = shape
@@ -346,8 +362,14 @@ class HERenderer:
         # stain colour variation (slide level)
         hv = np.array([0.65, 0.70, 0.29]) + rng.normal(0, 0.04, 3)
         ev = np.array([0.10, 0.88, 0.42]) + rng.normal(0, 0.03, 3)
-        self.hv = (hv / np.linalg.norm(hv) * 1.25 * rng.uniform(0.9, 1.1)).astype(np.float32)
-        self.ev = (ev / np.linalg.norm(ev) * 0.62 * rng.uniform(0.85, 1.15)).astype(np.float32)
+        h_amp, e_amp = rng.uniform(0.9, 1.1), rng.uniform(0.85, 1.15)
+        # a lab's stain and scanner (see STAIN_KEYS): other vectors, strengths and glass colour
+        st = {**STAIN_DEFAULTS, **(stain or {})}
+        hv = hv if st["hematoxylin"] is None else np.asarray(st["hematoxylin"], dtype=np.float64)
+        ev = ev if st["eosin"] is None else np.asarray(st["eosin"], dtype=np.float64)
+        self.hv = (hv / np.linalg.norm(hv) * 1.25 * h_amp * st["hematoxylin_strength"]).astype(np.float32)
+        self.ev = (ev / np.linalg.norm(ev) * 0.62 * e_amp * st["eosin_strength"]).astype(np.float32)
+        self.background = (np.zeros(3) + np.asarray(st["background"], dtype=np.float64)).astype(np.float32)
         self.fibres = _fibre_tiles(rng, size=1024)
         self.shift = rng.integers(0, 1024, 2)
         self.rot = float(np.arctan2(he2um[1, 0], he2um[0, 0]))
@@ -458,7 +480,7 @@ class HERenderer:
         nuc = nuc_h * (1 + 0.12 * _tiled(self.grain, r0 + sh[1], c0 + sh[0], (h, w)))
         H = (hem + nuc) * (1 + 0.06 * stain) * inside
         E = eos * (1 + 0.08 * stain) * inside
-        od = H[..., None] * self.hv + E[..., None] * self.ev + 0.03
+        od = H[..., None] * self.hv + E[..., None] * self.ev + self.background
         od += 0.025 * _tiled(self.noise, r0 + sh[0] // 2, c0 + sh[1] // 3, (h, w))[..., None]
         rgb = 255.0 * np.exp(-np.clip(od, 0, None))
         return np.clip(rgb, 0, 255).astype(np.uint8)

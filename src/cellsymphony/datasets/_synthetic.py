@@ -192,7 +192,7 @@ def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
 
 def _write_pyramid(path: Path, shape: tuple[int, ...], dtype, bands: Iterator[np.ndarray], mpp: float | None, *,
                    rgb: bool, compression: str, channel: str | None = None, tile: int = 512,
-                   min_size: int = 512) -> None:
+                   min_size: int = 512, jpeg_quality: int = 90) -> None:
     """A tiled OME-TIFF pyramid (levels 1.. in SubIFDs) of an image given as consecutive bands of rows.
 
     Level 0 is streamed tile by tile from ``bands`` (even heights, except the last); level 1 (a quarter of
@@ -222,7 +222,7 @@ def _write_pyramid(path: Path, shape: tuple[int, ...], dtype, bands: Iterator[np
     kw = {"photometric": "rgb" if rgb else "minisblack", "tile": (tile, tile), "compression": compression,
           "maxworkers": 2, "buffersize": 1 << 26}
     if compression == "jpeg":
-        kw["compressionargs"] = {"level": 90}
+        kw["compressionargs"] = {"level": int(jpeg_quality)}
     elif compression == "zlib":
         kw["compressionargs"] = {"level": 1}
     res = 1e4 / mpp if mpp is not None else None  # pixels per cm
@@ -587,6 +587,9 @@ def synthetic_xenium(
     he_deformation_um: float = 0.0,
     he_deformation_wavelength_um: float = 500.0,
     he_alignment: bool = True,
+    he_stain: dict | None = None,
+    he_blur_um: float = 0.0,
+    he_jpeg_quality: int = 90,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic Xenium output folder of a breast tumour section, with its H&E.
@@ -638,6 +641,15 @@ def synthetic_xenium(
     he_alignment
         Write ``<name>_he_imagealignment.csv`` (the affine part of the truth when deformed); ``False``: an H&E
         without its alignment file.
+    he_stain
+        The stain and scanner colour of the H&E, a dict of any of ``hematoxylin`` and ``eosin`` (RGB
+        optical-density vectors; default the usual ones, drawn per slide), ``hematoxylin_strength`` and
+        ``eosin_strength`` (factors, 1 usual) and ``background`` (optical density of the glass, scalar or per
+        RGB channel; 0.03 usual). See :func:`synthetic_he`.
+    he_blur_um
+        Gaussian blur (sigma, micrometres) of the H&E, a scanner slightly out of focus; 0 for none.
+    he_jpeg_quality
+        JPEG quality of the H&E tiles (1-100; 90 usual).
     overwrite
         Replace an existing non-empty folder (once the new bundle is complete).
 
@@ -675,15 +687,16 @@ def synthetic_xenium(
         raise ValueError(f"he_deformation_um must be between 0 and 100 um, got {he_deformation_um}")
     if not he_deformation_wavelength_um > 0:
         raise ValueError(f"he_deformation_wavelength_um must be positive, got {he_deformation_wavelength_um}")
+    stain = _check_stain(he_stain)
+    if not 0 <= he_blur_um <= 20:
+        raise ValueError(f"he_blur_um must be between 0 and 20 um, got {he_blur_um}")
+    if isinstance(he_jpeg_quality, bool) or int(he_jpeg_quality) != he_jpeg_quality or not 1 <= he_jpeg_quality <= 100:
+        raise ValueError(f"he_jpeg_quality must be an integer from 1 to 100, got {he_jpeg_quality!r}")
     he_opts = {"rotation": None if he_rotation is None else float(he_rotation), "flip": bool(he_flip),
                "record_mpp": he_record_mpp, "deformation_um": float(he_deformation_um),
-               "wavelength_um": float(he_deformation_wavelength_um), "alignment": bool(he_alignment)}
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{path} exists and is not a folder")
-        if any(path.iterdir()) and not overwrite:
-            raise ValueError(f"{path} exists and is not empty; pass overwrite=True or choose another folder")
+               "wavelength_um": float(he_deformation_wavelength_um), "alignment": bool(he_alignment),
+               "stain": stain, "blur_um": float(he_blur_um), "jpeg_quality": int(he_jpeg_quality)}
+    path = check_output_folder(path, overwrite)
     t0 = time.perf_counter()
     _check_disk(path, n_cells=int(n_cells), transcripts=transcripts, reference_cells=reference_cells, he_mpp=he_mpp)
     # generate into a hidden sibling and rename it into place at the end: an interrupted run leaves no
@@ -706,6 +719,46 @@ def synthetic_xenium(
 # bytes per cell of each part of a bundle (measured at 50,000 cells with the default he_mpp, plus ~10 %)
 _BYTES_PER_CELL = {"dapi": 5_800, "he": 1_300, "masks": 2_100, "tables": 900, "transcripts": 4_300}
 _BYTES_PER_REFERENCE_CELL = 1_900
+
+
+def check_output_folder(path: str | os.PathLike, overwrite: bool) -> Path:
+    """The output folder of a generator as a Path: absent, empty, or (with ``overwrite``) any folder."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} exists and is not a folder")
+        if any(path.iterdir()) and not overwrite:
+            raise ValueError(f"{path} exists and is not empty; pass overwrite=True or choose another folder")
+    return path
+
+
+def _check_stain(stain: dict | None) -> dict | None:
+    """``he_stain`` validated: known keys, 3-vectors of positive optical density, positive strengths."""
+    from ._render import STAIN_KEYS
+
+    if stain is None:
+        return None
+    if not isinstance(stain, dict):
+        raise ValueError(f"he_stain must be a dict with keys among {list(STAIN_KEYS)}, got {type(stain).__name__}")
+    bad = sorted(set(stain) - set(STAIN_KEYS))
+    if bad:
+        raise ValueError(f"he_stain: unknown keys {bad}; use {list(STAIN_KEYS)}")
+    out = dict(stain)
+    for k in ("hematoxylin", "eosin"):
+        if out.get(k) is not None:
+            v = np.asarray(out[k], dtype=np.float64)
+            if v.shape != (3,) or (v < 0).any() or v.sum() <= 0:
+                raise ValueError(f"he_stain[{k!r}] must be 3 non-negative optical densities (R, G, B), got {out[k]!r}")
+            out[k] = v.tolist()
+    for k in ("hematoxylin_strength", "eosin_strength"):
+        if k in out and not 0 < float(out[k]) <= 5:
+            raise ValueError(f"he_stain[{k!r}] must be a factor in (0, 5], got {out[k]!r}")
+    if "background" in out:
+        b = np.zeros(3) + np.asarray(out["background"], dtype=np.float64)
+        if b.shape != (3,) or (b < 0).any() or (b > 1).any():
+            raise ValueError(f"he_stain['background'] must be an optical density in [0, 1] (or 3 of them), got {out['background']!r}")
+        out["background"] = b.tolist()
+    return out
 
 
 def _estimate_bytes(n_cells: int, *, transcripts: bool, reference_cells: int, he_mpp: float) -> int:
@@ -918,7 +971,7 @@ def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: flo
     _mark("tables")
     # ---- H&E: similarity transform H&E pixel -> morphology pixel (rotation, mirror, scale, shift)
     opts = {"rotation": None, "flip": False, "record_mpp": True, "deformation_um": 0.0, "wavelength_um": 500.0,
-            "alignment": True, **(he_opts or {})}
+            "alignment": True, "stain": None, "blur_um": 0.0, "jpeg_quality": 90, **(he_opts or {})}
     ang = np.deg2rad(rng.uniform(4.0, 11.0) * rng.choice([-1, 1]))  # drawn in any case: the same stream
     if opts["rotation"] is not None:
         ang = np.deg2rad(opts["rotation"])
@@ -940,14 +993,19 @@ def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: flo
     align[:2, 2] = lin @ offset
     he_shape = tuple(int(v) for v in np.ceil(he_c.max(axis=0) - offset + margin[::-1])[::-1])
     he2um = np.diag([PIXEL_SIZE, PIXEL_SIZE, 1.0]) @ align
-    renderer = _render.HERenderer(tissue, he2um, he_shape, rng, deform=deform)
+    renderer = _render.HERenderer(tissue, he2um, he_shape, rng, deform=deform, stain=opts["stain"])
     he_rows = _render.HE_BAND_ROWS
-    he_bands = (renderer.render_band(r0, min(he_shape[0], r0 + he_rows)) for r0 in range(0, he_shape[0], he_rows))
+    sigma_px = opts["blur_um"] / he_mpp
+    he_bands = (_render.blur_band(renderer.render_band(r0, min(he_shape[0], r0 + he_rows)), sigma_px)
+                for r0 in range(0, he_shape[0], he_rows))
     rec = opts["record_mpp"]
     recorded = he_mpp if rec is True else (None if rec is False else float(rec))
     _write_pyramid(path / f"{name}_he_image.ome.tif", (*he_shape, 3), np.uint8, he_bands, recorded, rgb=True,
-                   compression="jpeg")
+                   compression="jpeg", jpeg_quality=opts["jpeg_quality"])
     truth_he = renderer.nucleus_truth(he_mpp, n_cells)
+    rendered_stain = {"hematoxylin": renderer.hv.tolist(), "eosin": renderer.ev.tolist(),
+                      "background": renderer.background.tolist(), "blur_um": float(opts["blur_um"]),
+                      "jpeg_quality": int(opts["jpeg_quality"])}
     del renderer
     if opts["alignment"]:
         with atomic_path(path / f"{name}_he_imagealignment.csv") as tmp:
@@ -957,6 +1015,7 @@ def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: flo
             "alignment": align.tolist(), "rotation_deg": float(np.rad2deg(ang)), "flip": bool(opts["flip"]),
             "he_mpp": float(he_mpp), "he_mpp_recorded": recorded, "pixel_size": PIXEL_SIZE,
             "deformation": None if deform is None else deform.record(),
+            "stain": rendered_stain,
         }, indent=2))
 
     _mark("he")

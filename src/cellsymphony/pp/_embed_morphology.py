@@ -206,6 +206,7 @@ def embed_morphology(
     key_added: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     client: Client | None = None,
+    stain: str | None = None,
     copy: bool = False,
 ) -> MuData | AnnData | None:
     """Per-cell morphology embeddings from the H&E around each nucleus (UNI2-h by default).
@@ -270,6 +271,10 @@ def embed_morphology(
     client
         {client} Chunks are the ``chunk_size`` chunks of the cache, so a run on a cluster and one in a
         single process share ``cache_dir``; workers decode patches themselves (``num_workers`` is not used).
+    stain
+        Key of a :func:`cellsymphony.pp.normalize_stain` record in ``mdata["morphology"].uns``: each patch is
+        normalised from its slide's stain to the recorded reference before the encoder, and the reference is
+        recorded in ``params["stain"]``. ``None``: patches as scanned.
     copy
         {copy}
 
@@ -309,6 +314,13 @@ def embed_morphology(
     rows = np.arange(adata.n_obs)
     groups = sample_sources(mdata, adata, rows, None)
     xy = cell_centres(adata)
+    stain_params = None
+    if stain is not None:  # cellsymphony.pp._normalize_stain: per-slide transforms to the recorded reference
+        from ._normalize_stain import stain_record, wrap_stained
+
+        groups, stain_params = wrap_stained(adata, stain, groups), stain_record(adata, stain)
+        if client is not None:
+            raise ValueError("stain= is not supported with client= yet: embed without a client.")
     requested_device = device  # a cluster's workers resolve their own device
     device = resolve_device(device)
 
@@ -349,6 +361,8 @@ def embed_morphology(
         layer=layer, size=size, mpp=float(mpp), tile_stride=int(tile_stride) if mode == "tile" else None,
         batch_size=batch_size, chunk_size=int(chunk_size),
     )
+    if stain_params is not None:
+        run_params["stain"] = stain_params
     dim = int(encoder.embed_dim)
     out = np.full((adata.n_obs, dim), np.nan, dtype=np.float32)
     in_image = np.zeros(adata.n_obs, dtype=bool)

@@ -18,6 +18,7 @@ from .._constants import (
     SPATIAL_KEY,
 )
 from .._docs import inject_docs
+from .._joint import push_joint_obs
 from .._registration import (
     apply_affine,
     check_alignment,
@@ -395,6 +396,7 @@ def transfer_nucleus_labels(
         ),
         "samples": samples,
     }
+    push_joint_obs(data, [key_added, f"{key_added}_distance", f"{key_added}_probability"])
     logger.info(
         "transfer_nucleus_labels: sample %r: %d of %d cells matched to %d H&E nuclei (%.1f%% of cells, %.1f%% of nuclei) "
         "within %.1f um; registration QC: median %.2f um, 95th percentile %.2f um, mean offset (%+.2f, %+.2f) um. "

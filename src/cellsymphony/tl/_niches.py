@@ -7,6 +7,7 @@ import pandas as pd
 
 from .._constants import CONTRASTIVE_KEY, MOD_MORPH, NICHE_KEY
 from .._docs import inject_docs
+from .._joint import push_joint_obs
 from .._settings import logger
 from .._utils import params_record
 from .._validate import check_choice, get_modality, is_mudata
@@ -137,6 +138,7 @@ def niches(
         mdata.update()
         joint = adata.obs[key_added].reindex(mdata.obs_names)
         mdata.obs[key_added] = pd.Categorical(joint, categories=cats)
+        push_joint_obs(mdata, [key_added])
     where = f"the {mod!r} modality and the MuData" if is_mudata(mdata) else "the AnnData"
     logger.info(
         "added .obs[%r] (%d niches, %d cells left out for NaN rows) to %s",

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..._joint import push_joint_obs
 from ..._settings import logger, resolve_device, settings
 from ..._utils import atomic_path, package_version, params_record
 from ..._validate import check_choice
@@ -440,19 +441,20 @@ class CellTypeClassifier:
                 exclusions={k: int(v) for k, v in self.exclusions.items()},
             )
         mdata.uns[key_added] = block
+        push_joint_obs(mdata, [key_added, f"{key_added}_split"])
         written.append(f"uns[{key_added!r}]")
         logger.info("added %s to the %s", ", ".join(written), type(mdata).__name__)
 
     def _model_record(self) -> dict:
         rec = {
             "arch": self.arch,
-            "label_key": self.label_key or "None",
-            "gene_rep": self.gene_rep or "None",
-            "morph_rep": self.morph_rep or "None",
+            "label_key": self.label_key,
+            "gene_rep": self.gene_rep,
+            "morph_rep": self.morph_rep,
             "gene_dim": int(self.gene_dim or 0),
             "morph_dim": int(self.morph_dim or 0),
         }
-        return rec
+        return {k: v for k, v in rec.items() if v is not None}
 
     # ------------------------------------------------------------------ inference
     def _predict_inputs(self, mdata, gene_rep, morph_rep):

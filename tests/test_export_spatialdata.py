@@ -1,0 +1,187 @@
+"""cs.io.to_spatialdata: the layout of spatialdata_io, the zarr write, the round trip, spatialdata-plot over the H&E."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cellsymphony as cs
+from cellsymphony._joint import push_joint_obs
+
+N_CELLS, SEED = 300, 2
+
+
+@functools.cache
+def _bundle():
+    return cs.datasets.synthetic_path(n_cells=N_CELLS, seed=SEED)
+
+
+def _mdata():
+    m = cs.io.read_xenium(_bundle())
+    area = m["rna"].obs["cell_area"].to_numpy()
+    pred = np.where(area > np.median(area), "large", "small").astype(object)
+    pred[:7] = None  # cells without a prediction
+    m.obs["cs_pred"] = pd.Categorical(pred, categories=["large", "small"])
+    m.obsm["cs_pred_proba"] = np.random.default_rng(0).random((m.n_obs, 2))
+    m.uns["cs_pred"] = {"classes": np.array(["large", "small"], dtype=object), "params": {"seed": 0}}
+    push_joint_obs(m, ["cs_pred"])
+    return m
+
+
+@pytest.fixture(scope="module")
+def mdata():
+    return _mdata()
+
+
+@pytest.fixture(scope="module")
+def sdio():
+    import spatialdata_io
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return spatialdata_io.xenium(_bundle(), cells_as_circles=False, transcripts=False, cells_labels=False,
+                                     nucleus_labels=False)
+
+
+def _affine(element, cs_name="global"):
+    from spatialdata.transformations import get_transformation
+
+    t = get_transformation(element, to_coordinate_system=cs_name)
+    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
+
+
+def test_layout_overlays_spatialdata_io_without_transforms(mdata, sdio):
+    sdata = cs.io.to_spatialdata(mdata)
+    assert set(sdata.images) == {"he_image", "morphology_focus"}
+    assert set(sdata.shapes) == {"cell_boundaries", "nucleus_boundaries"}
+    # the same coordinate system and the same transformation of every element as spatialdata_io.xenium
+    for kind in ("images", "shapes"):
+        for name in getattr(sdata, kind):
+            np.testing.assert_allclose(_affine(getattr(sdata, kind)[name]), _affine(getattr(sdio, kind)[name]),
+                                       rtol=1e-12, atol=1e-9)
+    ours, theirs = sdata.shapes["cell_boundaries"], sdio.shapes["cell_boundaries"]
+    assert set(ours.index) == set(theirs.index)
+    common = theirs.index[:50]
+    for cid in common:
+        assert ours.loc[cid].geometry.equals_exact(theirs.loc[cid].geometry, 1e-9)
+    # the images are the same pixels, opened lazily
+    for name in sdata.images:
+        a = sdata.images[name]["scale0"]["image"]
+        b = sdio.images[name]["scale0"]["image"] if hasattr(sdio.images[name], "children") else sdio.images[name]
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a[:, :64, :64].values, b[:, :64, :64].values)
+    # one table annotating the cell polygons with every result
+    t = sdata.tables["table"]
+    assert t.uns["spatialdata_attrs"]["region"] == "cell_boundaries"
+    assert t.uns["spatialdata_attrs"]["instance_key"] == "cell_id"
+    assert set(t.obs["cell_id"]) == set(theirs.index)
+    assert t.obs["cs_pred"].isna().sum() == 7 and list(t.obs["cs_pred"].cat.categories) == ["large", "small"]
+    assert "in_image" in t.obs and "cell_area" in t.obs
+    np.testing.assert_array_equal(t.obsm["cs_pred_proba"], mdata.obsm["cs_pred_proba"])
+    assert list(t.uns["cs_pred"]["classes"]) == ["large", "small"]
+    np.testing.assert_allclose(t.obsm["spatial"], sdio.tables["table"].obsm["spatial"])
+
+
+def test_circles_and_bad_input(mdata, tmp_path):
+    sdata = cs.io.to_spatialdata(mdata, shapes="circles", images=False)
+    assert not sdata.images and "cell_circles" in sdata.shapes
+    circ = sdata.shapes["cell_circles"]
+    np.testing.assert_allclose(circ["radius"].to_numpy() ** 2 * np.pi, mdata["rna"].obs["cell_area"].to_numpy())
+    with pytest.raises(ValueError, match=r"Unknown sample\(s\) \['nope'\].*holds samples"):
+        cs.io.to_spatialdata(mdata, sample="nope")
+    with pytest.raises(ValueError, match="shapes='polygons' is not one of"):
+        cs.io.to_spatialdata(mdata, shapes="polygons")
+    (tmp_path / "x.zarr").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        cs.io.to_spatialdata(mdata, path=tmp_path / "x.zarr")
+    # a sample without an H&E: no H&E image, with a warning (the DAPI stays)
+    plain = cs.io.read_xenium(_bundle(), he_image=False)
+    with pytest.warns(UserWarning, match="no H&E attached"):
+        s = cs.io.to_spatialdata(plain)
+    assert set(s.images) == {"morphology_focus"}
+    assert "spatial" not in plain["rna"].uns
+
+
+def test_zarr_write_reads_back_and_round_trips(mdata, tmp_path):
+    """The write that failed with spatialdata < 0.7.3 (dask chunk grids passed as zarr chunks): see pyproject."""
+    import mudata as md
+    import spatialdata as sd
+
+    out = tmp_path / "section.zarr"
+    back = cs.io.to_spatialdata(mdata, path=out)
+    assert out.is_dir() and not list(tmp_path.glob(".section.zarr.partial-*"))
+    again = sd.read_zarr(out)
+    img = again.images["he_image"]
+    he = cs.io.read_he(mdata.uns["cellsymphony"]["samples"]["synthetic"]["he_path"])
+    level0 = img["scale0"]["image"] if hasattr(img, "children") else img
+    assert level0.shape[1:] == he.shapes[0]
+    np.testing.assert_array_equal(np.moveaxis(level0[:, 100:164, 200:264].values, 0, -1),
+                                  he.read_region(200, 100, 64, 64))
+    np.testing.assert_allclose(_affine(img), mdata.uns["cellsymphony"]["samples"]["synthetic"]["alignment"])
+    # from_spatialdata rebuilds the same MuData
+    for s in (back, again):
+        m2 = cs.io.from_spatialdata(s)
+        assert set(m2.mod) == set(mdata.mod)
+        assert list(m2.obs_names) == list(mdata.obs_names)
+        for mod in mdata.mod:
+            a, b = mdata[mod], m2[mod]
+            assert list(a.obs.columns) == list(b.obs.columns)
+            for c in a.obs.columns:
+                pd.testing.assert_series_equal(a.obs[c], b.obs[c], check_names=False, check_index=False)
+            assert set(a.obsm) == set(b.obsm)
+            assert (a.X != b.X).sum() == 0
+        assert (m2["rna"].layers["counts"] != mdata["rna"].layers["counts"]).nnz == 0
+        pd.testing.assert_series_equal(m2.obs["cs_pred"], mdata.obs["cs_pred"], check_names=False)
+        np.testing.assert_array_equal(m2.obsm["cs_pred_proba"], mdata.obsm["cs_pred_proba"])
+        reg = m2.uns["cellsymphony"]["samples"]["synthetic"]
+        np.testing.assert_array_equal(reg["alignment"], mdata.uns["cellsymphony"]["samples"]["synthetic"]["alignment"])
+        assert "spatial" in m2["rna"].uns
+    m2.write(tmp_path / "back.h5mu")
+    assert md.read_h5mu(tmp_path / "back.h5mu")["rna"].obs["cs_pred"].equals(mdata["rna"].obs["cs_pred"])
+    # overwrite replaces it in place
+    cs.io.to_spatialdata(mdata, path=out, overwrite=True, images=False)
+    assert not sd.read_zarr(out).images
+
+
+def _pink_fraction(rgb: np.ndarray) -> float:
+    """Share of pixels with the H&E's eosin pink (red and blue above green), absent from the plot colours."""
+    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
+    return float(((r - g > 25) & (b - g > 10) & (r > 120)).mean())
+
+
+def _render(fig) -> np.ndarray:
+    import matplotlib.pyplot as plt
+
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img
+
+
+def test_spatialdata_plot_renders_cs_pred_over_the_he(mdata):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import spatialdata_plot  # noqa: F401  (registers .pl)
+
+    sdata = cs.io.to_spatialdata(mdata)
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=80)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata.pl.render_images("he_image").pl.render_shapes("cell_boundaries", color="cs_pred", fill_alpha=0.6) \
+            .pl.show(coordinate_systems="global", ax=ax)
+    img = _render(fig)
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=80)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata.pl.render_shapes("cell_boundaries", color="cs_pred", fill_alpha=0.6).pl.show(
+            coordinate_systems="global", ax=ax)
+    dots_only = _render(fig)
+    assert img.std() > 20  # not blank
+    assert _pink_fraction(img) > 0.02 and _pink_fraction(dots_only) < 0.002  # the H&E is really there
+    assert len(np.unique(img.reshape(-1, 3) // 16, axis=0)) > 50  # an image, not a few flat colours

@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
+from _export_data import _bundle, _mdata, _pink_fraction, _render
 
 import cellsymphony as cs
-from cellsymphony._joint import push_joint_obs
-
-N_CELLS, SEED = 300, 2
-
-
-@functools.cache
-def _bundle():
-    return cs.datasets.synthetic_path(n_cells=N_CELLS, seed=SEED)
-
-
-def _mdata():
-    m = cs.io.read_xenium(_bundle())
-    area = m["rna"].obs["cell_area"].to_numpy()
-    pred = np.where(area > np.median(area), "large", "small").astype(object)
-    pred[:7] = None  # cells without a prediction
-    m.obs["cs_pred"] = pd.Categorical(pred, categories=["large", "small"])
-    m.obsm["cs_pred_proba"] = np.random.default_rng(0).random((m.n_obs, 2))
-    m.uns["cs_pred"] = {"classes": np.array(["large", "small"], dtype=object), "params": {"seed": 0}}
-    push_joint_obs(m, ["cs_pred"])
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -145,21 +125,6 @@ def test_zarr_write_reads_back_and_round_trips(mdata, tmp_path):
     # overwrite replaces it in place
     cs.io.to_spatialdata(mdata, path=out, overwrite=True, images=False)
     assert not sd.read_zarr(out).images
-
-
-def _pink_fraction(rgb: np.ndarray) -> float:
-    """Share of pixels with the H&E's eosin pink (red and blue above green), absent from the plot colours."""
-    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
-    return float(((r - g > 25) & (b - g > 10) & (r > 120)).mean())
-
-
-def _render(fig) -> np.ndarray:
-    import matplotlib.pyplot as plt
-
-    fig.canvas.draw()
-    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return img
 
 
 def test_spatialdata_plot_renders_cs_pred_over_the_he(mdata):

@@ -150,3 +150,48 @@ def test_spatialdata_plot_renders_cs_pred_over_the_he(mdata):
     assert img.std() > 20  # not blank
     assert _pink_fraction(img) > 0.02 and _pink_fraction(dots_only) < 0.002  # the H&E is really there
     assert len(np.unique(img.reshape(-1, 3) // 16, axis=0)) > 50  # an image, not a few flat colours
+
+
+def test_experiment_xenium_lists_only_files_the_bundle_holds():
+    import json
+
+    folder = _bundle()
+    spec = json.loads((folder / "experiment.xenium").read_text())
+    listed = [*spec["images"].values(), *spec["xenium_explorer_files"].values()]
+    assert listed and all((folder / rel).is_file() for rel in listed), listed
+
+
+def test_from_spatialdata_rough_edges(mdata, sdio, tmp_path):
+    # the dtypes read_xenium gives, from spatialdata_io's table
+    conv = cs.io.from_spatialdata(sdio)
+    for col in ("nucleus_count", "transcript_counts", "control_probe_counts", "n_nuclei"):
+        assert np.issubdtype(conv["rna"].obs[col].dtype, np.integer), (col, conv["rna"].obs[col].dtype)
+    # he_alignment= instead of the element's transformation
+    shifted = np.asarray(mdata.uns["cellsymphony"]["samples"]["synthetic"]["alignment"]).copy()
+    shifted[0, 2] += 3.0
+    got = cs.io.from_spatialdata(sdio, he_alignment=shifted).uns["cellsymphony"]["samples"]
+    np.testing.assert_allclose(got[next(iter(got))]["alignment"], shifted)
+    # a zarr written without images: the message says so and names the fix
+    import spatialdata as sd
+
+    plain = cs.io.to_spatialdata(mdata, images=False)
+    del plain.tables["table"].uns["cellsymphony_mudata"]  # as another tool would write it
+    out = tmp_path / "plain.zarr"
+    plain.write(out)
+    back = sd.read_zarr(out)
+    with pytest.raises(ValueError, match="no image element named '\\*he_image' .*written without images"):
+        cs.io.from_spatialdata(back, he_path=tmp_path / "x.ome.tif")
+    # the sample id from the element names of a multi-sample export
+    two = cs.io.concat([mdata, _mdata()], keys=["S1", "S2"])
+    s = cs.io.to_spatialdata(two, images=False)
+    assert {"S1_cell_boundaries", "S2_cell_boundaries", "S1_nucleus_boundaries"} <= set(s.shapes)
+    from spatialdata.transformations import get_transformation
+
+    assert set(get_transformation(s.shapes["S2_cell_boundaries"], get_all=True)) == {"S2"}
+    one = cs.io.to_spatialdata(two, sample="S2", images=False)
+    del one.tables["table"].uns["cellsymphony_mudata"]
+    one.shapes["S2_cell_boundaries"] = one.shapes.pop("cell_boundaries")
+    t = one.tables["table"]
+    t.obs["region"] = pd.Categorical(["S2_cell_boundaries"] * t.n_obs)
+    t.uns["spatialdata_attrs"]["region"] = "S2_cell_boundaries"
+    assert list(cs.io.from_spatialdata(one, pixel_size=0.2125).uns["cellsymphony"]["samples"]) == ["S2"]

@@ -163,6 +163,11 @@ def write_zarr(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool =
 
 # ---------------------------------------------------------------------- samples and ids
 def _pick_samples(mdata, sample) -> list[str]:
+    if SAMPLE_KEY not in mdata.obs:
+        raise ValueError(
+            f"The MuData has no obs[{SAMPLE_KEY!r}]: read it with cs.io.read_xenium (or cs.io.concat), which records "
+            "each cell's section."
+        )
     present = list(dict.fromkeys(mdata.obs[SAMPLE_KEY].astype(str)))
     if sample is None:
         return present
@@ -243,8 +248,11 @@ def _polygons(file: Path, ids: np.ndarray, pixel_size: float, cs_name: str, *, u
         keep_rows = good[run]
         x, y, run = x[keep_rows], y[keep_rows], np.cumsum(np.r_[0, np.diff(run[keep_rows]) != 0])
         run_cell = run_cell[good]
-    rings = shapely.linearrings(np.column_stack([x, y]), indices=run)
-    polys = shapely.polygons(rings)
+    ring_offsets = np.r_[0, np.cumsum(np.bincount(run, minlength=len(run_cell)))]
+    polys = shapely.from_ragged_array(
+        shapely.GeometryType.POLYGON, np.column_stack([x, y]).astype(np.float64),
+        (ring_offsets, np.arange(len(run_cell) + 1)),
+    )  # fmt: skip
     pos = pd.Index(ids).get_indexer(names[run_cell])  # each polygon's row among the cells
     inside = pos >= 0
     polys, pos = polys[inside], pos[inside]
@@ -370,7 +378,7 @@ def _table(mdata, ids: np.ndarray, regions: np.ndarray):
         pos = a.obs_names.get_indexer(names)
         for k in a.obsm:
             v = _dense(a.obsm[k])
-            full = v[pos] if (pos >= 0).all() else _fill(v, pos)
+            full = _take(v, pos)
             t = k if k not in obsm or _same_values(obsm[k], full) else f"{mod}:{k}"
             obsm.setdefault(t, full)
             targets.append(t)
@@ -379,8 +387,7 @@ def _table(mdata, ids: np.ndarray, regions: np.ndarray):
         record["var"][mod] = a.var.copy()
         if a is not rna and a.n_vars:
             xk = f"{mod}:X"
-            xd = _dense(a.X)
-            obsm[xk] = xd[pos] if (pos >= 0).all() else _fill(xd, pos)
+            obsm[xk] = _take(_dense(a.X), pos)
             record["X"][mod] = xk
     record["X"][MOD_RNA if MOD_RNA in mdata.mod else next(iter(mdata.mod))] = "X"
 
@@ -412,6 +419,13 @@ def _dense(v) -> np.ndarray:
     if isinstance(v, pd.DataFrame):
         return v.to_numpy()
     return np.asarray(v)
+
+
+def _take(v: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Rows ``pos`` of ``v`` (NaN where -1); ``v`` itself, not a copy, when already in that order."""
+    if len(pos) == len(v) and np.array_equal(pos, np.arange(len(pos))):
+        return v
+    return v[pos] if (pos >= 0).all() else _fill(v, pos)
 
 
 def _fill(v: np.ndarray, pos: np.ndarray) -> np.ndarray:

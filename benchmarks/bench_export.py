@@ -57,7 +57,7 @@ def _he(path: Path, side: int) -> None:
             tif.write(lvl, subfiletype=1, **opts)
 
 
-def make_section(folder: Path, n_cells: int, *, he_side: int = 8192, seed: int = 0):
+def make_section(folder: Path, n_cells: int, *, he_side: int = 4096, seed: int = 0):
     """A MuData laid out like cs.io.read_xenium's, with predictions, and a folder with what the export reads."""
     import anndata as ad
     import mudata as md

@@ -79,3 +79,23 @@ def test_after_concat_and_outside_alignment(tmp_path):
     np.testing.assert_allclose(got, joint.uns["cellsymphony"]["samples"]["B"]["alignment"], rtol=1e-9)
     # the squidpy/scanpy layer of each section survives concat
     assert set(joint["rna"].uns["spatial"]) == {"A", "B"}
+
+
+def test_cli_writes_the_viewer_files(tmp_path):
+    """What `cellsymphony run` / `demo` write after the .h5mu: Explorer groups and, with --spatialdata, the zarr."""
+    import spatialdata as sd
+
+    from cellsymphony.__main__ import build_parser
+    from cellsymphony._run import write_viewer_files
+
+    for cmd in (["demo", "--spatialdata"], ["run", "--xenium", "x", "--out", "o", "--spatialdata"]):
+        assert build_parser().parse_args(cmd).spatialdata is True
+    assert build_parser().parse_args(["demo"]).spatialdata is False
+    m = _mdata()
+    written = write_viewer_files(m, tmp_path, spatialdata=True)
+    assert tmp_path / "xenium_explorer" / "synthetic" / "cs_pred.csv" in written
+    _check(tmp_path / "xenium_explorer" / "synthetic" / "cs_pred.csv", _bundle_ids())
+    back = sd.read_zarr(tmp_path / "cellsymphony.zarr")
+    assert "he_image" in back.images and "cs_pred" in back.tables["table"].obs
+    # a re-run replaces both
+    write_viewer_files(m, tmp_path, spatialdata=True)

@@ -51,6 +51,11 @@ def from_spatialdata(
     affine transformation to ``coordinate_system`` gives the sample registry, exactly as
     :func:`~cellsymphony.io.read_xenium` lays them out.
 
+    A SpatialData written by :func:`~cellsymphony.io.to_spatialdata` (its table holds
+    ``uns["cellsymphony_mudata"]``) is rebuilt exactly: every modality with its columns, embeddings and
+    parameter records, the MuData's own results and the sample registry; the other arguments are then not
+    used.
+
     Parameters
     ----------
     sdata
@@ -80,11 +85,6 @@ def from_spatialdata(
     he_alignment
         The 3 x 3 affine H&E level-0 pixel -> Xenium morphology pixel (10x's ``*_he_imagealignment.csv`` or an
         array), used instead of the image element's transformation.
-
-    A SpatialData written by :func:`~cellsymphony.io.to_spatialdata` (its table holds
-    ``uns["cellsymphony_mudata"]``) is rebuilt exactly: every modality with its columns, embeddings and
-    parameter records, the MuData's own results and the sample registry; the other arguments are then not
-    used.
 
     Returns
     -------

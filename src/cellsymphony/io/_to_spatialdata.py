@@ -83,8 +83,8 @@ def to_spatialdata(
     (or ``cell_circles``) and ``nucleus_boundaries``, and the table ``"table"`` annotating the cell shapes
     (``region`` / ``cell_id``): ``X`` and ``layers`` of the ``"rna"`` modality; ``obs`` the columns of every
     modality and the MuData's own (``cs_pred``, ``cs_niche``, labels; a column that differs between modalities
-    as ``"mod:column"``); ``obsm`` every embedding and probability matrix (class names in ``uns[key]
-    ["classes"]``); ``uns`` the MuData's parameter records and registry, and ``uns["cellsymphony_mudata"]``,
+    as ``"mod:column"``); ``obsm`` every embedding and probability matrix (class names in
+    ``uns[key]["classes"]``); ``uns`` the MuData's parameter records and registry, and ``uns["cellsymphony_mudata"]``,
     from which :func:`~cellsymphony.io.from_spatialdata` rebuilds the MuData.
     """
     import spatialdata as sd

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -143,11 +145,20 @@ def write_zarr(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool =
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it.")
+    with atomic_dir(path) as tmp:
+        sdata.write(tmp)
+    logger.info("wrote the SpatialData to %s", path)
+    return sd.read_zarr(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; on success it replaces ``path``, on error it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        sdata.write(tmp)
+        yield tmp
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
@@ -157,8 +168,6 @@ def write_zarr(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool =
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("wrote the SpatialData to %s", path)
-    return sd.read_zarr(path)
 
 
 # ---------------------------------------------------------------------- samples and ids

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,7 @@ import pandas as pd
 from .._constants import REG_ALIGNMENT, REG_HE_PATH, REG_XENIUM_PATH, SAMPLE_KEY
 from .._settings import logger
 from .._validate import find_obs_column, sample_registry
-from ._to_spatialdata import _original_ids, _pick_samples
+from ._to_spatialdata import _original_ids, _pick_samples, atomic_dir
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -121,10 +120,8 @@ def write_xenium_explorer(
         if alignment is not None:
             plan.append((f"{s}/{alignment[0]}", alignment[1]))
 
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     written = []
-    try:
+    with atomic_dir(out_dir) as tmp:
         for rel, content in plan:
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -133,15 +130,6 @@ def write_xenium_explorer(
             else:
                 np.savetxt(target, content, delimiter=",", fmt="%.10g")
             written.append(out_dir / rel)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote %d Xenium Explorer files to %s", len(written), out_dir)
     return written
 

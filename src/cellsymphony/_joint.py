@@ -31,8 +31,9 @@ def push_joint_obs(data: Any, keys: Iterable[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         data.update()
-    # mudata pulls copies "mod:key" when it cannot tell the columns are equal (missing values): the joint
-    # column is the one copy in mdata.obs
-    pulled = [f"{m}:{k}" for m in mods for k in keys if f"{m}:{k}" in data.obs.columns]
-    if pulled:
-        data.obs = data.obs.drop(columns=pulled)
+    # mudata pulls copies "mod:key" when it cannot tell the columns are equal (missing values), and may pull
+    # them as all-missing: make them the values just pushed
+    for m in mods:
+        for k in keys:
+            if f"{m}:{k}" in data.obs.columns:
+                data.obs[f"{m}:{k}"] = data.obs[k].to_numpy()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .._constants import REG_ALIGNMENT, REG_HE_PATH, REG_PIXEL_SIZE, SAMPLE_KEY, SPATIAL_KEY
+from .._constants import REG_ALIGNMENT, REG_HE_MPP, REG_HE_PATH, REG_PIXEL_SIZE, SAMPLE_KEY, SPATIAL_KEY
 from .._registration import registry_warp, um_to_he_px
 from .._settings import logger
 
@@ -32,6 +32,7 @@ def spatial_entry(
     spatial_um: np.ndarray,
     *,
     cell_area: np.ndarray | None = None,
+    he_mpp: float | None = None,
     warp: Mapping | None = None,
     hires_px: int = HIRES_PX,
     lowres_px: int = LOWRES_PX,
@@ -47,7 +48,7 @@ def spatial_entry(
     extent = np.maximum(extent, 1.0) * 1.02 + 10.0  # a margin beyond the last cell
     scale = float(hires_px) / float(extent.max())  # hires pixels per micrometre
     shape = (max(int(np.ceil(extent[1] * scale)), 1), max(int(np.ceil(extent[0] * scale)), 1))
-    with HEImage(he_path, cache_tiles=0) as he:
+    with HEImage(he_path, mpp=he_mpp, cache_tiles=0) as he:
         hires = _resample(he, alignment, pixel_size, scale, shape, warp)
     f = float(lowres_px) / float(hires_px)
     low_shape = (max(round(shape[0] * f), 1), max(round(shape[1] * f), 1))
@@ -138,8 +139,9 @@ def attach_spatial_images(mdata: Any, sample: str) -> None:
         if "cell_area" in a.obs:
             area = a.obs["cell_area"].reindex(mdata.obs_names[in_sample]).to_numpy(np.float64)
             break
+    mpp = float(reg.get(REG_HE_MPP, np.nan))
     entry = spatial_entry(he_path, np.asarray(reg[REG_ALIGNMENT]), float(reg[REG_PIXEL_SIZE]), xy, cell_area=area,
-                          warp=registry_warp(reg))
+                          he_mpp=mpp if np.isfinite(mpp) and mpp > 0 else None, warp=registry_warp(reg))
     for a in mods.values():
         block = a.uns.get(SPATIAL_UNS)
         block = dict(block) if isinstance(block, Mapping) else {}

@@ -33,6 +33,7 @@ SUITES = {
     "labels": ("bench_labels", "nucleus-label transfer scaling"),
     "synthetic": ("bench_synthetic", "synthetic bundle generation speed and memory at two sizes"),
     "registration": ("bench_registration", "automatic H&E registration error, time and memory"),
+    "export": ("bench_export", "to_spatialdata, Xenium Explorer CSV and streamed zarr write vs plain reads/writes"),
 }
 
 

@@ -76,9 +76,13 @@ def test_niches_recover_clusters_write_once_and_keep_the_graph(tmp_path):
     truth = mdata["rna"].obs["truth"].to_numpy()[first]
     ok = lab.iloc[first].notna().to_numpy()
     assert adjusted_rand_score(truth[ok], lab.iloc[first].to_numpy()[ok]) > 0.95
-    # written once, on the modality; the MuData shows it as morphology:cs_niche and name look-ups find it
-    assert "cs_niche" not in mdata.obs and "cs_niche" not in mdata["rna"].obs
-    assert "morphology:cs_niche" in mdata.obs
+    # a joint result: one column of the MuData, mirrored into every modality (squidpy reads the modality)
+    joint = mdata.obs["cs_niche"]
+    for m in ("rna", "morphology"):
+        pd.testing.assert_series_equal(
+            mdata[m].obs["cs_niche"].astype(str), joint.reindex(mdata[m].obs_names).astype(str), check_names=False
+        )
+    pd.testing.assert_series_equal(joint.astype(str), lab.reindex(mdata.obs_names).astype(str), check_names=False)
     pd.testing.assert_series_equal(
         find_obs_column(mdata, "cs_niche").astype(str), lab.reindex(mdata.obs_names).astype(str), check_names=False
     )
@@ -131,10 +135,12 @@ def test_niches_use_rep_default_is_the_latest_with_a_deprecation():
         warnings.filterwarnings("error", message=".*cs.tl.niches.*")
         cs.tl.niches(mdata, key_added="nx")
     assert mdata["morphology"].uns["nx"]["params"]["use_rep"] == "X_other"
-    # a stale joint copy written by an earlier version is dropped on the next run
+    # a re-run replaces the joint column and its copies on every modality (kept in sync)
     mdata.obs["nx"] = "stale"
+    mdata["rna"].obs["nx"] = "stale"
     cs.tl.niches(mdata, key_added="nx")
-    assert "nx" not in mdata.obs and "morphology:nx" in mdata.obs
+    assert not (mdata.obs["nx"].astype(str) == "stale").any()
+    assert not (mdata["rna"].obs["nx"].astype(str) == "stale").any()
 
 
 def test_niches_copy_anndata_and_errors():
@@ -142,7 +148,7 @@ def test_niches_copy_anndata_and_errors():
     out = cs.tl.niches(mdata, use_rep=KEY, copy=True, key_added="nx")
     assert "nx" not in mdata["morphology"].obs
     assert "nx" in out["morphology"].obs
-    assert "morphology:nx" in out.obs
+    assert "nx" in out.obs and "nx" not in mdata.obs
     adata = mdata["morphology"].copy()
     cs.tl.niches(adata, use_rep=KEY, key_added="nx")
     assert adata.obs["nx"].notna().all()

@@ -146,7 +146,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {args.out}: is a file, expected a folder")
     from ._demo import run_demo
 
-    run_demo(out, n_cells=args.n_cells, seed=args.seed)
+    run_demo(out, n_cells=args.n_cells, seed=args.seed, spatialdata=args.spatialdata)
     return 0
 
 
@@ -195,7 +195,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         morph_mode=args.morph_mode, scgpt=scgpt, labels=labels, reference=reference,
         ref_label_key=args.ref_label_key, cell_id_col=args.cell_id_col, label_col=args.label_col,
         epochs=args.epochs, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, archs=archs,
-        train_cells=args.train_cells, device=args.device, seed=args.seed,
+        train_cells=args.train_cells, device=args.device, seed=args.seed, spatialdata=args.spatialdata,
     )  # fmt: skip
     return 0
 
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--n-cells", type=_positive_int, default=4000, help="cells in the synthetic section (default 4000)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--spatialdata", action="store_true",
+                      help="also write OUT/cellsymphony.zarr (SpatialData, for napari and spatialdata-plot)")
     demo.set_defaults(func=_cmd_demo)
 
     run = sub.add_parser(
@@ -343,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     run.add_argument("--out", required=True, metavar="DIR", help="output folder")
     run.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out")
+    run.add_argument("--spatialdata", action="store_true",
+                     help="also write OUT/cellsymphony.zarr (SpatialData, for napari and spatialdata-plot)")
     run.set_defaults(func=_cmd_run)
 
     register = sub.add_parser(

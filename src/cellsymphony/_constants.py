@@ -16,6 +16,9 @@ MOD_PROTEIN = "protein"
 SPATIAL_KEY = "spatial"
 NUCLEUS_KEY = "nucleus_centroid"
 
+# raw counts, also kept in this layer of the rna modality (cs.io.read_xenium)
+COUNTS_LAYER = "counts"
+
 # sections
 SAMPLE_KEY = "sample"
 IN_IMAGE_KEY = "in_image"

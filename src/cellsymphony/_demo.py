@@ -38,7 +38,7 @@ def _step(name: str, timings: dict):
     logger.info("demo: %s done in %.1f s", name, timings[name])
 
 
-def run_demo(out: str | Path, *, n_cells: int = 4000, seed: int = 0) -> Path:
+def run_demo(out: str | Path, *, n_cells: int = 4000, seed: int = 0, spatialdata: bool = False) -> Path:
     """Run the pipeline on the synthetic tissue and write its outputs to ``out``.
 
     Writes ``out/xenium/`` (the synthetic Xenium bundle), ``out/cellsymphony.h5mu``,
@@ -49,6 +49,7 @@ def run_demo(out: str | Path, *, n_cells: int = 4000, seed: int = 0) -> Path:
 
     from . import datasets, io, pp, tl
     from ._report import write_report
+    from ._run import write_viewer_files
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +100,8 @@ def run_demo(out: str | Path, *, n_cells: int = 4000, seed: int = 0) -> Path:
 
     with _step("write .h5mu", timings):
         io.write(mdata, out / "cellsymphony.h5mu")
+    with _step("Xenium Explorer / SpatialData files", timings):
+        write_viewer_files(mdata, out, spatialdata=spatialdata)
     with _step("report and figures", timings):
         note = pd.DataFrame.from_dict(DEMO_SETTINGS, orient="index", columns=["this demo", "the paper"])
         report = write_report(mdata, out, settings_note=note, timings=timings)

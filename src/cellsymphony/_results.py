@@ -231,6 +231,7 @@ def write_predictions(
     """Write ``obs[key_added]``, ``obsm[f"{key_added}_proba"]`` (and the split) and ``uns[key_added]``."""
     import numpy as np
 
+    from ._joint import push_joint_obs
     from ._settings import logger
 
     mdata.obs[key_added] = model._labels(proba)
@@ -240,6 +241,7 @@ def write_predictions(
         mdata.obs[f"{key_added}_split"] = split
         written.append(f"obs[{key_added + '_split'!r}]")
     mdata.uns[key_added] = {"classes": np.asarray(model.classes, dtype=object), "model": model._model_record(), **(extra or {})}
+    push_joint_obs(mdata, [key_added, f"{key_added}_split"])  # joint results also on every modality
     written.append(f"uns[{key_added!r}]")
     record_outputs(mdata, key_added, function, written)
     logger.info("added %s to the %s", ", ".join(written), type(mdata).__name__)

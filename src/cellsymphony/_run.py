@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._constants import CONTRASTIVE_KEY, NICHE_KEY, PRED_KEY, SINGLER_KEY
+from ._constants import CONTRASTIVE_KEY, HE_LABEL_KEY, NICHE_KEY, PRED_KEY, SINGLER_KEY
 from ._settings import logger
 
 # what this pipeline does that the paper did differently (shown in the report)
@@ -18,6 +18,31 @@ RUN_SETTINGS_NOTE = {
 
 
 TRAIN_CELLS_KEY = "cs_train_cells"
+# the per-cell categorical results written as Xenium Explorer cell groups, where present
+VIEWER_COLUMNS = (PRED_KEY, NICHE_KEY, SINGLER_KEY, "labels", HE_LABEL_KEY)
+EXPLORER_DIR = "xenium_explorer"
+ZARR_NAME = "cellsymphony.zarr"
+
+
+def write_viewer_files(mdata, out: Path, *, spatialdata: bool = False) -> list[Path]:
+    """``out/xenium_explorer/{sample}/{column}.csv`` for each result of ``VIEWER_COLUMNS`` present (and the H&E
+    alignment where it did not come from the Xenium folder); with ``spatialdata``, ``out/cellsymphony.zarr``."""
+    import cellsymphony as cs
+
+    from ._validate import find_obs_column
+
+    cols = []
+    for c in VIEWER_COLUMNS:
+        try:
+            find_obs_column(mdata, c)
+        except ValueError:
+            continue
+        cols.append(c)
+    written = cs.io.write_xenium_explorer(mdata, cols, out / EXPLORER_DIR, overwrite=True) if cols else []
+    if spatialdata:
+        cs.io.to_spatialdata(mdata, path=out / ZARR_NAME, overwrite=True)
+        written.append(out / ZARR_NAME)
+    return written
 
 
 def training_subset(mdata, label_key: str, confident_key: str | None, n_cells: int, seed: int) -> str:
@@ -81,20 +106,22 @@ def run_pipeline(
     train_cells: int | None = None,
     device: str | None,
     seed: int,
+    spatialdata: bool = False,
 ) -> Path:
     """Run the whole pipeline on one Xenium section and write ``out/cellsymphony.h5mu``, the trained models
     and ``out/report.html``; return the path of the ``.h5mu``.
 
     ``train_cells``: train (and compare) the classifiers on at most this many labelled cells drawn at random
     (``mdata.obs["cs_train_cells"]``), which bounds the memory and time of training on a whole section;
-    predictions are made for every cell."""
+    predictions are made for every cell. Also writes the Xenium Explorer cell groups (``out/xenium_explorer/``)
+    and, with ``spatialdata``, ``out/cellsymphony.zarr`` for napari and spatialdata-plot."""
     import cellsymphony as cs
 
     from ._report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     has_labels = labels is not None
-    steps = Steps(total=6 + (4 if has_labels else 0))
+    steps = Steps(total=7 + (4 if has_labels else 0))
 
     mdata = steps.run("reading the Xenium run", lambda: cs.io.read_xenium(xenium, he_image=he_image, he_alignment=he_alignment))
     steps.run(
@@ -134,6 +161,7 @@ def run_pipeline(
             mdata, NICHE_KEY, label_key, key_added=f"{NICHE_KEY}_enrichment"))  # fmt: skip
     h5mu = out / "cellsymphony.h5mu"
     steps.run("writing results", lambda: cs.io.write(mdata, h5mu))
+    steps.run("Xenium Explorer / SpatialData files", lambda: write_viewer_files(mdata, out, spatialdata=spatialdata))
     note = dict(RUN_SETTINGS_NOTE)
     paper = {"epochs": 20, "d_model": 512, "n_layers": 6, "n_heads": 8}
     for k, v in size.items():

@@ -165,23 +165,22 @@ def getter_record(table: pd.DataFrame, **params) -> dict:
 
 
 def params_record(**params) -> dict:
-    """A ``params`` dict safe to store in ``uns`` (h5mu-serialisable): ``None`` becomes ``"None"``,
-    tuples and lists become arrays (of strings when an item is a string or ``None``), paths become strings,
-    nested dicts are treated alike, and the package version is added."""
-    out = {k: _uns_safe(v) for k, v in params.items()}
+    """A ``params`` dict safe to store in ``uns`` (h5mu-serialisable): a ``None`` value is left out (it reads
+    back as a missing key, never as the string ``"None"``), tuples and lists become arrays (of strings when an
+    item is a string; a ``None`` item becomes ``""``), paths become strings, nested dicts are treated alike,
+    and the package version is added."""
+    out = {k: _uns_safe(v) for k, v in params.items() if v is not None}
     out["version"] = package_version()
     return out
 
 
 def _uns_safe(v):
-    if v is None:
-        return "None"
     if isinstance(v, os.PathLike):
         return str(v)
     if isinstance(v, dict):
-        return {str(k): _uns_safe(x) for k, x in v.items()}
+        return {str(k): _uns_safe(x) for k, x in v.items() if x is not None}
     if isinstance(v, tuple | list):
         if any(x is None or isinstance(x, str | os.PathLike) for x in v):
-            return np.asarray([str(_uns_safe(x)) for x in v])
+            return np.asarray(["" if x is None else str(_uns_safe(x)) for x in v])
         return np.asarray(v)
     return v

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 PIXEL_SIZE = 0.2125  # um per Xenium morphology pixel
-GENERATOR_VERSION = 5  # bump when the generated data change, to invalidate caches
+GENERATOR_VERSION = 6  # bump when the generated data change, to invalidate caches
 _SW = {"string": "xenium-2.0.0.10", "integer": "Xenium-1.0.2"}
 
 # mean transcripts per cell (panel genes) by type; Xenium panels give tens to hundreds per cell
@@ -1079,16 +1079,13 @@ def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: flo
         "analysis_sw_version": _SW[id_style],
         "experiment_uuid": "", "cassette_uuid": "", "roi_uuid": "", "well_uuid": "", "calibration_uuid": "",
         "z_step_size": 3.0,
-        "images": ({"morphology_filepath": "morphology.ome.tif",
-                    "morphology_focus_filepath": "morphology_focus/morphology_focus_0000.ome.tif"}
+        # only the files the bundle holds (10x also lists morphology.ome.tif and the Explorer's transcripts,
+        # cell-feature and analysis zarr files and analysis_summary.html, which a synthetic bundle does not have)
+        "images": ({"morphology_focus_filepath": "morphology_focus/morphology_focus_0000.ome.tif"}
                    if id_style == "string" else
-                   {"morphology_filepath": "morphology.ome.tif", "morphology_mip_filepath": "morphology_mip.ome.tif",
+                   {"morphology_mip_filepath": "morphology_mip.ome.tif",
                     "morphology_focus_filepath": "morphology_focus.ome.tif"}),
-        "xenium_explorer_files": {"transcripts_zarr_filepath": "transcripts.zarr.zip",
-                                  "cells_zarr_filepath": "cells.zarr.zip",
-                                  "cell_features_zarr_filepath": "cell_feature_matrix.zarr.zip",
-                                  "analysis_zarr_filepath": "analysis.zarr.zip",
-                                  "analysis_summary_filepath": "analysis_summary.html"},
+        "xenium_explorer_files": {"cells_zarr_filepath": "cells.zarr.zip"},
         "cellsymphony_synthetic": {"generator_version": GENERATOR_VERSION, "seed": int(seed), "n_cells": int(n_cells),
                                    "id_style": id_style, "he_mpp": he_mpp, "n_transcripts": int(n_tx),
                                    "width_um": float(tissue.width_um), "height_um": float(tissue.height_um)},

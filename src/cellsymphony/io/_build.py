@@ -15,6 +15,7 @@ import pandas as pd
 from scipy import sparse
 
 from .._constants import (
+    COUNTS_LAYER,
     IN_IMAGE_KEY,
     MOD_MORPH,
     MOD_PROTEIN,
@@ -31,6 +32,7 @@ from .._constants import (
     UNS_KEY,
 )
 from .._registration import inside_image, um_to_he_px
+from ._spatial_uns import attach_spatial_images
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -113,6 +115,7 @@ def build(section: Section) -> MuData:
 
     gene_x = sparse.csr_matrix(section.gene_x, dtype=np.float32)
     rna = ad.AnnData(X=gene_x, obs=obs, var=_var(section.gene_var))
+    rna.layers[COUNTS_LAYER] = gene_x.copy()  # raw counts kept when X is normalised in place
     if rna.var_names.has_duplicates:
         rna.var_names_make_unique()
     morph_obs = pd.DataFrame(index=index)
@@ -142,6 +145,7 @@ def build(section: Section) -> MuData:
     mdata.obsm[SPATIAL_KEY] = spatial.copy()
     mdata.obsm[NUCLEUS_KEY] = nucleus.copy()
     mdata.uns[UNS_KEY] = {SAMPLES_KEY: {section.sample: registry_entry(section)}}
+    attach_spatial_images(mdata, section.sample)
     return mdata
 
 

@@ -140,6 +140,9 @@ def concat(
                 adata.obs["cell_id"] = adata.obs_names.astype(str)
             adata.obs[SAMPLE_KEY] = s.reindex(adata.obs_names.astype(str)).to_numpy()
             adata.obs_names = pd.Index(rename.reindex(adata.obs_names.astype(str)).to_numpy())
+            if keys is not None and isinstance(adata.uns.get("spatial"), dict):  # library ids follow the new ids
+                old_ids = [str(x) for x in pd.unique(_samples_of(m, 0))]
+                adata.uns["spatial"] = {str(s.iloc[0]) if k in old_ids else k: v for k, v in adata.uns["spatial"].items()}
             mods[name] = adata
         parts.append(mods)
 
@@ -152,6 +155,9 @@ def concat(
             warnings.simplefilter("ignore", FutureWarning)
             a = ad.concat(pieces, join=join, merge="same", uns_merge="same")
         a.obs[SAMPLE_KEY] = pd.Categorical(a.obs[SAMPLE_KEY].astype(str), categories=categories)
+        spatial = {k: v for p in pieces for k, v in p.uns.get("spatial", {}).items()}  # scanpy's H&E per sample
+        if spatial:
+            a.uns["spatial"] = spatial
         joined[name] = a
 
     with warnings.catch_warnings():

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 _IMAGE_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".svs")
+RECORD_KEY = "cellsymphony_mudata"  # written by cs.io.to_spatialdata (io/_to_spatialdata.py)
 
 
 def from_spatialdata(
@@ -41,6 +42,7 @@ def from_spatialdata(
     pixel_size: float | None = None,
     sample: str | None = None,
     he_mpp: float | None = None,
+    he_alignment: str | os.PathLike | np.ndarray | None = None,
 ) -> MuData:
     """Convert a SpatialData made by :func:`spatialdata_io.xenium` into the package's MuData layout.
 
@@ -48,6 +50,11 @@ def from_spatialdata(
     boundaries give ``obsm["nucleus_centroid"]``, and the aligned H&E image element (``he_image``) with its
     affine transformation to ``coordinate_system`` gives the sample registry, exactly as
     :func:`~cellsymphony.io.read_xenium` lays them out.
+
+    A SpatialData written by :func:`~cellsymphony.io.to_spatialdata` (its table holds
+    ``uns["cellsymphony_mudata"]``) is rebuilt exactly: every modality with its columns, embeddings and
+    parameter records, the MuData's own results and the sample registry; the other arguments are then not
+    used.
 
     Parameters
     ----------
@@ -71,9 +78,13 @@ def from_spatialdata(
     pixel_size
         Micrometres per morphology pixel. ``None``: from the transformation of the table's shapes.
     sample
-        Sample id. ``None``: from the ``experiment.xenium`` beside the H&E file, else ``"sample"``.
+        Sample id. ``None``: from the ``experiment.xenium`` beside the H&E file, else from the name of the
+        table's region (``"S1_cell_boundaries"`` -> ``"S1"``), else ``"sample"``.
     he_mpp
         Micrometres per H&E pixel, for image files that do not record it.
+    he_alignment
+        The 3 x 3 affine H&E level-0 pixel -> Xenium morphology pixel (10x's ``*_he_imagealignment.csv`` or an
+        array), used instead of the image element's transformation.
 
     Returns
     -------
@@ -90,6 +101,8 @@ def from_spatialdata(
             f"The SpatialData has no table {table_key!r} (it has {list(sdata.tables)}); pass table_key=."
         )
     table = sdata.tables[table_key]
+    if RECORD_KEY in table.uns:
+        return _from_record(table)
     if "cell_id" not in table.obs:
         raise ValueError(
             f"Table {table_key!r} has no obs['cell_id']; it does not come from spatialdata_io.xenium."
@@ -134,16 +147,18 @@ def from_spatialdata(
     drop = {attrs.get("region_key"), "cell_labels"} - {None, "cell_id"}
     obs = table.obs.drop(columns=[c for c in drop if c in table.obs.columns]).reset_index(drop=True)
     obs["cell_id"] = ids
+    obs = _xenium_dtypes(obs)
 
     nucleus = n_nuclei = None
     if nucleus_key is not None and nucleus_key in sdata.shapes:
         nucleus, n_nuclei = _nuclei_from_shapes(sdata.shapes[nucleus_key], ids)
 
     he = _he_from_element(
-        sdata, image_key, he_path, coordinate_system, um_to_cs, pixel_size, he_mpp, get_transformation
+        sdata, image_key, he_path, coordinate_system, um_to_cs, pixel_size, he_mpp, get_transformation,
+        he_alignment,
     )
     if sample is None:
-        sample = "sample"
+        sample = _sample_from_names(region, list(sdata.images))
         if he["he_path"]:
             folder = Path(he["he_path"]).parent
             if (folder / EXPERIMENT_FILE).is_file():
@@ -215,7 +230,8 @@ def _nuclei_from_shapes(gdf, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centroid, n_nuclei
 
 
-def _he_from_element(sdata, image_key, he_path, cs, um_to_cs, pixel_size, he_mpp, get_transformation) -> dict:
+def _he_from_element(sdata, image_key, he_path, cs, um_to_cs, pixel_size, he_mpp, get_transformation,
+                     he_alignment=None) -> dict:
     if image_key is False:
         return _nothing_he()
     if image_key is None:
@@ -223,9 +239,11 @@ def _he_from_element(sdata, image_key, he_path, cs, um_to_cs, pixel_size, he_mpp
         if len(names) > 1:
             raise ValueError(f"Several H&E image elements {names}; pass image_key=.")
         if not names:
-            if he_path is not None:
+            if he_path is not None or he_alignment is not None:
                 raise ValueError(
-                    "he_path was given but the SpatialData has no H&E image element; pass image_key=."
+                    f"he_path/he_alignment were given, but the SpatialData has no image element named '*he_image' "
+                    f"(its images: {list(sdata.images) or 'none; it was written without images'}). Name the H&E "
+                    "element with image_key=, or leave he_path/he_alignment out to convert without the H&E."
                 )
             return _nothing_he()
         image_key = names[0]
@@ -239,17 +257,24 @@ def _he_from_element(sdata, image_key, he_path, cs, um_to_cs, pixel_size, he_mpp
         )
     level0 = _level0(element)
     if he_path is None:
-        he_path = _source_file(level0)
+        he_path = element.attrs.get("cellsymphony_source") or _source_file(level0)
+        if he_path is not None and not os.path.isfile(he_path):
+            he_path = None
         if he_path is None:
             raise ValueError(
                 f"Cannot tell which file the image element {image_key!r} was read from (e.g. a SpatialData read "
                 "back from .zarr). Pass he_path= (the H&E OME-TIFF on disk), or image_key=False."
             )
-    # H&E pixel -> coordinate system -> micrometres -> morphology pixels
-    alignment = np.diag([1 / pixel_size, 1 / pixel_size, 1.0]) @ np.linalg.inv(um_to_cs) @ he_to_cs
     from .._registration import check_alignment
 
-    alignment = check_alignment(alignment, source=f"transformation of image {image_key!r}")
+    if he_alignment is not None:
+        from ._xenium_files import read_alignment
+
+        alignment = read_alignment(he_alignment)
+    else:
+        # H&E pixel -> coordinate system -> micrometres -> morphology pixels
+        alignment = np.diag([1 / pixel_size, 1 / pixel_size, 1.0]) @ np.linalg.inv(um_to_cs) @ he_to_cs
+        alignment = check_alignment(alignment, source=f"transformation of image {image_key!r}")
     with HEImage(he_path, mpp=he_mpp, cache_tiles=0) as he:
         shape = level0.shape
         dims = list(getattr(level0, "dims", ("c", "y", "x")))
@@ -286,12 +311,121 @@ def _source_file(data_array) -> str | None:
     except Exception:
         return None
     for value in graph.values():
-        candidates = []
-        if isinstance(value, str):
-            candidates = [value]
-        elif isinstance(value, np.ndarray) and value.dtype.kind in "US" and value.size <= 4:
-            candidates = [str(v) for v in value.ravel()]
-        for c in candidates:
+        for c in _strings(value, depth=0):
             if c.lower().endswith(_IMAGE_SUFFIXES) and os.path.isfile(c):
                 return c
     return None
+
+
+def _strings(value, depth: int):
+    """The strings (and paths) inside a dask graph value: tasks are tuples, readers keep paths in objects."""
+    if depth > 4:
+        return
+    if isinstance(value, str | os.PathLike):
+        yield os.fspath(value)
+    elif isinstance(value, np.ndarray) and value.dtype.kind in "US" and value.size <= 4:
+        yield from (str(v) for v in value.ravel())
+    elif isinstance(value, tuple | list):
+        for v in value[:8]:
+            yield from _strings(v, depth + 1)
+    elif isinstance(value, dict):
+        for v in list(value.values())[:8]:
+            yield from _strings(v, depth + 1)
+    else:  # a reader object (tifffile store, openslide wrapper, task object) that keeps its file name
+        for attr in ("args", "path", "filename", "_filename", "_path", "file", "fname"):
+            v = getattr(value, attr, None)
+            if v is not None and v is not value:
+                yield from _strings(v, depth + 1)
+
+
+_REGION_SUFFIXES = ("cell_boundaries", "cell_circles", "cell_labels", "he_image", "morphology_focus")
+
+
+def _sample_from_names(region, image_names) -> str:
+    """The sample id in element names such as ``"S1_cell_boundaries"``; ``"sample"`` when there is none."""
+    for name in [region, *image_names]:
+        if not name:
+            continue
+        for suffix in _REGION_SUFFIXES:
+            name = str(name)
+            if name.endswith(suffix) and len(name) > len(suffix) + 1 and name[-len(suffix) - 1] in "_-":
+                return name[: -len(suffix) - 1]
+    return "sample"
+
+
+# the dtypes cs.io.read_xenium gives the cells-table columns (spatialdata_io casts some of them)
+_INT_COLUMNS = ("nucleus_count", "transcript_counts", "total_counts", "z_level")
+
+
+def _xenium_dtypes(obs: pd.DataFrame) -> pd.DataFrame:
+    for col in obs.columns:
+        s = obs[col]
+        if (col in _INT_COLUMNS or col.endswith("_counts")) and pd.api.types.is_numeric_dtype(s):
+            v = s.to_numpy()
+            if np.isfinite(v).all() and np.all(v == np.round(v)):
+                obs[col] = v.astype(np.int64)
+    return obs
+
+
+def _from_record(table) -> MuData:
+    """The MuData written by cs.io.to_spatialdata, rebuilt from its table."""
+    import anndata as ad
+    import mudata as md
+
+    from .._constants import SAMPLE_KEY, SAMPLES_KEY, UNS_KEY
+    from ._spatial_uns import attach_spatial_images
+
+    rec = table.uns[RECORD_KEY]
+    names = table.obs_names.astype(str)
+    mods = {}
+    for mod, cols in rec["obs"].items():
+        if mod == "_joint":
+            continue
+        obs = pd.DataFrame(
+            {str(n): table.obs[str(t)].to_numpy() for n, t in zip(cols["names"], cols["table"], strict=True)},
+            index=names,
+        )
+        for n, t in zip(cols["names"], cols["table"], strict=True):
+            if isinstance(table.obs[str(t)].dtype, pd.CategoricalDtype):
+                obs[str(n)] = table.obs[str(t)].to_numpy()
+                obs[str(n)] = pd.Categorical(obs[str(n)], categories=table.obs[str(t)].cat.categories)
+        var = rec["var"][mod]
+        xk = rec["X"].get(mod)
+        if xk == "X":
+            x = table.X
+        elif xk is not None:
+            x = np.asarray(table.obsm[str(xk)], dtype=np.float32)
+        else:
+            x = np.zeros((table.n_obs, 0), dtype=np.float32)
+        om = rec["obsm"].get(mod, {"names": [], "table": []})
+        a = ad.AnnData(
+            X=x, obs=obs, var=var,
+            obsm={str(n): np.asarray(table.obsm[str(t)]) for n, t in zip(om["names"], om["table"], strict=True)},
+            uns=dict(rec["uns"].get(mod, {})),
+        )  # fmt: skip
+        if xk == "X":
+            for k, v in table.layers.items():
+                a.layers[k] = v
+        mods[str(mod)] = a
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        mdata = md.MuData(mods)
+        mdata.update()
+    joint = rec["obs"]["_joint"]
+    for n, t in zip(joint["names"], joint["table"], strict=True):
+        mdata.obs[str(n)] = table.obs[str(t)].reindex(mdata.obs_names).to_numpy()
+        if isinstance(table.obs[str(t)].dtype, pd.CategoricalDtype):
+            mdata.obs[str(n)] = pd.Categorical(mdata.obs[str(n)], categories=table.obs[str(t)].cat.categories)
+    jm = rec["obsm"]["_joint"]
+    for n in jm["names"]:
+        mdata.obsm[str(n)] = np.asarray(table.obsm[str(n)])
+    mdata.uns.update({k: v for k, v in table.uns.items() if k not in (RECORD_KEY, "spatialdata_attrs")})
+    for s in mdata.uns.get(UNS_KEY, {}).get(SAMPLES_KEY, {}):
+        if SAMPLE_KEY in mdata.obs and (mdata.obs[SAMPLE_KEY].astype(str) == s).any():
+            he = str(mdata.uns[UNS_KEY][SAMPLES_KEY][s].get("he_path", "") or "")
+            if not he or os.path.isfile(he):
+                attach_spatial_images(mdata, s)
+    logger.info("rebuilt the MuData of %d cells from its SpatialData table", mdata.n_obs)
+    return mdata

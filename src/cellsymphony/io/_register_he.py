@@ -43,6 +43,7 @@ from .._settings import logger
 from .._utils import params_record
 from .._validate import is_mudata, samples_registry
 from ._he import HEImage
+from ._spatial_uns import attach_spatial_images
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -177,6 +178,7 @@ class Registration:
         if self.nonrigid is not None:
             entry[NONRIGID_KEY] = {k: np.asarray(v, dtype=np.float64) for k, v in self.nonrigid.items()}
         registry[self.sample] = entry
+        attach_spatial_images(mdata, self.sample)
 
         for mod in (MOD_RNA, MOD_MORPH):
             if mod not in mdata.mod:

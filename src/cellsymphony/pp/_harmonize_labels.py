@@ -11,6 +11,7 @@ import pandas as pd
 
 from .._constants import AMBIGUOUS_LABEL, HARMONIZED_LABEL_KEY
 from .._docs import inject_docs
+from .._joint import push_joint_obs
 from .._settings import logger
 from .._utils import params_record
 from .._validate import find_obs_column
@@ -137,6 +138,7 @@ def harmonize_labels(
     coarse = [None if v is None else targets[str(v)] for v in fine_str]
     cats = sorted({c for c in coarse if c is not None})
     data.obs[key_added] = pd.Categorical(coarse, categories=cats)
+    push_joint_obs(data, [key_added])
     counts = pd.Series([str(v) for v in fine_str.dropna()], dtype=object).value_counts()
     table = pd.DataFrame(
         {

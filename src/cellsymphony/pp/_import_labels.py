@@ -11,6 +11,7 @@ import pandas as pd
 
 from .._constants import IMPORTED_LABEL_KEY, SAMPLE_KEY
 from .._docs import inject_docs
+from .._joint import push_joint_obs
 from .._settings import logger
 from .._utils import params_record
 from .._validate import is_mudata
@@ -154,6 +155,7 @@ def import_labels(
     n_unmatched_rows = int((~frame.index.isin(scoped)).sum())
     cats = sorted({v for v in values.dropna()})
     data.obs[key_added] = pd.Categorical(values.to_numpy(), categories=cats)
+    push_joint_obs(data, [key_added])
     n_unlabelled = int(data.obs[key_added][scope].isna().sum())
     data.uns[key_added] = {
         "params": params_record(

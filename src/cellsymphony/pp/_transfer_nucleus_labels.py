@@ -19,6 +19,7 @@ from .._constants import (
 )
 from .._coordinates import cell_coordinates
 from .._docs import inject_docs
+from .._joint import push_joint_obs
 from .._registration import (
     apply_affine,
     check_alignment,
@@ -385,6 +386,7 @@ def transfer_nucleus_labels(
         ),
         "samples": samples,
     }
+    push_joint_obs(data, [key_added, f"{key_added}_distance", f"{key_added}_probability"])
     from .._results import record_outputs
 
     record_outputs(data, key_added, "pp.transfer_nucleus_labels", [f"obs[{key_added!r}]", f"uns[{key_added!r}]"])

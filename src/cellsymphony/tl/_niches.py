@@ -8,6 +8,7 @@ import pandas as pd
 
 from .._constants import CONTRASTIVE_KEY, LATEST_KEY, MOD_MORPH, NICHE_KEY, UNS_KEY
 from .._docs import inject_docs
+from .._joint import push_joint_obs
 from .._settings import logger, settings
 from .._utils import params_record
 from .._validate import check_choice, get_modality, is_mudata, resolve_rep
@@ -205,10 +206,11 @@ def niches(
         "n_excluded": int((~ok).sum()),
     }
     if is_mudata(mdata):
-        if key_added in mdata.obs:  # the joint copy earlier versions wrote: stale now, the label lives on the modality
-            mdata.obs.drop(columns=key_added, inplace=True)
         mdata.update()
-    where = f"mdata[{mod!r}]" if is_mudata(mdata) else "the AnnData"
+        # a joint per-cell result: on the MuData, mirrored to every modality by the one function that does so
+        mdata.obs[key_added] = adata.obs[key_added].reindex(mdata.obs_names)
+        push_joint_obs(mdata, [key_added])
+    where = f"the {mod!r} modality and the MuData" if is_mudata(mdata) else "the AnnData"
     logger.info(
         "added .obs[%r] (%d niches, %d cells left out for NaN rows), .obsp[%r / %r], .uns[%r] to %s",
         key_added, n_niches, int((~ok).sum()), f"{neighbors_key}_connectivities", f"{neighbors_key}_distances",

@@ -422,14 +422,15 @@ class CellTypeClassifier(BaseModel):
         return pd.Categorical(pred, categories=self.classes)
 
     def _model_record(self) -> dict:
-        return {
+        rec = {
             "arch": self.arch,
-            "label_key": self.label_key or "None",
-            "gene_rep": self.gene_rep or "None",
-            "morph_rep": self.morph_rep or "None",
+            "label_key": self.label_key,
+            "gene_rep": self.gene_rep,
+            "morph_rep": self.morph_rep,
             "gene_dim": int(self.gene_dim or 0),
             "morph_dim": int(self.morph_dim or 0),
         }
+        return {k: v for k, v in rec.items() if v is not None}
 
     # ------------------------------------------------------------------ inference
     def _predict_inputs(self, mdata, gene_rep, morph_rep):

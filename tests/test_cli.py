@@ -256,3 +256,15 @@ def test_run_end_to_end_on_a_synthetic_bundle(tmp_path):
     assert (out / "figures" / "metrics_comparison.png").exists()
     assert (out / "classifier").is_dir()
     assert (out / "contrastive").is_dir()
+
+
+def test_every_morphology_choice_has_a_memory_estimate():
+    """The pre-flight memory check sizes the embedding of every encoder `run --morph-model` accepts."""
+    from cellsymphony._memory import MORPH_DIMS
+    from cellsymphony.models.encoders._morphology import PRESETS
+
+    run = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["run"]._actions
+               if a.dest == "morph_model")
+    assert set(run.choices) <= set(MORPH_DIMS)
+    for name in set(run.choices) & set(PRESETS):
+        assert MORPH_DIMS[name] == PRESETS[name].kwargs()["embed_dim"], name

@@ -322,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--he-alignment", metavar="FILE", help="H&E alignment CSV (default: *he_imagealignment.csv)")
     run.add_argument("--uni2", metavar="PATH", help=f"UNI2-h weights file or folder (default ${ENV_UNI2H}, then the HF cache)")
     run.add_argument("--scgpt", metavar="DIR", help=f"scGPT model folder (default ${ENV_SCGPT})")
-    run.add_argument("--morph-model", default="uni2-h", choices=("uni2-h", "handcrafted"),
-                     help="morphology encoder (default uni2-h; handcrafted needs no weights)")  # fmt: skip
+    run.add_argument("--morph-model", default="uni2-h", choices=("uni2-h", "handcrafted", "tiny"),
+                     help="morphology encoder (default uni2-h; handcrafted needs no weights; tiny: an untrained "
+                          "small ViT for smoke runs of big sections on CPU, not for results)")  # fmt: skip
     run.add_argument("--morph-mode", default="cell", choices=("cell", "tile"), help="per-cell patches or shared tiles")
     run.add_argument("--labels", metavar="singler|FILE", help="label source: 'singler' (with --reference) or a CSV of cell_id,label")
     run.add_argument("--reference", metavar="H5AD", help="single-cell reference for SingleR")

@@ -36,7 +36,7 @@ GRAPH_CELL_BYTES = 7_000
 GRAPH_KEPT_CELL_BYTES = 1_800
 REPORT_CELL_BYTES = 1_500  # spatial figures of every cell (points, colours, the rendered canvas)
 TRAIN_MODEL_BYTES = 0.5e9  # the paper-size classifier with its gradients and AdamW state
-MORPH_DIMS = {"uni2-h": 1536, "handcrafted": 44}
+MORPH_DIMS = {"uni2-h": 1536, "handcrafted": 44, "tiny": 32}
 
 
 @dataclass

@@ -134,7 +134,7 @@ def usable_labels(
         conf = find_obs_column(data, confident_key)
         conf = conf.astype(object).where(conf.notna(), False).astype(bool).to_numpy()
         not_conf = keep & ~conf
-        counts["not confident"] = int(not_conf.sum())
+        counts[f"not {confident_key}"] = int(not_conf.sum())  # e.g. "not singler_confident", "not cs_train_cells"
         keep &= conf
     no_inputs = keep & ~available
     counts["missing or NaN inputs"] = int(no_inputs.sum())

@@ -223,7 +223,7 @@ class Run:
     def nucleus_labels(self):
         import cellsymphony as cs
 
-        cs.pp.transfer_nucleus_labels(self.mdata, self.bundle / "he_nuclei.csv", x="x", y="y", label="class")
+        cs.pp.transfer_nucleus_labels(self.mdata, self.bundle / "he_nuclei.csv", x_key="x", y_key="y", label_key="class")
 
     def classifier_epoch(self):
         import numpy as np

@@ -162,7 +162,7 @@ def run_producers(tmpdir: str | Path):
         cs.pp.embed_morphology(mdata, model="handcrafted")
         ckpt = cs.datasets.tiny_scgpt_checkpoint(tmpdir / "scgpt", list(mdata["rna"].var_names), seed=0)
         cs.pp.embed_expression(mdata, model_dir=ckpt, seed=0)
-        cs.pp.transfer_nucleus_labels(mdata, bundle / "he_nuclei.csv", x="x", y="y", label="class")
+        cs.pp.transfer_nucleus_labels(mdata, bundle / "he_nuclei.csv", x_key="x", y_key="y", label_key="class")
         cs.tl.compare_classifiers(mdata, LABEL_KEY, archs=("unimodal", "dual"), key_added="cs_compare", **TINY_CLASSIFIER)
         cs.tl.train_classifier(mdata, LABEL_KEY, arch="dual", **TINY_CLASSIFIER)
         cs.tl.train_classifier(mdata, LABEL_KEY, arch="unimodal", key_added="cs_pred_unimodal", **TINY_CLASSIFIER)

@@ -77,8 +77,8 @@ def test_hovernet_and_tables(tmp_path):
     # without guessing (the transfer's rule) the default columns must be there
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['x', 'y'\].*no centroid columns 'x' / 'y'"):
         read_nuclei(df)
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['kind', 'nope'\].*class_key= naming it.*id_key="):
-        read_nuclei(df, x="Centroid X µm", y="Centroid Y µm", label="kind", id_key="nope", label_arg="class_key")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['kind', 'nope'\].*label_key= naming it.*id_key="):
+        read_nuclei(df, x="Centroid X µm", y="Centroid Y µm", label="kind", id_key="nope", label_arg="label_key")
 
 
 def test_bad_inputs(tmp_path):

@@ -51,13 +51,13 @@ def test_import_labels_integer_ids_per_sample():
     # ids 1..4 repeat in both sections (obs["cell_id"]); floats as a CSV with gaps would give
     table = pd.DataFrame({"id": [1.0, 2.0, 3.0, np.nan], "cls": ["x", "y", "z", "w"]})
     with pytest.raises(ValueError, match="repeat.*sample="):
-        cs.pp.import_labels(mdata, table, cell_id_col="id", label_col="cls")
-    cs.pp.import_labels(mdata, table, cell_id_col="id", label_col="cls", sample="s2")
+        cs.pp.import_labels(mdata, table, id_key="id", label_key="cls")
+    cs.pp.import_labels(mdata, table, id_key="id", label_key="cls", sample="s2")
     lab = mdata.obs["imported_label"].astype(object)
     assert lab.iloc[:4].isna().all()
     assert lab.iloc[4:7].tolist() == ["x", "y", "z"]
     assert mdata.uns["imported_label"]["id_source"] == "obs['cell_id']"
-    cs.pp.import_labels(mdata, table.assign(cls=["p", "q", "r", "s"]), cell_id_col="id", label_col="cls", sample="s1")
+    cs.pp.import_labels(mdata, table.assign(cls=["p", "q", "r", "s"]), id_key="id", label_key="cls", sample="s1")
     lab = mdata.obs["imported_label"].astype(object)
     assert lab.iloc[:3].tolist() == ["p", "q", "r"] and lab.iloc[4:7].tolist() == ["x", "y", "z"]
 

@@ -192,7 +192,7 @@ def test_nuclei_files_csv_geojson_hovernet(tissue, tmp_path):
 
     csv = tmp_path / "nuclei.csv"
     nuclei.rename(columns={"x": "centroid_x", "y": "centroid_y", "class": "type"}).to_csv(csv, index=False)
-    got = cs.pp.transfer_nucleus_labels(mdata, csv, x="centroid_x", y="centroid_y", label="type", copy=True)
+    got = cs.pp.transfer_nucleus_labels(mdata, csv, x_key="centroid_x", y_key="centroid_y", label_key="type", copy=True)
     pd.testing.assert_series_equal(got.obs["he_label"].astype(str), expected)
 
     # QuPath-style: one Polygon feature per nucleus (a small square around the centroid), classification dict

@@ -63,7 +63,7 @@ def test_qupath_micrometre_columns_and_units(he, tmp_path):
     assert mod.obs["nucleus_class"].tolist() == ["Tumor", "unknown"]
     assert list(mod.obs_names) == ["n1", "n2"] and "q" in m.uns["cellsymphony"]["samples"]
     # explicit columns in micrometres
-    m2 = cs.io.read_he_cells(he, df, x="Centroid X µm", y="Centroid Y µm", units="um")
+    m2 = cs.io.read_he_cells(he, df, x_key="Centroid X µm", y_key="Centroid Y µm", units="um")
     np.testing.assert_allclose(m2["morphology"].obsm["spatial"], mod.obsm["spatial"])
 
 
@@ -99,7 +99,7 @@ def test_geojson_qupath_cellvit_and_hovernet(he, tmp_path):
 
 def test_bad_tables(he, tmp_path):
     with pytest.raises(ValueError, match="no centroid columns 'cx' / 'cy'"):
-        cs.io.read_he_cells(he, pd.DataFrame({"x": [1.0], "y": [2.0]}), x="cx", y="cy")
+        cs.io.read_he_cells(he, pd.DataFrame({"x": [1.0], "y": [2.0]}), x_key="cx", y_key="cy")
     with pytest.raises(ValueError, match="no centroid columns"):
         cs.io.read_he_cells(he, pd.DataFrame({"a": [1.0]}))
     with pytest.raises(ValueError, match="missing or non-numeric"):

@@ -226,8 +226,11 @@ def test_cluster_enrichment_on_mudata_finds_columns_and_writes_h5mu(tmp_path):
 # --------------------------------------------------------------------------- spatial coherence
 def test_spatial_coherence_blocky_vs_shuffled(tmp_path):
     mdata = tissue_mudata()
-    blocky = cs.tl.spatial_coherence(mdata, "truth", n_neighs=6, n_perms=200, key_added="coh")
-    shuffled = cs.tl.spatial_coherence(mdata, "shuffled", n_neighs=6, n_perms=200)
+    blocky = cs.tl.spatial_coherence(mdata, "truth", n_neighbors=6, n_perms=200, key_added="coh")
+    shuffled = cs.tl.spatial_coherence(mdata, "shuffled", n_neighbors=6, n_perms=200)
+    with pytest.warns(FutureWarning, match=r"n_neighs=\.\.\.\) is deprecated.*n_neighbors="):
+        former = cs.tl.spatial_coherence(mdata, "truth", n_neighs=6, n_perms=200)  # the former name still works
+    pd.testing.assert_frame_equal(former, blocky)
     assert list(blocky.columns) == ["n_cells", "n_edges", "observed", "null_mean", "null_sd", "z", "pval"]
     assert blocky.index[-1] == "overall"
     assert len(blocky) == 17
@@ -256,7 +259,7 @@ def test_spatial_coherence_blocky_vs_shuffled(tmp_path):
     mdata.write(tmp_path / "c.h5mu")
     back = md.read_h5mu(tmp_path / "c.h5mu")
     pd.testing.assert_frame_equal(back.uns["coh"]["table"], blocky, check_dtype=False, check_index_type=False)
-    assert back.uns["coh"]["params"]["n_neighs"] == 6 and back.uns["coh"]["params"]["n_perms"] == 200
+    assert back.uns["coh"]["params"]["n_neighbors"] == 6 and back.uns["coh"]["params"]["n_perms"] == 200
 
 
 def test_spatial_coherence_is_seeded_and_checks_input():

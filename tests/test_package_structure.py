@@ -110,3 +110,71 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"importing cellsymphony imported {out.stdout.strip()}"
+
+
+# the naming table of docs/contributing.md: one concept, one parameter name across the public API
+NAMING_TABLE = {
+    "n_neighs": "n_neighbors",
+    "n_neighbours": "n_neighbors",
+    "cell_id_col": "id_key",
+    "id_col": "id_key",
+    "label_col": "label_key",
+    "class_key": "label_key",
+    "label": "label_key",
+    "x": "x_key",
+    "y": "y_key",
+    "modality": "mod",
+}
+# parameters that keep a name of the table for a reason: a plotting axis value, a new modality's name
+NAMING_EXCEPTIONS = {("tl.predict_expression", "modality")}
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_parameter_names_follow_the_naming_table(name):
+    for p in inspect.signature(FUNCTIONS[name]).parameters:
+        if p in NAMING_TABLE and (name, p) not in NAMING_EXCEPTIONS:
+            pytest.fail(f"{name}: parameter {p!r} should be called {NAMING_TABLE[p]!r} (docs/contributing.md)")
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new"),
+    [
+        ("tl.spatial_coherence", "n_neighs", "n_neighbors"),
+        ("pp.import_labels", "cell_id_col", "id_key"),
+        ("pp.import_labels", "label_col", "label_key"),
+        ("pp.transfer_nucleus_labels", "label", "label_key"),
+        ("pp.transfer_nucleus_labels", "x", "x_key"),
+        ("io.read_he_cells", "class_key", "label_key"),
+        ("io.read_he_cells", "y", "y_key"),
+    ],
+)
+def test_renamed_parameters_still_work_with_a_warning(name, old, new):
+    func = FUNCTIONS[name]
+    assert func.renamed_parameters[old] == new
+    assert new in inspect.signature(func).parameters and old not in inspect.signature(func).parameters
+    seen = {}
+
+    def inner(*args, **kwargs):
+        seen.update(kwargs)
+
+    from cellsymphony._validate import renamed_parameters
+
+    wrapped = renamed_parameters(**{old: new})(inner)
+    with pytest.warns(FutureWarning, match=rf"{old}=\.\.\.\) is deprecated.*write {new}="):
+        wrapped(None, **{old: 1})
+    assert seen == {new: 1}
+    with pytest.raises(TypeError, match=rf"both {old}="):
+        wrapped(None, **{old: 1, new: 2})
+
+
+@pytest.mark.parametrize("name", sorted(n for n in FUNCTIONS if n.startswith("pl.")))
+def test_plot_parameters_share_one_text(name):
+    """ax / show / save are described once (cellsymphony._docs) for every plotting function."""
+    from cellsymphony._docs import DOC_PARAMS
+
+    doc = FUNCTIONS[name].__doc__
+    params = inspect.signature(FUNCTIONS[name]).parameters
+    for p in ("ax", "show"):
+        if p in params:
+            assert DOC_PARAMS[p] in doc, f"{name}: {p} is not described by the shared text"
+    assert "Path to save the figure to, or ``True`` for ``figures/" in doc

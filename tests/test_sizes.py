@@ -133,7 +133,7 @@ def test_pl_embedding_above_knn_and_umap_switches():
 def test_spatial_coherence_above_graph_and_permutation_block_sizes(tmp_path):
     mdata = _mudata()
     n_perms = 1000  # 2e7 / 24,000 = 833 permutations per block: two blocks
-    df = cs.tl.spatial_coherence(mdata, "truth", n_neighs=6, n_perms=n_perms, key_added="coh")
+    df = cs.tl.spatial_coherence(mdata, "truth", n_neighbors=6, n_perms=n_perms, key_added="coh")
     o = df.loc["overall"]
     assert o["n_cells"] == N_BIG
     assert o["n_edges"] == 6 * N_BIG
@@ -146,7 +146,7 @@ def test_spatial_coherence_above_graph_and_permutation_block_sizes(tmp_path):
     assert o["null_mean"] == pytest.approx(float(null), rel=0.05)
     assert o["pval"] == pytest.approx(1 / (n_perms + 1))
     # seeded and independent of the block plan: a second run gives the same table
-    again = cs.tl.spatial_coherence(mdata, "truth", n_neighs=6, n_perms=n_perms)
+    again = cs.tl.spatial_coherence(mdata, "truth", n_neighbors=6, n_perms=n_perms)
     pd.testing.assert_frame_equal(df, again)
     mdata.write(tmp_path / "c.h5mu")
     back = md.read_h5mu(tmp_path / "c.h5mu")

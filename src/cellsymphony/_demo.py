@@ -75,7 +75,7 @@ def run_demo(out: str | Path, *, n_cells: int = 4000, seed: int = 0, spatialdata
         pp.annotate_singler(mdata, reference, ref_label_key="cell_type", seed=seed)
     with _step("H&E nucleus-classifier labels + registration QC", timings):
         # logs the registration QC (median / 95th percentile match distance, systematic offset)
-        pp.transfer_nucleus_labels(mdata, bundle / "he_nuclei.csv", x="x", y="y", label="class")
+        pp.transfer_nucleus_labels(mdata, bundle / "he_nuclei.csv", x_key="x", y_key="y", label_key="class")
 
     label_key = "singler"
     with _step("classifier comparison", timings):

@@ -26,7 +26,15 @@ DOC_PARAMS = {
         "Key in ``mdata['morphology'].obsm`` of the morphology embedding; ``None`` uses the latest one "
         "written (by :func:`cellsymphony.pp.embed_morphology`)."
     ),
+    # the plotting functions' last three parameters
+    "ax": "Axes to draw into; default a new figure.",
+    "show": "Show the figure; ``None`` shows it only with an interactive backend and when not saving.",
 }
+
+
+def save_doc(name: str) -> str:
+    """The ``save`` parameter text of a plotting function whose default file is ``figures/<name>.png``."""
+    return f"Path to save the figure to, or ``True`` for ``figures/{name}.png``."
 
 
 def inject_docs(**extra: str):

@@ -140,7 +140,7 @@ def run_pipeline(
         label_key, confident_key = SINGLER_KEY, f"{SINGLER_KEY}_confident"
     elif has_labels:
         steps.run("importing labels", lambda: cs.pp.import_labels(
-            mdata, labels, cell_id_col=cell_id_col, label_col=label_col, key_added="labels"))  # fmt: skip
+            mdata, labels, id_key=cell_id_col, label_key=label_col, key_added="labels"))  # fmt: skip
         label_key = "labels"
     if label_key is not None and train_cells is not None:
         confident_key = training_subset(mdata, label_key, confident_key, train_cells, seed)

@@ -6,7 +6,9 @@ argument to pass) to fix it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import warnings
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -128,3 +130,31 @@ def check_choice(name: str, value: str, choices) -> None:
     """Raise a ``ValueError`` listing the valid options when ``value`` is not one of them."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
+
+
+def renamed_parameters(**old_to_new: str) -> Callable:
+    """Accept the former keyword names of renamed parameters for a deprecation period: the call works,
+    with a FutureWarning that names the new keyword (the names follow the naming table of the
+    contributor guide). The signature shows the new names only."""
+
+    def deco(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{func.__name__}() got both {old}= (its former name) and {new}=; pass {new}= only.")
+                    warnings.warn(
+                        f"{func.__name__}({old}=...) is deprecated and will be removed; write {new}=... instead "
+                        "(same meaning).",
+                        FutureWarning,
+                        stacklevel=2,
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            return func(*args, **kwargs)
+
+        wrapper.renamed_parameters = dict(old_to_new)
+        return wrapper
+
+    return deco
+

@@ -274,7 +274,7 @@ def read_nuclei(
         if missing:
             what = []
             if xc in missing or yc in missing:
-                what.append(f"no centroid columns {xc!r} / {yc!r} (pass x= and y= naming them)")
+                what.append(f"no centroid columns {xc!r} / {yc!r} (pass x_key= and y_key= naming them)")
             if label in missing:
                 what.append(f"no class column {label!r} (pass {label_arg}= naming it)")
             if id_key in missing:

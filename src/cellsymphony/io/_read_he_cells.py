@@ -27,6 +27,7 @@ from .._constants import (
 )
 from .._registration import inside_image
 from .._settings import logger
+from .._validate import renamed_parameters
 from ._nuclei import read_nuclei
 
 if TYPE_CHECKING:
@@ -35,17 +36,18 @@ if TYPE_CHECKING:
     from ._he import HEImage
 
 
+@renamed_parameters(x="x_key", y="y_key", class_key="label_key")
 def read_he_cells(
     he_image: str | os.PathLike | HEImage,
     nuclei: str | os.PathLike | pd.DataFrame,
     *,
-    x: str = "x",
-    y: str = "y",
+    x_key: str = "x",
+    y_key: str = "y",
     units: Literal["px", "um"] = "px",
     mpp: float | None = None,
     sample: str | None = None,
     id_key: str | None = None,
-    class_key: str | None = None,
+    label_key: str | None = None,
 ) -> MuData:
     """A morphology-only MuData from an H&E slide plus nucleus detections (slides without Xenium).
 
@@ -63,7 +65,7 @@ def read_he_cells(
         The H&E slide (path or an opened :class:`~cellsymphony.io.HEImage`).
     nuclei
         Nucleus detections: a file as above or a DataFrame.
-    x, y
+    x_key, y_key
         Centroid columns of a table; when absent, known column names (``centroid_x``, QuPath's
         ``Centroid X px`` / ``Centroid X µm``, ...) are tried.
     units
@@ -75,7 +77,7 @@ def read_he_cells(
         Sample id; default the slide's file name without extension.
     id_key
         Column of cell ids (default: ``cell_id`` / ``id`` / ``Object ID`` when present, else ``cell_<i>``).
-    class_key
+    label_key
         Column (or GeoJSON property) of nucleus classes kept as ``obs["nucleus_class"]`` (default:
         ``class`` / ``type`` / ``Classification`` when present).
 
@@ -103,8 +105,8 @@ def read_he_cells(
     finally:
         if he is not he_image:
             he.close()
-    table = read_nuclei(nuclei, x=x, y=y, label=class_key, id_key=id_key, units=units, guess_columns=True,
-                        label_arg="class_key")
+    table = read_nuclei(nuclei, x=x_key, y=y_key, label=label_key, id_key=id_key, units=units, guess_columns=True,
+                        label_arg="label_key")
     source, idk = table.attrs["source"], table.attrs["id_column"]
     xy = table[["x", "y"]].to_numpy(dtype=np.float64)
     xy_um = xy if table.attrs["units"] == "um" else xy * he_mpp

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from .._docs import inject_docs, save_doc
 from .._validate import check_choice, find_obs_column
 from ._common import finish, new_axes, uns_entry
 
@@ -64,6 +65,7 @@ def confusion_table(mdata: Any, key: str, *, split: str = "test") -> tuple[np.nd
     return stored
 
 
+@inject_docs(save=save_doc("confusion"))
 def confusion(
     mdata: MuData | AnnData,
     key: str = "cs_pred",
@@ -97,11 +99,11 @@ def confusion(
     title
         Axes title; default ``"<key>: <split> cells"``.
     ax
-        Axes to draw into; default a new figure.
+        {ax}
     show
-        Show the figure; ``None`` shows it only with an interactive backend and when not saving.
+        {show}
     save
-        Path to save the figure to, or ``True`` for ``figures/confusion.png``.
+        {save}
 
     Returns
     -------

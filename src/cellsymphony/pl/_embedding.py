@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._docs import inject_docs, save_doc
 from .._validate import is_mudata
 from ._common import finish, natural_key, new_axes, palette_for
 from ._spatial import color_values
@@ -38,6 +39,7 @@ def find_rep(mdata: Any, rep: str, mod: str | None) -> tuple[pd.DataFrame, str]:
     )
 
 
+@inject_docs(save=save_doc("embedding_<rep>"))
 def embedding(
     mdata: MuData | AnnData,
     rep: str,
@@ -85,11 +87,11 @@ def embedding(
     title
         Axes title; default ``"<rep>: <color>"``.
     ax
-        Axes to draw into; default a new figure.
+        {ax}
     show
-        Show the figure; ``None`` shows it only with an interactive backend and when not saving.
+        {show}
     save
-        Path to save the figure to, or ``True`` for ``figures/embedding_<rep>.png``.
+        {save}
 
     Returns
     -------

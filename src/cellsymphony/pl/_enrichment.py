@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from .._docs import inject_docs, save_doc
 from .._utils import uns_table
 from .._validate import check_choice
 from ._common import finish, natural_key, new_axes, uns_entry
@@ -49,6 +50,7 @@ def _stars(q: float, thresholds: Sequence[float]) -> str:
     return "*" * sum(q < t for t in thresholds)
 
 
+@inject_docs(save=save_doc("enrichment"))
 def enrichment(
     mdata: MuData | AnnData | None,
     key: str | pd.DataFrame = "cs_niche_enrichment",
@@ -84,11 +86,11 @@ def enrichment(
     title
         Axes title.
     ax
-        Axes to draw into; default a new figure.
+        {ax}
     show
-        Show the figure; ``None`` shows it only with an interactive backend and when not saving.
+        {show}
     save
-        Path to save the figure to, or ``True`` for ``figures/enrichment.png``.
+        {save}
 
     Returns
     -------

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._docs import inject_docs, save_doc
 from ._common import finish, uns_entry
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def history_table(mdata: Any, key: str) -> pd.DataFrame:
     return df
 
 
+@inject_docs(save=save_doc("history_<key>"))
 def history(
     mdata: MuData | AnnData,
     key: str = "cs_pred",
@@ -70,9 +72,9 @@ def history(
     title
         Figure title; default the key.
     show
-        Show the figure; ``None`` shows it only with an interactive backend and when not saving.
+        {show}
     save
-        Path to save the figure to, or ``True`` for ``figures/history_<key>.png``.
+        {save}
 
     Returns
     -------

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._docs import inject_docs, save_doc
 from .._results import METRIC_COLUMNS, WIDE_LABELS, check_metrics_table, metrics_from_wide, metrics_of
 from ._common import finish, new_axes
 
@@ -36,6 +37,7 @@ def metrics_table(mdata: Any, key: str | Sequence[str] | pd.DataFrame) -> pd.Dat
     return pd.concat([metrics_of(mdata, k, PRODUCERS) for k in keys], ignore_index=True)
 
 
+@inject_docs(save=save_doc("metrics"))
 def metrics(
     mdata: MuData | AnnData | None,
     key: str | Sequence[str] | pd.DataFrame = "cs_pred",
@@ -75,11 +77,11 @@ def metrics(
     title
         Axes title; default ``"Per-class metrics"``.
     ax
-        Axes to draw into; default a new figure.
+        {ax}
     show
-        Show the figure; ``None`` shows it only with an interactive backend and when not saving.
+        {show}
     save
-        Path to save the figure to, or ``True`` for ``figures/metrics.png``.
+        {save}
 
     Returns
     -------

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import IN_IMAGE_KEY
+from .._docs import inject_docs, save_doc
 from .._validate import find_obs_column
 from ._common import finish, natural_key, palette_for
 
@@ -54,6 +55,7 @@ def gallery_cells(mdata: Any, groupby: str, *, n: int, groups: Sequence[str] | N
     return out
 
 
+@inject_docs(save=save_doc("patch_gallery_<groupby>"))
 def patch_gallery(
     mdata: MuData | AnnData,
     groupby: str,
@@ -95,9 +97,9 @@ def patch_gallery(
     title
         Figure title; default ``"<groupby>: H&E patches (<field> µm)"``.
     show
-        Show the figure; ``None`` shows it only with an interactive backend and when not saving.
+        {show}
     save
-        Path to save the figure to, or ``True`` for ``figures/patch_gallery_<groupby>.png``.
+        {save}
 
     Returns
     -------

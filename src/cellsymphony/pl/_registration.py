@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import NUCLEUS_KEY, REG_HE_PATH, REGISTRATION_KEY, SAMPLE_KEY
+from .._docs import inject_docs, save_doc
 from .._validate import find_obs_column, sample_registry, samples_registry
 from ._common import finish, uns_entry
 from ._spatial import _he_background, obsm_frame, pick_sample
@@ -76,6 +77,7 @@ def registration_stats(mdata: Any, key: str, sample: str | None) -> dict:
     return {k: v for k, v in entry.items() if np.ndim(v) <= 1 and not isinstance(v, Mapping | pd.DataFrame)}
 
 
+@inject_docs(save=save_doc("registration_<key>"))
 def registration(
     mdata: MuData | AnnData | Registration,
     key: str | None = None,
@@ -129,9 +131,9 @@ def registration(
     title
         Figure title; default ``"Registration QC: <key>"`` with the number of matches.
     show
-        Show the figure; ``None`` shows it only with an interactive backend and when not saving.
+        {show}
     save
-        Path to save the figure to, or ``True`` for ``figures/registration_<key>.png``.
+        {save}
 
     Returns
     -------

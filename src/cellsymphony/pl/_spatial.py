@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import MOD_RNA, REG_ALIGNMENT, REG_HE_PATH, REG_PIXEL_SIZE, SAMPLE_KEY, SPATIAL_KEY
+from .._docs import inject_docs, save_doc
 from .._registration import um_to_he_px
 from .._settings import logger
 from .._validate import find_obs_column, is_mudata, sample_registry, samples_registry
@@ -105,6 +106,7 @@ def _he_background(ax, reg: Mapping, bbox_um: np.ndarray, max_image_px: int, he_
     return im
 
 
+@inject_docs(save=save_doc("spatial_<color>"))
 def spatial(
     mdata: MuData | AnnData,
     color: str | None = None,
@@ -156,7 +158,7 @@ def spatial(
     alpha
         Marker opacity.
     palette
-        Categorical colours (dict, list or colormap name); default ``uns[f"{color}_colors"]`` or scanpy's.
+        Categorical colours (dict, list or colormap name); default ``uns[f"{{color}}_colors"]`` or scanpy's.
     cmap
         Colormap for continuous values.
     vmin
@@ -172,11 +174,11 @@ def spatial(
     title
         Axes title; default ``color``.
     ax
-        Axes to draw into; default a new figure.
+        {ax}
     show
-        Show the figure; ``None`` shows it only with an interactive backend and when not saving.
+        {show}
     save
-        Path to save the figure to, or ``True`` for ``figures/spatial_<color>.png``.
+        {save}
 
     Returns
     -------

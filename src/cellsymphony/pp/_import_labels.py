@@ -14,7 +14,7 @@ from .._docs import inject_docs
 from .._joint import push_joint_obs
 from .._settings import logger
 from .._utils import params_record
-from .._validate import is_mudata
+from .._validate import is_mudata, renamed_parameters
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -40,13 +40,14 @@ def _obs_column(data, name: str) -> pd.Series | None:
     return None
 
 
+@renamed_parameters(cell_id_col="id_key", label_col="label_key")
 @inject_docs()
 def import_labels(
     mdata: MuData | AnnData,
     table: pd.DataFrame | str | os.PathLike,
     *,
-    cell_id_col: str = _ID_COLUMN,
-    label_col: str = "label",
+    id_key: str = _ID_COLUMN,
+    label_key: str = "label",
     key_added: str = IMPORTED_LABEL_KEY,
     sample: str | None = None,
     copy: bool = False,
@@ -64,9 +65,9 @@ def import_labels(
         {mdata_or_adata}
     table
         DataFrame, or path to a CSV (``.tsv`` / ``.txt``: tab-separated) or Parquet file.
-    cell_id_col
+    id_key
         Column of ``table`` with the cell ids.
-    label_col
+    label_key
         Column of ``table`` with the labels.
     key_added
         Column of ``mdata.obs`` to write.
@@ -97,10 +98,10 @@ def import_labels(
             table = pd.read_csv(path)
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"table must be a DataFrame or a path to a CSV / Parquet file, got {type(table).__name__}.")
-    missing = [c for c in (cell_id_col, label_col) if c not in table.columns]
+    missing = [c for c in (id_key, label_key) if c not in table.columns]
     if missing:
         raise ValueError(
-            f"{source} lacks the column(s) {missing} (it has {list(table.columns)}); pass cell_id_col= and label_col=."
+            f"{source} lacks the column(s) {missing} (it has {list(table.columns)}); pass id_key= and label_key=."
         )
 
     data = mdata.copy() if copy else mdata
@@ -112,9 +113,9 @@ def import_labels(
             raise ValueError(f"No cell has obs[{SAMPLE_KEY!r}] == {sample!r}.")
         scope = (col.astype(str) == str(sample)).to_numpy()
 
-    ids = _id_strings(table[cell_id_col].to_numpy())
+    ids = _id_strings(table[id_key].to_numpy())
     # integral floats (cluster numbers in a CSV column with gaps) read as "3", not "3.0", as the ids are
-    labels = np.asarray(_id_strings(table[label_col].to_numpy()), dtype=object)
+    labels = np.asarray(_id_strings(table[label_key].to_numpy()), dtype=object)
     frame = pd.DataFrame({"id": ids, "label": labels}).dropna(subset=["id"])
     frame["label"] = [None if pd.isna(v) else str(v) for v in frame["label"]]
     dup = frame.drop_duplicates()
@@ -137,8 +138,8 @@ def import_labels(
             best_name, best_ids, best_n = name, cand, n
     if best_n == 0:
         raise ValueError(
-            f"No id of {source}[{cell_id_col!r}] (e.g. {list(frame.index[:3])}) matches a cell "
-            f"(obs_names e.g. {list(obs_names[:3])}); check cell_id_col= and sample=."
+            f"No id of {source}[{id_key!r}] (e.g. {list(frame.index[:3])}) matches a cell "
+            f"(obs_names e.g. {list(obs_names[:3])}); check id_key= and sample=."
         )
     scoped = pd.Index(best_ids[scope])
     if scoped.duplicated().any():
@@ -159,7 +160,7 @@ def import_labels(
     n_unlabelled = int(data.obs[key_added][scope].isna().sum())
     data.uns[key_added] = {
         "params": params_record(
-            cell_id_col=cell_id_col, label_col=label_col, sample=sample,
+            id_key=id_key, label_key=label_key, sample=sample,
             table=source if source != "table" else "DataFrame",
         ),
         "n_table_rows": int(len(frame)),

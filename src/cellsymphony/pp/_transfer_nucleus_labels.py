@@ -30,7 +30,7 @@ from .._registration import (
 )
 from .._settings import logger
 from .._utils import params_record
-from .._validate import check_choice, is_mudata, samples_registry
+from .._validate import check_choice, is_mudata, renamed_parameters, samples_registry
 from ..io._nuclei import read_nuclei
 
 if TYPE_CHECKING:
@@ -96,14 +96,15 @@ def _to_um(xy: np.ndarray, space: str, reg: dict | None) -> np.ndarray:
     return he_px_to_um(xy, reg[REG_ALIGNMENT], ps, registry_warp(reg))
 
 
+@renamed_parameters(x="x_key", y="y_key", label="label_key")
 @inject_docs()
 def transfer_nucleus_labels(
     mdata: MuData | AnnData,
     nuclei: pd.DataFrame | str | os.PathLike,
     *,
-    x: str = "x",
-    y: str = "y",
-    label: str = "class",
+    x_key: str = "x",
+    y_key: str = "y",
+    label_key: str = "class",
     space: Literal["he_px", "um", "xenium_px"] = "he_px",
     sample: str | None = None,
     max_distance_um: float = 5.0,
@@ -144,10 +145,10 @@ def transfer_nucleus_labels(
         QuPath detection, class in the ``label`` property or ``classification`` ``{{"name": ...}}``,
         probability in ``probability`` / ``score`` ...), or of a HoVer-Net JSON
         (``{{"nuc": {{id: {{"centroid", "type", "type_prob"}}}}}}``, classes are the type numbers).
-    x, y
-        Coordinate columns (for GeoJSON / HoVer-Net files the geometry is used).
-    label
-        Class column (property for GeoJSON).
+    x_key, y_key
+        Coordinate columns (for GeoJSON / HoVer-Net files the geometry is used); formerly ``x``, ``y``.
+    label_key
+        Class column (property for GeoJSON); formerly ``label``.
     space
         Frame of the coordinates: ``"he_px"`` H&E level-0 pixels (mapped through the registration,
         including its non-rigid field when :func:`cellsymphony.io.register_he` stored one),
@@ -191,7 +192,7 @@ def transfer_nucleus_labels(
             )
     if not max_distance_um > 0:
         raise ValueError(f"max_distance_um={max_distance_um} must be positive.")
-    table = read_nuclei(nuclei, x=x, y=y, label=label, drop_invalid=True)
+    table = read_nuclei(nuclei, x=x_key, y=y_key, label=label_key, label_arg="label_key", drop_invalid=True)
 
     data = mdata.copy() if copy else mdata
     obs_names = pd.Index(data.obs_names)
@@ -380,7 +381,7 @@ def transfer_nucleus_labels(
     samples[sample_id] = entry
     data.uns[key_added] = {
         "params": params_record(
-            x=x, y=y, label=label, space=space, sample=sample_id, max_distance_um=float(max_distance_um),
+            x_key=x_key, y_key=y_key, label_key=label_key, space=space, sample=sample_id, max_distance_um=float(max_distance_um),
             refine=refine, qc_warn_um=float(qc_warn_um),
             nuclei=str(nuclei) if isinstance(nuclei, str | os.PathLike) else "DataFrame",
         ),

@@ -10,7 +10,7 @@ from .._coordinates import cell_coordinates
 from .._docs import inject_docs
 from .._settings import logger
 from .._utils import getter_record
-from .._validate import find_obs_column
+from .._validate import find_obs_column, renamed_parameters
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -43,12 +43,13 @@ def _same_fractions(codes: np.ndarray, src: np.ndarray, dst: np.ndarray, k: int)
     return out
 
 
+@renamed_parameters(n_neighs="n_neighbors")
 @inject_docs()
 def spatial_coherence(
     mdata: MuData | AnnData,
     cluster_key: str,
     *,
-    n_neighs: int = 6,
+    n_neighbors: int = 6,
     radius: float | None = None,
     n_perms: int = 1000,
     seed: int = 0,
@@ -58,7 +59,7 @@ def spatial_coherence(
     """How spatially coherent clusters are: fraction of each cell's spatial neighbours in its own cluster.
 
     The spatial graph is squidpy's (:func:`squidpy.gr.spatial_neighbors` on ``obsm['spatial']``,
-    built per sample so cells of different sections are never neighbours): each cell's ``n_neighs``
+    built per sample so cells of different sections are never neighbours): each cell's ``n_neighbors``
     nearest cells, or every cell within ``radius`` micrometres. The observed statistic (per cluster:
     the fraction of edges leaving its cells that land in the same cluster; overall: the fraction of
     all edges joining two cells of one cluster) is compared with a null in which the labels are
@@ -74,7 +75,7 @@ def spatial_coherence(
         Column of clusters, looked up in ``mdata.obs`` as given, then as ``mod:cluster_key``, then in
         each modality's ``obs``. Cells without a cluster keep their place in the graph but their edges
         are not counted.
-    n_neighs
+    n_neighbors
         Nearest neighbours per cell (ignored when ``radius`` is given).
     radius
         Neighbourhood radius in micrometres instead of a fixed number of neighbours.
@@ -97,8 +98,8 @@ def spatial_coherence(
     ``(1 + #null >= observed) / (n_perms + 1)``; NaN, like
     ``observed``, for a cluster without counted edges).
     """
-    if int(n_neighs) != n_neighs or n_neighs < 1:
-        raise ValueError(f"n_neighs={n_neighs!r} must be a positive integer.")
+    if int(n_neighbors) != n_neighbors or n_neighbors < 1:
+        raise ValueError(f"n_neighbors={n_neighbors!r} must be a positive integer.")
     if int(n_perms) != n_perms or n_perms < 1:
         raise ValueError(f"n_perms={n_perms!r} must be a positive integer.")
     clusters = find_obs_column(mdata, cluster_key)
@@ -122,7 +123,7 @@ def spatial_coherence(
         obs=pd.DataFrame({"sample": pd.Categorical(samples[placed])}, index=mdata.obs_names[placed]),
         obsm={"spatial": xy[placed]},
     )
-    kw = {"radius": float(radius)} if radius is not None else {"n_neighs": int(n_neighs)}
+    kw = {"radius": float(radius)} if radius is not None else {"n_neighs": int(n_neighbors)}  # squidpy's name
     sq.gr.spatial_neighbors(tmp, library_key="sample", coord_type="generic", spatial_key="spatial", **kw)
     graph = tmp.obsp["spatial_connectivities"].tocoo()
 
@@ -171,7 +172,7 @@ def spatial_coherence(
     )
     if key_added is not None:
         mdata.uns[key_added] = getter_record(
-            df, cluster_key=cluster_key, n_neighs=int(n_neighs), radius=radius, n_perms=int(n_perms), seed=int(seed),
+            df, cluster_key=cluster_key, n_neighbors=int(n_neighbors), radius=radius, n_perms=int(n_perms), seed=int(seed),
             sample_key=sample_key,
         )
         from .._results import record_outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import statistics
 import time
@@ -48,3 +49,28 @@ def print_table(rows: list[dict], title: str | None = None) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+class StageSeconds(logging.Handler):
+    """Collects the package's timing records (``cellsymphony._settings.log_seconds``): seconds per stage name,
+    a list per name (one entry per epoch, per call)."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.seconds: dict[str, list[float]] = {}
+
+    def emit(self, record):
+        if hasattr(record, "stage"):
+            self.seconds.setdefault(record.stage, []).append(float(record.seconds))
+
+    def __enter__(self):
+        log = logging.getLogger("cellsymphony")
+        self._level = log.level
+        log.addHandler(self)
+        log.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc):
+        log = logging.getLogger("cellsymphony")
+        log.removeHandler(self)
+        log.setLevel(self._level)

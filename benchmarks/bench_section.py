@@ -244,10 +244,13 @@ class Run:
         split = np.full(len(cells), "unused", dtype=object)
         split[pos[order[: int(0.8 * n_sub)]]] = "train"
         split[pos[order[int(0.8 * n_sub) : n_sub]]] = "test"
-        clf = cs.tl.train_classifier(
-            target, LABEL_KEY, arch="dual", confident_key=CONFIDENT_KEY, split=split, epochs=1,
-            d_model=512, n_layers=6, n_heads=8, seed=self.seed, key_added=PRED_KEY,
-        )  # fmt: skip
+        from ._common import StageSeconds
+
+        with StageSeconds() as timed:
+            clf = cs.tl.train_classifier(
+                target, LABEL_KEY, arch="dual", confident_key=CONFIDENT_KEY, split=split, epochs=1,
+                d_model=512, n_layers=6, n_heads=8, seed=self.seed, key_added=PRED_KEY,
+            )  # fmt: skip
         if target is not self.mdata:  # the report of the whole section shows the subset's predictions
             for col in (PRED_KEY, f"{PRED_KEY}_split"):
                 src = target.obs[col]
@@ -257,7 +260,7 @@ class Run:
             self.mdata.obsm[f"{PRED_KEY}_proba"] = proba
             self.mdata.uns[PRED_KEY] = target.uns[PRED_KEY]
         clf.save(self.work / "classifier", overwrite=True)
-        t = clf.timings
+        t = {"epochs": timed.seconds["classifier dual epoch"], "predict": sum(timed.seconds["classifier dual predict"])}
         scale = self.n / n_sub
         note = "" if n_sub == self.n else f"on {n_sub:,} random cells, x{scale:.3g} extrapolated"
         pred = {"stage": "classifier_predict", "seconds": t["predict"], "cells timed": n_pred, "note": ""}

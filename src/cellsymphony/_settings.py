@@ -13,6 +13,12 @@ from pathlib import Path
 logger = logging.getLogger("cellsymphony")
 if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
     logger.addHandler(logging.NullHandler())
+
+
+def log_seconds(stage: str, seconds: float, **fields) -> None:
+    """A debug record of how long a stage took: the message, and the attributes ``stage`` and ``seconds``
+    (plus ``fields``) that benchmarks collect with a logging handler. The library keeps no timing state."""
+    logger.debug("%s: %.3f s", stage, seconds, extra={"stage": stage, "seconds": float(seconds), **fields})
 if logger.level == logging.NOTSET:
     logger.setLevel(logging.INFO)
 

@@ -844,10 +844,11 @@ def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: flo
     cpu = [time.process_time()]
 
     def _mark(stage):  # seconds per stage, through logging (benchmarks read the records' stage / seconds)
+        from .._settings import log_seconds
+
         now, now_cpu = time.perf_counter(), time.process_time()
         wall, used = now - last[0], now_cpu - cpu[0]
-        logger.debug("synthetic_xenium: %s %.2f s (cpu %.2f s)", stage, wall, used,
-                     extra={"stage": stage, "seconds": wall, "cpu_seconds": used})  # fmt: skip
+        log_seconds(stage, wall, cpu_seconds=used)
         last[0], cpu[0] = now, now_cpu
 
     rng = np.random.default_rng(seed)

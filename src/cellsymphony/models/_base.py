@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._settings import logger, resolve_device, settings
+from .._settings import log_seconds, logger, resolve_device, settings
 from .._utils import atomic_path, package_version
 from ._config import ModelConfig, json_safe
 
@@ -163,8 +163,6 @@ class BaseModel:
         self.best_epoch: int | None = None
         self.device = "cpu"
         self.saved_version: str | None = None
-        # wall-clock seconds of the last fit / predict, for benchmarks; not saved (they vary between runs)
-        self.timings: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ to implement
     def _build_module(self) -> torch.nn.Module:
@@ -253,7 +251,6 @@ class BaseModel:
         gen = torch.Generator().manual_seed(int(seed))
         rows: list[dict] = []
         best_loss, best_state, best_epoch, stale = math.inf, None, None, 0
-        self.timings["epochs"] = []
         # one bar over every training cell of every epoch: an epoch of a whole section is long on a CPU
         bar = tqdm(total=epochs * n_train, desc=desc, unit="cell", disable=not settings.progress, leave=False,
                    mininterval=1.0)  # fmt: skip
@@ -282,7 +279,7 @@ class BaseModel:
                 scores = dict(evaluate())
             row = {"epoch": epoch + 1, "train_loss": float(total) / max(count, 1), **scores}
             rows.append(row)
-            self.timings["epochs"].append(time.perf_counter() - t_epoch)
+            log_seconds(f"{desc} epoch", time.perf_counter() - t_epoch, epoch=epoch + 1, n_cells=count)
             held = row.get("test_loss", math.nan)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", test=f"{held:.3f}")
             logger.debug("%s epoch %d: %s", desc, epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))

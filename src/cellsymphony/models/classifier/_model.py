@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..._settings import logger, resolve_device, settings
+from ..._settings import log_seconds, logger, resolve_device, settings
 from .._base import BaseModel, autocast, deprecated_layout, make_adamw, seeded, standardization
 from .._config import json_safe
 from ._config import ClassifierConfig, ClassifierTraining, training_from
@@ -323,7 +323,6 @@ class CellTypeClassifier(BaseModel):
 
     def _fit(self, mdata, label_key: str, training: ClassifierTraining) -> None:
         dev = torch.device(resolve_device(training.device))
-        self.timings = {}
         prep = prepare(mdata, label_key, self.tokens, training)
         inputs, classes = prep.inputs, prep.classes
         train_rows, test_rows = prep.train_rows, prep.test_rows
@@ -478,7 +477,7 @@ class CellTypeClassifier(BaseModel):
         proba = np.full((mdata.n_obs, len(self.classes)), np.nan, dtype=np.float32)
         t0 = time.perf_counter()
         proba[avail] = self._proba(inputs, dev, batch_size or PREDICT_BATCH, rows=avail, desc=f"classifier {self.arch}: predict")
-        self.timings["predict"] = time.perf_counter() - t0
+        log_seconds(f"classifier {self.arch} predict", time.perf_counter() - t0, n_cells=len(avail))
         return pd.DataFrame(proba, index=mdata.obs_names, columns=pd.Index(self.classes))
 
     def predict(

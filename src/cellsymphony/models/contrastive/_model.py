@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from ..._constants import MOD_MORPH, MOD_RNA
-from ..._settings import logger, resolve_device
+from ..._settings import log_seconds, logger, resolve_device
 from ..._validate import check_choice, get_modality, get_rep, is_mudata, resolve_rep
 from .._base import BaseModel, deprecated_layout, seeded, standardization
 from .._config import ModelConfig
@@ -258,7 +258,6 @@ class ContrastiveAligner(BaseModel):
             )
             batch_size = n_train
         device = resolve_device(device)
-        self.timings = {}
         self.gene_rep, self.morph_rep = data["gene_rep"], data["morph_rep"]
         self.n_gene, self.n_morph = data["x_gene"].shape[1], data["x_morph"].shape[1]
         self._record_inputs(mdata, {"rna": (self.gene_rep, self.n_gene), "morphology": (self.morph_rep, self.n_morph)})
@@ -305,7 +304,8 @@ class ContrastiveAligner(BaseModel):
                 pick = np.sort(np.random.default_rng([seed, 1]).choice(te.numel(), int(retrieval_cells), replace=False))
                 scored = te[torch.from_numpy(pick).to(te.device)]
             self.retrieval = self._retrieval(xg, xm, scored)
-            self.timings.update(retrieval=time.perf_counter() - t_eval, total=time.perf_counter() - t_start)
+            log_seconds("contrastive retrieval", time.perf_counter() - t_eval, n_cells=int(scored.numel()))
+            log_seconds("contrastive fit", time.perf_counter() - t_start)
         from ..._results import retrieval_table
 
         self.metrics_table = retrieval_table("contrastive", self.retrieval)

@@ -523,3 +523,24 @@ def test_concat_column_on_some_inputs_only_survives_h5mu(tmp_path):
     assert flag.iloc[: ma.n_obs].tolist() == (np.arange(ma.n_obs) % 2 == 0).tolist()
     assert flag.iloc[ma.n_obs :].isna().all()
     assert back.obs["note"].iloc[: ma.n_obs].eq("x").all() and back.obs["note"].iloc[ma.n_obs :].isna().all()
+
+
+def test_nuclei_from_shapes_use_the_cell_id_column():
+    """spatialdata-io 0.7 indexes nucleus shapes by nucleus label (1, 2, ...) and keeps the cell in a
+    cell_id column: the nuclei go to that cell, not to the cell whose integer id equals the label."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from cellsymphony.io._from_spatialdata import _nuclei_from_shapes
+
+    ids = np.array(["aaaa-1", "bbbb-1", "cccc-1"])
+    gdf = gpd.GeoDataFrame(
+        {"cell_id": ["cccc-1", "aaaa-1", "aaaa-1"]},
+        geometry=[box(0, 0, 2, 2), box(10, 10, 11, 11), box(20, 20, 24, 24)],
+        index=pd.Index([1, 2, 3]),
+    )
+    centroid, n_nuclei = _nuclei_from_shapes(gdf, ids)
+    np.testing.assert_allclose(centroid[0], [22, 22])  # the largest of the cell's two nuclei
+    assert np.isnan(centroid[1]).all()
+    np.testing.assert_allclose(centroid[2], [1, 1])
+    np.testing.assert_array_equal(n_nuclei, [2, 0, 1])

@@ -207,8 +207,13 @@ def _um_to_cs(sdata, names, cs: str, get_transformation) -> np.ndarray | None:
 
 
 def _nuclei_from_shapes(gdf, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centroid of each cell's largest nucleus polygon (NaN where none) and the number of polygons."""
-    idx, _ = to_cell_ids(np.asarray(gdf.index), "nucleus shapes")
+    """Centroid of each cell's largest nucleus polygon (NaN where none) and the number of polygons.
+
+    The cell of a polygon is its ``cell_id`` column where there is one: spatialdata-io 0.7 indexes the
+    nucleus shapes by nucleus label (1, 2, ...) and keeps the cell id in that column, while 0.6 indexed
+    them by cell id. (An integer index read as cell ids would pair nuclei with the wrong cells.)"""
+    owner = gdf["cell_id"].to_numpy() if "cell_id" in gdf.columns else np.asarray(gdf.index)
+    idx, _ = to_cell_ids(owner, "nucleus shapes")
     geoms = gdf.geometry
     frame = pd.DataFrame(
         {

@@ -137,8 +137,8 @@ def registration(
 
     Returns
     -------
-    For an automatic registration, the Figure with six Axes: three overlays titled ``"DAPI (green) over H&E:
-    section"`` / ``region`` / ``cells``, ``"residual map ..."``, ``"residuals"`` and the QC text. For a label
+    For an automatic registration, the Figure with six Axes: three overlays titled
+    ``"DAPI (green) over H&E: section"`` / ``region`` / ``cells``, ``"residual map ..."``, ``"residuals"`` and the QC text. For a label
     transfer, the Figure with three Axes titled ``"matched nuclei"``, ``"offsets"`` and ``"distances"``. In the
     first, ``collections[0]`` holds the Xenium centroids of the window and ``collections[1]`` the matched
     H&E nuclei (or, without per-cell offsets, the matched cells), in micrometres; the second's

@@ -111,7 +111,8 @@ def niches(
     None, or a modified copy with ``copy=True``. Writes:
 
     - ``obs[key_added]`` on the modality (categorical niche labels ``'0'``, ``'1'``, ..., NaN for left-out
-      cells), shown as ``mdata.obs[f"{{mod}}:{{key_added}}"]``;
+      cells) and, for a MuData, the same column in ``mdata.obs`` and in every other modality's ``obs``
+      (a joint per-cell result, kept in sync on every run);
     - ``obsp[f"{{neighbors_key}}_connectivities"]`` and ``obsp[f"{{neighbors_key}}_distances"]`` on the
       modality (``(n_cells, n_cells)`` CSR; left-out cells have no edges) and ``uns[neighbors_key]`` with
       ``connectivities_key``, ``distances_key`` and scanpy's ``params``;

@@ -25,3 +25,16 @@ def produced(tmp_path_factory):
     from _pl_data import run_producers
 
     return run_producers(tmp_path_factory.mktemp("produced"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks: one torch thread is as fast, and far faster than two on a loaded 2-core machine.
+    Modules of such tests use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

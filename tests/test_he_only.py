@@ -5,28 +5,20 @@ from __future__ import annotations
 
 import functools
 import json
-import warnings
 
 import anndata as ad
 import mudata as md
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import cellsymphony as cs
 from cellsymphony.pp import _stain
 
 cs.settings.progress = False
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- stain maths on constructed pixels

@@ -87,7 +87,7 @@ def test_truncated_config_and_other_model(classifier, tmp_path):
     d = _saved(model, tmp_path / "m")
     text = (d / "config.json").read_text()
     (d / "config.json").write_text(text[: len(text) // 2])
-    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"config\.json.*not valid JSON"):
         CellTypeClassifier.load(d)
     (d / "config.json").write_text(text)
     with pytest.raises(ValueError, match="is not a ContrastiveAligner"):

@@ -222,7 +222,7 @@ def check_centroids(xy: np.ndarray, ids: np.ndarray, path: Path, *, extent_um: t
     if bad.any():
         raise InputFileError(
             path, what, f"{int(bad.sum())} of {len(xy)} cells have a missing or non-finite centroid (e.g. "
-            f"{list(ids[bad][:3])})", fix,
+            f"{[str(v) for v in ids[bad][:3]]})", fix,
         )  # fmt: skip
     if len(xy) == 0:
         return
@@ -238,7 +238,7 @@ def check_centroids(xy: np.ndarray, ids: np.ndarray, path: Path, *, extent_um: t
             shown = ", ".join(f"{c[0]} {ranges[c][0]:.6g} to {ranges[c][1]:.6g}" for c in ranges)
             raise InputFileError(
                 path, what, f"{int(outside.sum())} of {len(xy)} cells have a centroid outside the range that the "
-                f"file's own statistics record ({shown} um; e.g. cell {ids[outside][0]} at "
+                f"file's own statistics record ({shown} um; e.g. cell {str(ids[outside][0])} at "
                 f"{xy[outside][0].tolist()}): the data pages are damaged", fix,
             )  # fmt: skip
     if extent_um is not None:
@@ -249,7 +249,7 @@ def check_centroids(xy: np.ndarray, ids: np.ndarray, path: Path, *, extent_um: t
             raise InputFileError(
                 path, what, f"{int(off.sum())} of {len(xy)} cells have a centroid outside the section, which the "
                 f"morphology image {extent_source} spans (0 to {w:.6g} x 0 to {h:.6g} um; e.g. cell "
-                f"{ids[off][0]} at {xy[off][0].tolist()})",
+                f"{str(ids[off][0])} at {xy[off][0].tolist()})",
                 "The cells table and the morphology image come from different runs, or the table is damaged: "
                 "copy the folder again from the Xenium output.",
             )  # fmt: skip
@@ -309,8 +309,8 @@ def check_cells_zarr_ids(folder: Path, table_ids: np.ndarray, table_path: Path) 
     if len(only_tab) or len(only_seg):
         raise InputFileError(
             path, what, f"its cell ids do not match {table_path.name}: {len(only_tab)} of the {len(tab)} cells of "
-            f"the table are not in it (e.g. {list(only_tab[:3])}) and {len(only_seg)} of its {len(seg)} cells are "
-            f"not in the table (e.g. {list(only_seg[:3])})",
+            f"the table are not in it (e.g. {[str(v) for v in only_tab[:3]]}) and {len(only_seg)} of its {len(seg)} cells are "
+            f"not in the table (e.g. {[str(v) for v in only_seg[:3]]})",
             "The folder mixes files of different runs or segmentations: copy the whole folder from one Xenium "
             "output (or move cells.zarr.zip out of it: the reader does not need it).",
         )  # fmt: skip
@@ -650,14 +650,14 @@ def read_nucleus_centroids(
     if not known.any():
         raise InputFileError(
             path, what, f"none of its {len(unique_ids)} nucleus cell ids matches a cell of the cells table (e.g. "
-            f"{list(unique_ids[:3])} vs {list(cell_ids[:3])})",
+            f"{[str(v) for v in unique_ids[:3]]} vs {[str(v) for v in cell_ids[:3]]})",
             "It comes from another run or segmentation: copy the nucleus_boundaries.parquet of this run, or pass "
             "nucleus_boundaries=False.",
         )  # fmt: skip
     if not known.all():
         warnings.warn(
             f"{str(path)!r}: {int((~known).sum())} of its {len(unique_ids)} nucleus cell ids are not cells of the "
-            f"cells table (e.g. {list(unique_ids[~known][:3])}); those nuclei are ignored. Check that the file "
+            f"cells table (e.g. {[str(v) for v in unique_ids[~known][:3]]}); those nuclei are ignored. Check that the file "
             "belongs to this run.",
             UserWarning,
             stacklevel=3,

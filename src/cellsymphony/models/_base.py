@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._settings import log_seconds, logger, resolve_device, settings
 from .._errors import InputFileError, InputFileNotFoundError, reading
+from .._settings import log_seconds, logger, resolve_device, settings
 from .._utils import atomic_path, package_version
 from ._config import ModelConfig, json_safe
 
@@ -439,7 +439,8 @@ class BaseModel:
         what = f"the {cls.__name__} folder"
         if not d.is_dir():
             raise NotASavedModelError(
-                d, what, "it does not exist" if not d.exists() else "it is a file, not a folder",
+                d, what, f"it does not exist (so it is not a saved {cls.__name__})" if not d.exists()
+                else "it is a file, not a folder",
                 "Pass the folder written by model.save(dir).",
             )
         missing = [p.name for p in (w_path, cfg_path) if not p.is_file()]

@@ -225,9 +225,8 @@ def _require(model_dir: Path, name: str) -> Path:
 
 def read_args(path: str | Path) -> dict:
     """scGPT's ``args.json`` (the architecture), checked for the keys needed to build the model."""
-    with reading(path, "scGPT args.json", _SCGPT_FIX):
-        with open(path, encoding="utf-8") as f:
-            args = json.load(f)
+    with reading(path, "scGPT args.json", _SCGPT_FIX), open(path, encoding="utf-8") as f:
+        args = json.load(f)
     if not isinstance(args, dict):
         raise InputFileError(path, "scGPT args.json", f"it holds a JSON {type(args).__name__}, not an object",
                              _SCGPT_FIX)
@@ -252,9 +251,8 @@ def read_vocab(path: str | Path) -> dict[str, int]:
     """Read scGPT's ``vocab.json`` (token -> index, indices 0..n-1) and append ``<pad>``, ``<cls>``,
     ``<eoc>`` where missing, in that order, as ``scgpt.tasks.embed_data`` does."""
     what = "scGPT vocab.json"
-    with reading(path, what, _SCGPT_FIX):
-        with open(path, encoding="utf-8") as f:
-            token2idx = json.load(f)
+    with reading(path, what, _SCGPT_FIX), open(path, encoding="utf-8") as f:
+        token2idx = json.load(f)
     if not isinstance(token2idx, dict) or not token2idx:
         raise InputFileError(path, what, "it is not a scGPT vocabulary (a JSON object mapping gene symbols to "
                              "indices)", _SCGPT_FIX)  # fmt: skip

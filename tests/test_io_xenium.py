@@ -222,7 +222,7 @@ def test_inverted_alignment_is_pointed_out(tmp_path):
     with pytest.warns(UserWarning, match="does not cover") as rec:
         mdata = cs.io.read_xenium(b.path, he_alignment=np.linalg.inv(b.alignment))
     messages = " ".join(str(w.message) for w in rec)
-    assert "The inverse of the alignment would place them inside" in messages
+    assert "The alignment looks inverted: its inverse places 100% of the cells inside" in messages
     assert "has 0.5 um per pixel but the alignment implies 0.0903" in messages
     assert not mdata["morphology"].obs["in_image"].any()
 
@@ -240,7 +240,7 @@ def test_missing_folder_and_files(tmp_path):
         cs.io.read_xenium(tmp_path / "afile")
     b = make_bundle(tmp_path / "x", with_he=False)
     (b.path / "experiment.xenium").rename(b.path / "exp.bak")
-    with pytest.raises(FileNotFoundError, match=r"experiment\.xenium.*not found"):
+    with pytest.raises(FileNotFoundError, match=r"experiment\.xenium.*does not exist"):
         cs.io.read_xenium(b.path)
     (b.path / "exp.bak").rename(b.path / "experiment.xenium")
     (b.path / "cells.parquet").rename(b.path / "cells.bak")
@@ -265,7 +265,7 @@ def test_missing_pixel_size_warns(tmp_path):
 def test_damaged_files(tmp_path):
     b = make_bundle(tmp_path / "x", with_he=False)
     (b.path / "experiment.xenium").write_text("{not json")
-    with pytest.raises(ValueError, match=r"Cannot parse .*experiment\.xenium"):
+    with pytest.raises(ValueError, match=r"Cannot read the Xenium experiment file .*experiment\.xenium.*JSONDecodeError"):
         cs.io.read_xenium(b.path)
     b = make_bundle(tmp_path / "y", with_he=False)
     (b.path / "cell_feature_matrix.h5").write_bytes(b"garbage")

@@ -76,8 +76,8 @@ def test_config_edited_after_saving_is_refused(classifier, tmp_path):
     d = _edit_config(model, tmp_path / "a", state={"classes": model.classes[::-1]})
     with pytest.raises(ValueError, match="disagree on 'classes'"):
         CellTypeClassifier.load(d)
-    # config and weights of different models (no checksum to catch it first)
-    d = _edit_config(model, tmp_path / "b", config={"d_model": 64, "dim_feedforward": 256}, weights={})
+    # config and weights of different models (the weights file itself is unchanged: its checksum holds)
+    d = _edit_config(model, tmp_path / "b", config={"d_model": 64, "dim_feedforward": 256})
     with pytest.raises(ValueError, match="does not fit the model described by"):
         CellTypeClassifier.load(d)
 
@@ -87,7 +87,7 @@ def test_truncated_config_and_other_model(classifier, tmp_path):
     d = _saved(model, tmp_path / "m")
     text = (d / "config.json").read_text()
     (d / "config.json").write_text(text[: len(text) // 2])
-    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"config\.json.*not valid JSON"):
         CellTypeClassifier.load(d)
     (d / "config.json").write_text(text)
     with pytest.raises(ValueError, match="is not a ContrastiveAligner"):

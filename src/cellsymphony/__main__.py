@@ -177,6 +177,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.d_model % args.n_heads:
         raise CLIError(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}")
     out = _out_dir(args.out, overwrite=args.overwrite, product="cellsymphony.h5mu")
+    from ._run import preflight, run_pipeline
+
+    try:  # every input opened now: a bad one fails in seconds, not after the embeddings
+        preflight(
+            xenium, he_image=he_image, he_alignment=he_alignment, uni2=uni2, scgpt=scgpt, labels=labels,
+            reference=reference, ref_label_key=args.ref_label_key, cell_id_col=args.cell_id_col,
+            label_col=args.label_col, device=args.device,
+        )  # fmt: skip
+    except ValueError as err:
+        raise CLIError(str(err).strip().splitlines()[0]) from err
     if not args.skip_memory_check:
         # before anything heavy: a section whose largest step cannot fit fails now, not an hour in
         from ._memory import check_memory
@@ -188,16 +198,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )  # fmt: skip
         except ValueError as err:
             raise CLIError(str(err)) from None
-    from ._run import run_pipeline
-
-    run_pipeline(
-        xenium, out, he_image=he_image, he_alignment=he_alignment, uni2=uni2, morph_model=args.morph_model,
-        morph_mode=args.morph_mode, scgpt=scgpt, labels=labels, reference=reference,
-        ref_label_key=args.ref_label_key, cell_id_col=args.cell_id_col, label_col=args.label_col,
-        epochs=args.epochs, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, archs=archs,
-        train_cells=args.train_cells, device=args.device, seed=args.seed, spatialdata=args.spatialdata,
-    )  # fmt: skip
+    with _removed_if_left_empty(out):
+        run_pipeline(
+            xenium, out, he_image=he_image, he_alignment=he_alignment, uni2=uni2, morph_model=args.morph_model,
+            morph_mode=args.morph_mode, scgpt=scgpt, labels=labels, reference=reference,
+            ref_label_key=args.ref_label_key, cell_id_col=args.cell_id_col, label_col=args.label_col,
+            epochs=args.epochs, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, archs=archs,
+            train_cells=args.train_cells, device=args.device, seed=args.seed, spatialdata=args.spatialdata,
+        )  # fmt: skip
     return 0
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(out: Path):
+    """On failure, remove the ``--out`` folder (and the parents made for it) when this run created it and left
+    nothing in it."""
+    made = []
+    p = out
+    while not p.exists():
+        made.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    try:
+        yield
+    except BaseException:
+        for d in made:  # the deepest first
+            try:
+                d.rmdir()  # only when empty
+            except OSError:
+                break
+        raise
 
 
 def _cmd_register(args: argparse.Namespace) -> int:

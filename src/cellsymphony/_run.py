@@ -65,6 +65,135 @@ def training_subset(mdata, label_key: str, confident_key: str | None, n_cells: i
     return TRAIN_CELLS_KEY
 
 
+def check_device(device: str | None) -> None:
+    """A ``--device`` that torch can use here: a valid device string, and the GPU it names present."""
+    if device is None or device == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"--device {device}: not a torch device ({err}); use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda, cuda:N or mps")
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Open a morphology-encoder checkpoint without loading its tensors (safetensors header; a torch file
+    memory-mapped), so that a truncated or foreign file fails before the pipeline starts."""
+    from ._errors import InputFileError, reading
+    from .models.encoders._weights import find_weight_file
+
+    f = find_weight_file(path, source="--uni2")
+    fix = "The file is truncated or is no checkpoint: download the weights again."
+    if f.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with reading(f, "the morphology-encoder checkpoint", fix), safe_open(str(f), framework="pt") as fh:
+            n = len(list(fh.keys()))
+    else:
+        import torch
+
+        with reading(f, "the morphology-encoder checkpoint", fix):
+            sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        n = len(sd) if isinstance(sd, dict) else 0
+    if n == 0:
+        raise InputFileError(f, "the morphology-encoder checkpoint", "it holds no tensors", fix)
+
+
+def preflight(
+    xenium: Path,
+    *,
+    he_image: Path | None,
+    he_alignment: Path | None,
+    uni2: Path | None,
+    scgpt: Path,
+    labels: str | Path | None,
+    reference: Path | None,
+    ref_label_key: str | None,
+    cell_id_col: str,
+    label_col: str,
+    device: str | None,
+) -> None:
+    """Open every input of :func:`run_pipeline` before any heavy step, so that a bad one fails in seconds
+    instead of after hours of embeddings: the device, the Xenium folder's headers (experiment.xenium, the cells
+    table's columns, the matrix), the H&E and its alignment, the scGPT folder (built and loaded), the UNI2-h
+    checkpoint's header, the reference's ``obs`` column ``ref_label_key`` and a labels file's columns.
+    Raises a ``ValueError`` (an ``InputFileError`` for a file) naming the input and the fix."""
+    import logging
+    import warnings
+
+    import anndata as ad
+
+    from ._errors import read_table, reading, require_file
+    from .io._read_xenium import _attach_he
+    from .io._xenium_files import CELLS_CSV, CELLS_PARQUET, find_matrix, pixel_size_of, read_experiment
+    from .models.encoders._scgpt import load_scgpt
+
+    check_device(device)
+    specs = read_experiment(xenium)
+    pixel_size = pixel_size_of(specs, str(xenium / "experiment.xenium"))
+    table = xenium / CELLS_PARQUET
+    if not table.is_file():
+        table = next((xenium / n for n in CELLS_CSV if (xenium / n).is_file()), table)
+    columns = list(read_table(table, "the cells table", "Copy it again from the Xenium output.", nrows=5).columns)
+    missing = [c for c in ("cell_id", "x_centroid", "y_centroid") if c not in columns]
+    if missing:
+        raise ValueError(f"--xenium {xenium}: {table.name} lacks the column(s) {missing}; it is not a Xenium cells table")
+    matrix = find_matrix(xenium)
+    if matrix.name.endswith(".h5"):
+        import h5py
+
+        with reading(matrix, "the count matrix", "Copy it again from the Xenium output."), h5py.File(matrix, "r") as f:
+            if "matrix" not in f:
+                raise ValueError(f"--xenium {xenium}: {matrix.name} has no 'matrix' group; it is not a 10x matrix")
+    if reference is not None:
+        with reading(reference, "the reference", "Pass a readable .h5ad file (anndata.read_h5ad)."):
+            ref = ad.read_h5ad(require_file(reference, "the reference"), backed="r")
+        try:
+            if ref_label_key not in ref.obs.columns:
+                raise ValueError(
+                    f"--ref-label-key {ref_label_key}: not a column of the reference's obs ({reference.name} has "
+                    f"{list(ref.obs.columns)[:20]}); pass the column of cell-type labels"
+                )
+            if ref.obs[ref_label_key].nunique() < 2:
+                raise ValueError(f"--ref-label-key {ref_label_key}: the reference's column has fewer than 2 labels")
+        finally:
+            ref.file.close()
+    if labels is not None and labels != "singler":
+        cols = list(read_table(labels, "the label table", "Pass a CSV / TSV / Parquet table of cell ids and labels.",
+                               nrows=5).columns)  # fmt: skip
+        missing = [c for c in (cell_id_col, label_col) if c not in cols]
+        if missing:
+            flags = {cell_id_col: "--cell-id-col", label_col: "--label-col"}
+            raise ValueError(
+                f"--labels {labels}: no column {missing} (it has {cols[:20]}); pass "
+                + " and ".join(f"{flags[c]}" for c in missing)
+            )
+    # the H&E and the checkpoints last (the slowest to open); their warnings and logs come again in their step
+    level = logger.level
+    try:
+        logger.setLevel(logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _attach_he(xenium, he_image, he_alignment, None, pixel_size)
+            load_scgpt(scgpt)
+        if uni2 is not None:
+            _check_checkpoint(uni2)
+    finally:
+        logger.setLevel(level)
+
+
 class Steps:
     """Numbered, timed pipeline steps: ``with steps("embedding"):`` logs ``[2/8] embedding`` and its time."""
 

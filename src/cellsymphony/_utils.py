@@ -16,15 +16,93 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+def partial_tag() -> str:
+    """``host-pid-random``: the part of a temporary file's or folder's name that tells whose it is, so that a
+    later write can tell the leftovers of a killed process (:func:`remove_stale_partials`)."""
+    import secrets
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process (or not ours to tell)
+    return True
+
+
+LEGACY_TMP_AGE_S = 3600.0  # temporary files of earlier versions (no owner in the name) older than this are stale
+
+
+def remove_stale_partials(path: str | os.PathLike, marker: str = "", suffix: str = "") -> int:
+    """Remove the temporary files or folders that earlier writes of ``path`` left when their process was killed,
+    and return how many were removed.
+
+    They are named ``.{name}.{marker}{host}-{pid}-{random}{suffix}`` (:func:`partial_tag`); one is stale when it
+    was made on this host by a process that no longer runs. Those of other hosts (the workers of a cluster) are
+    left alone. Temporary files of earlier cellsymphony versions (``.{name}.XXXXXXXX.tmp``, no owner recorded)
+    are removed once they are an hour old.
+    """
+    import shutil
+    import socket
+    import time
+
+    path = Path(path)
+    head = f".{path.name}.{marker}"
+    mine = f"{head}{socket.gethostname()}-"
+    removed = 0
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(head) or not name.endswith(suffix):
+            continue
+        middle = name[len(head) : len(name) - len(suffix)]
+        if name.startswith(mine):
+            pid = middle[len(mine) - len(head) :].split("-")[0]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+        elif not (marker == "" and suffix == ".tmp" and len(middle) == 8 and "-" not in middle and "." not in middle):
+            continue
+        else:
+            try:
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime < LEGACY_TMP_AGE_S:
+                    continue
+            except OSError:
+                continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            continue
+    if removed:
+        from ._settings import logger
+
+        logger.info("removed %d temporary file(s) of earlier interrupted writes of %s", removed, path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error remove it.
 
-    A reader never sees a half-written file, and a failed write leaves any old file untouched.
+    A reader never sees a half-written file, and a failed write leaves any old file untouched. The temporary
+    files that earlier writes of ``path`` left when killed (``.{name}.{host}-{pid}-*.tmp`` of a process that is
+    gone) are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_partials(path, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{partial_tag()}-", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
     # mkstemp makes the file private (0600); give it the permissions of an ordinary new file

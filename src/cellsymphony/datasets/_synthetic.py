@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .._settings import logger, settings
-from .._utils import atomic_path
+from .._utils import atomic_path, partial_tag, remove_stale_partials
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -786,26 +786,12 @@ def _check_disk(path: Path, *, n_cells: int, transcripts: bool, reference_cells:
 
 
 def _partial_tag() -> str:
-    import secrets
-    import socket
-
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return partial_tag()
 
 
 def _remove_stale_partials(path: Path) -> None:
     """Remove the hidden folders of runs for ``path`` on this host whose process is gone (killed runs)."""
-    import glob
-    import socket
-
-    prefix = f".{path.name}.partial-{socket.gethostname()}-"
-    for p in path.parent.glob(glob.escape(prefix) + "*"):
-        try:
-            pid = int(p.name[len(prefix):].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError, OSError):
-            continue
+    remove_stale_partials(path, marker="partial-")
 
 
 def _move_into_place(tmp: Path, path: Path, *, overwrite: bool) -> None:

@@ -170,13 +170,15 @@ def _warn_coverage(in_image: np.ndarray, nucleus: np.ndarray, section: Section) 
         f"The H&E image {section.he_path!r} does not cover {n_out} of {n} cells of sample {section.sample!r} "
         f"(their nucleus centroid maps outside the image); morphology.obs['{IN_IMAGE_KEY}'] is False for them."
     )
-    if n_out == n and section.alignment is not None:
+    if n_out > n / 2 and section.alignment is not None:
         # a common mistake: the matrix of the inverse direction (morphology pixel -> H&E pixel)
         flipped = Section(**{**section.__dict__, "alignment": np.linalg.inv(section.alignment)})
-        if in_image_flags(nucleus, flipped).mean() > 0.5:
+        inverse_in = float(in_image_flags(nucleus, flipped).mean())
+        if inverse_in >= 0.9 and inverse_in * n > 2 * (n - n_out):
             msg += (
-                " The inverse of the alignment would place them inside: the alignment must map H&E pixels to "
-                "Xenium morphology pixels (10x's *_he_imagealignment.csv); pass its inverse."
+                f" The alignment looks inverted: its inverse places {inverse_in:.0%} of the cells inside the image. "
+                "The alignment must map H&E pixels to Xenium morphology pixels (10x's *_he_imagealignment.csv); "
+                "pass its inverse (numpy.linalg.inv)."
             )
         else:
             msg += " Check that the H&E image and the alignment belong to this section."

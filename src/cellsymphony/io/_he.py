@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import InputFileError, InputFileNotFoundError, reading
+
 # series that are not the slide itself
 _SKIP_SERIES = ("thumbnail", "label", "macro", "overview")
 # micrometres per unit, by OME length unit symbol
@@ -73,19 +75,14 @@ class HEImage:
 
         path = self.path
         if not path.exists():
-            raise FileNotFoundError(f"H&E image {str(path)!r} does not exist; check the path.")
+            raise InputFileNotFoundError(path, "H&E image", "it does not exist", "Check the path (he_image=).")
         if path.is_dir():
-            raise ValueError(
-                f"H&E image {str(path)!r} is a folder; pass the image file (.ome.tif, .svs or .tif)."
-            )
-        try:
+            raise InputFileError(path, "H&E image", "it is a folder, not a file",
+                                 "Pass the image file (.ome.tif, .svs or .tif).")
+        # tifffile raises several error types for damaged or foreign files
+        with reading(path, "H&E image", "cs.io.read_he reads pyramidal OME-TIFF, Aperio SVS and tiled TIFF files; "
+                     "check that the file is complete and in one of these formats."):  # fmt: skip
             tif = tifffile.TiffFile(path)
-        except Exception as err:  # tifffile raises several error types for damaged or foreign files
-            raise ValueError(
-                f"Cannot read H&E image {str(path)!r} ({type(err).__name__}: {err}). cs.io.read_he reads pyramidal "
-                "OME-TIFF, Aperio SVS and tiled TIFF files; check that the file is complete and in one of these "
-                "formats."
-            ) from None
         self._tif = tif
         try:
             levels = self._pick_levels(tif)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._errors import reading
 from .._registration import exact_downsample
 
 # in order of preference (the 2.0 focus channel 0 is DAPI; 1.x writes the focus and the MIP side by side)
@@ -54,10 +55,8 @@ class MorphologyImage:
 
         self.path = Path(path)
         self.pixel_size = float(pixel_size)
-        try:
+        with reading(self.path, "the morphology image", "Copy it again from the Xenium output."):
             self._tif = tifffile.TiffFile(self.path)
-        except Exception as err:  # tifffile raises several error types for damaged or foreign files
-            raise ValueError(f"Cannot read the morphology image {str(self.path)!r} ({type(err).__name__}: {err}).") from None
         try:
             series = self._tif.series[0]
             self._arrays, self._index = [], []

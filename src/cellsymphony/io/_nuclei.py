@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .._errors import reading, require_file
 from .._settings import logger
 
 # the columns of every table read_nuclei returns
@@ -184,14 +184,14 @@ def _load(nuclei, label: str | None) -> tuple[pd.DataFrame, str, bool]:
             f"nuclei must be a DataFrame or the path of a CSV / TSV / parquet / GeoJSON / HoVer-Net json file, "
             f"got {type(nuclei).__name__}."
         )
-    path = Path(nuclei)
+    path = require_file(nuclei, "the nucleus file", "Check the path of the nucleus detections (nuclei=).")
     source = str(path)
-    if not path.exists():
-        raise ValueError(f"Nucleus file {source!r} does not exist.")
     name = path.name.lower()
-    try:
+    fix = ("Pass a CSV / TSV / parquet table of nucleus centroids, a GeoJSON (QuPath, CellViT, StarDist) or a "
+           "HoVer-Net json; check that the file is complete.")
+    with reading(path, "the nucleus file", fix):
         if name.endswith((".geojson", ".json")):
-            with open(path) as fh:
+            with open(path, encoding="utf-8") as fh:
                 obj = json.load(fh)
             if isinstance(obj, dict) and "nuc" in obj:
                 return _from_hovernet(obj), source, True
@@ -200,10 +200,6 @@ def _load(nuclei, label: str | None) -> tuple[pd.DataFrame, str, bool]:
             return pd.read_parquet(path), source, False
         sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".txt")) else ","
         return pd.read_csv(path, sep=sep), source, False
-    except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
-        if isinstance(err, ValueError) and str(err).startswith(source):
-            raise
-        raise ValueError(f"Cannot read the nucleus file {source!r}: {err!r}") from None
 
 
 # --- the reader ---------------------------------------------------------------------------------------------------

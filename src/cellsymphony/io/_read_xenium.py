@@ -10,14 +10,18 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
+from .._errors import require_dir, require_file
 from .._registration import he_px_per_um
 from .._settings import logger
 from ._build import Section, build
 from ._he import HEImage
 from ._xenium_files import (
+    check_cells_zarr_ids,
+    check_centroids,
     default_sample_id,
     find_he_files,
     find_matrix,
+    morphology_extent,
     pixel_size_of,
     read_alignment,
     read_cells_table,
@@ -105,21 +109,20 @@ def read_xenium(
     if isinstance(he_alignment, str) and he_alignment == "auto":
         return _read_xenium_auto(path, he_image=he_image, sample=sample, he_mpp=he_mpp,
                                 nucleus_boundaries=nucleus_boundaries)
-    folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"Xenium folder {str(folder)!r} does not exist; check the path.")
-    if not folder.is_dir():
-        raise ValueError(
-            f"{str(folder)!r} is a file; pass the Xenium output folder (the one holding experiment.xenium)."
-        )
+    folder = require_dir(path, "the Xenium folder", "Pass the Xenium output folder (the one holding "
+                         "experiment.xenium).")  # fmt: skip
     specs = read_experiment(folder)
     pixel_size = pixel_size_of(specs, str(folder / "experiment.xenium"))
     table, table_path = read_cells_table(folder)
+    ids = table["cell_id"].to_numpy()
+    spatial = table[["x_centroid", "y_centroid"]].to_numpy(np.float64)
+    extent, extent_source = morphology_extent(folder, pixel_size)
+    check_centroids(spatial, ids, table_path, extent_um=extent, extent_source=extent_source)
     matrix_path = find_matrix(folder)
     x, feats, matrix_ids = read_matrix(matrix_path)
 
-    ids = table["cell_id"].to_numpy()
     x = _match_cells(ids, matrix_ids, x, table, table_path, matrix_path)
+    check_cells_zarr_ids(folder, ids, table_path)
     parts = split_features(x, feats)
     del x  # the genes were copied out: free the whole matrix before the MuData is built
     if parts["gene_x"].shape[1] == 0:
@@ -128,10 +131,9 @@ def read_xenium(
             f"{sorted(set(feats['feature_type']))}); it is not a Xenium gene-expression matrix."
         )
 
-    nuclei = read_nucleus_centroids(folder, ids) if nucleus_boundaries else None
+    nuclei = read_nucleus_centroids(folder, ids, spatial) if nucleus_boundaries else None
     he = _attach_he(folder, he_image, he_alignment, he_mpp, pixel_size)
 
-    spatial = table[["x_centroid", "y_centroid"]].to_numpy(np.float64)
     obs = table.drop(columns=["x_centroid", "y_centroid"])
     section = Section(
         cell_ids=ids,
@@ -207,6 +209,10 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp, pixel_size: float) 
                     "he_image=."
                 )
             return nothing
+    if not isinstance(he_image, HEImage):
+        # a missing path or a folder is reported as such, before any alignment is looked for
+        require_file(he_image, "H&E image", "Check the path (he_image=), or pass he_image=False to read without "
+                     "the H&E.")  # fmt: skip
     if he_alignment is None:
         name = he_image.path if isinstance(he_image, HEImage) else Path(he_image)
         he_alignment = auto_alignment or sibling_alignment(name)
@@ -248,10 +254,17 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp, pixel_size: float) 
         he.close()
     ratio = out["he_mpp"] / mpp_from_alignment
     if not 0.9 < ratio < 1.1:
+        # the inverse matrix (morphology pixel -> H&E pixel) implies pixel_size**2 / mpp instead
+        inverse_ratio = out["he_mpp"] / (1.0 / he_px_per_um(np.linalg.inv(alignment), pixel_size))
+        hint = (
+            " The alignment looks inverted (its inverse implies the image's pixel size): it must map H&E pixels "
+            "to Xenium morphology pixels (10x's *_he_imagealignment.csv); pass its inverse (numpy.linalg.inv)."
+            if 0.9 < inverse_ratio < 1.1
+            else " Check that the alignment belongs to this image (and he_mpp=, if given)."
+        )
         warnings.warn(
             f"The H&E image {out['he_path']!r} has {out['he_mpp']:.4g} um per pixel but the alignment implies "
-            f"{mpp_from_alignment:.4g} (with the Xenium pixel size {pixel_size}): check that the alignment belongs "
-            "to this image (and he_mpp=, if given).",
+            f"{mpp_from_alignment:.4g} (with the Xenium pixel size {pixel_size}).{hint}",
             UserWarning,
             stacklevel=3,
         )

@@ -154,13 +154,17 @@ def write_zarr(sdata: SpatialData, path: str | os.PathLike, *, overwrite: bool =
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``path``; on success it replaces ``path``, on error it is removed."""
+    from .._utils import partial_tag, remove_stale_partials
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_partials(path, marker="partial-")  # the folders of earlier writes that were killed
+    if path.exists():  # an "old-" folder is the only copy while path is missing (killed mid-swap)
+        remove_stale_partials(path, marker="old-")
+    tmp = path.parent / f".{path.name}.partial-{partial_tag()}"
     try:
         yield tmp
         if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            old = path.parent / f".{path.name}.old-{partial_tag()}"
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._errors import InputFileError, InputFileNotFoundError, reading
+
 EXPERIMENT_FILE = "experiment.xenium"
 CELLS_PARQUET = "cells.parquet"
 CELLS_CSV = ("cells.csv.gz", "cells.csv")
@@ -99,20 +101,17 @@ def cell_id_from_prefix_suffix(ids: np.ndarray) -> np.ndarray:
 def read_experiment(folder: Path) -> dict:
     """The JSON of ``experiment.xenium`` (required)."""
     path = folder / EXPERIMENT_FILE
+    what, fix = "the Xenium experiment file", "Copy experiment.xenium again from the Xenium output."
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{str(path)!r} not found: a Xenium output folder holds experiment.xenium. Pass the folder that "
-            "contains experiment.xenium, cells.parquet (or cells.csv.gz) and cell_feature_matrix.h5 (or the "
-            "cell_feature_matrix/ folder, or cell_feature_matrix.zarr.zip)."
-        )
-    try:
-        specs = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(
-            f"Cannot parse {str(path)!r} as JSON ({err}); copy the file again from the run."
-        ) from None
+        raise InputFileNotFoundError(
+            path, what, "it does not exist (a Xenium output folder holds experiment.xenium)",
+            "Pass the folder that contains experiment.xenium, cells.parquet (or cells.csv.gz) and "
+            "cell_feature_matrix.h5 (or the cell_feature_matrix/ folder, or cell_feature_matrix.zarr.zip).",
+        )  # fmt: skip
+    with reading(path, what, fix):
+        specs = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(specs, dict):
-        raise ValueError(f"{str(path)!r} does not hold a JSON object; copy the file again from the run.")
+        raise InputFileError(path, what, f"it holds a JSON {type(specs).__name__}, not an object", fix)
     return specs
 
 
@@ -149,13 +148,9 @@ def read_cells_table(folder: Path) -> tuple[pd.DataFrame, Path]:
     """The cells table (``cells.parquet`` preferred over ``cells.csv.gz``), cell ids as str in ``cell_id``."""
     path = folder / CELLS_PARQUET
     if path.is_file():
-        try:
+        with reading(path, "the cells table", "Copy the file again from the Xenium output (or remove it to fall "
+                     "back on cells.csv.gz)."):  # fmt: skip
             df = pd.read_parquet(path)
-        except Exception as err:
-            raise ValueError(
-                f"Cannot read {str(path)!r} ({type(err).__name__}: {err}); copy the file again from the run "
-                "(or remove it to fall back on cells.csv.gz)."
-            ) from None
     else:
         path = next((folder / n for n in CELLS_CSV if (folder / n).is_file()), None)
         if path is None:
@@ -163,17 +158,15 @@ def read_cells_table(folder: Path) -> tuple[pd.DataFrame, Path]:
                 f"No cells table in {str(folder)!r}: expected cells.parquet or cells.csv.gz (the per-cell table "
                 "of the Xenium output); copy it into the folder."
             )
-        try:
+        with reading(path, "the cells table", "Copy the file again from the Xenium output."):
             df = pd.read_csv(path)
-        except Exception as err:
-            raise ValueError(f"Cannot read {str(path)!r} ({type(err).__name__}: {err}).") from None
         # an index column written by pandas / R
         df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed:") and str(c) != ""]]
     missing = [c for c in ("cell_id", "x_centroid", "y_centroid") if c not in df.columns]
     if missing:
-        raise ValueError(
-            f"{str(path)!r} lacks the column(s) {missing} (it has {list(df.columns)}); it is not a Xenium cells "
-            "table."
+        raise InputFileError(
+            path, "the cells table", f"it lacks the column(s) {missing} (it has {list(df.columns)})",
+            "Pass a Xenium output folder: its cells table has cell_id, x_centroid and y_centroid.",
         )
     ids, style = to_cell_ids(df["cell_id"].to_numpy(), str(path))
     if pd.Index(ids).has_duplicates:
@@ -186,6 +179,141 @@ def read_cells_table(folder: Path) -> tuple[pd.DataFrame, Path]:
         if df[col].dtype == object and col != "cell_id":
             df[col] = _decode_bytes(df[col].to_numpy())
     return df, path
+
+
+def parquet_ranges(path: Path, columns) -> dict[str, tuple[float, float]]:
+    """Per column, the ``(min, max)`` that a parquet file's own row-group statistics record (read from the
+    footer alone); columns without statistics are left out."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception:  # noqa: BLE001 - no statistics to compare with: nothing to check
+        return {}
+    names = [meta.schema.column(j).name for j in range(meta.num_columns)]
+    out = {}
+    for col in columns:
+        if col not in names:
+            continue
+        j = names.index(col)
+        lo, hi = math.inf, -math.inf
+        for i in range(meta.num_row_groups):
+            st = meta.row_group(i).column(j).statistics
+            if st is None or not st.has_min_max:
+                lo = None
+                break
+            try:
+                lo, hi = min(lo, float(st.min)), max(hi, float(st.max))
+            except (TypeError, ValueError):
+                lo = None
+                break
+        if lo is not None and math.isfinite(lo) and math.isfinite(hi):
+            out[col] = (lo, hi)
+    return out
+
+
+def check_centroids(xy: np.ndarray, ids: np.ndarray, path: Path, *, extent_um: tuple[float, float] | None = None,
+                    extent_source: str = "") -> None:
+    """The cell centroids (micrometres) must be finite, lie within the range the parquet file's own statistics
+    record (random bytes in a data page decode to values such as 1e111 while the footer keeps the true range),
+    and within the section (``extent_um``: width and height of the morphology image), with a margin."""
+    what, fix = "the cells table", "The file is damaged or comes from another run: copy it again from the Xenium output."
+    bad = ~np.isfinite(xy).all(axis=1)
+    if bad.any():
+        raise InputFileError(
+            path, what, f"{int(bad.sum())} of {len(xy)} cells have a missing or non-finite centroid (e.g. "
+            f"{[str(v) for v in ids[bad][:3]]})", fix,
+        )  # fmt: skip
+    if len(xy) == 0:
+        return
+    if path.name.endswith(".parquet"):
+        ranges = parquet_ranges(path, ("x_centroid", "y_centroid"))
+        outside = np.zeros(len(xy), dtype=bool)
+        for k, col in enumerate(("x_centroid", "y_centroid")):
+            if col in ranges:
+                lo, hi = ranges[col]
+                tol = 1e-6 * max(1.0, abs(lo), abs(hi))
+                outside |= (xy[:, k] < lo - tol) | (xy[:, k] > hi + tol)
+        if outside.any():
+            shown = ", ".join(f"{c[0]} {ranges[c][0]:.6g} to {ranges[c][1]:.6g}" for c in ranges)
+            raise InputFileError(
+                path, what, f"{int(outside.sum())} of {len(xy)} cells have a centroid outside the range that the "
+                f"file's own statistics record ({shown} um; e.g. cell {str(ids[outside][0])} at "
+                f"{xy[outside][0].tolist()}): the data pages are damaged", fix,
+            )  # fmt: skip
+    if extent_um is not None:
+        w, h = extent_um
+        margin = 0.01 * max(w, h) + 10.0
+        off = (xy[:, 0] < -margin) | (xy[:, 1] < -margin) | (xy[:, 0] > w + margin) | (xy[:, 1] > h + margin)
+        if off.any():
+            raise InputFileError(
+                path, what, f"{int(off.sum())} of {len(xy)} cells have a centroid outside the section, which the "
+                f"morphology image {extent_source} spans (0 to {w:.6g} x 0 to {h:.6g} um; e.g. cell "
+                f"{str(ids[off][0])} at {xy[off][0].tolist()})",
+                "The cells table and the morphology image come from different runs, or the table is damaged: "
+                "copy the folder again from the Xenium output.",
+            )  # fmt: skip
+
+
+def morphology_extent(folder: Path, pixel_size: float) -> tuple[tuple[float, float] | None, str]:
+    """``((width, height) in micrometres, file name)`` of the folder's DAPI morphology image, read from its TIFF
+    header only; ``(None, "")`` when there is none or it cannot be read (it is not needed to read the section)."""
+    from ._morphology_image import find_dapi
+
+    path = find_dapi(folder)
+    if path is None:
+        return None, ""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, shape = series.axes.upper(), series.shape
+            h, w = int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+    except Exception:  # noqa: BLE001 - a damaged morphology image is reported by the functions that read it
+        return None, ""
+    return (w * pixel_size, h * pixel_size), path.name
+
+
+# ---------------------------------------------------------------------- cells.zarr.zip
+CELLS_ZARR = "cells.zarr.zip"
+
+
+def check_cells_zarr_ids(folder: Path, table_ids: np.ndarray, table_path: Path) -> None:
+    """The cell ids of ``cells.zarr.zip`` (segmentation masks of Xenium Explorer, when present) must be those of
+    the cells table: the reader does not use the file, but a mismatch means the folder mixes runs."""
+    path = folder / CELLS_ZARR
+    if not path.is_file():
+        return
+    import zarr
+
+    what = "the cell segmentation"
+    with reading(path, what, "Copy it again from the Xenium output (the reader does not need it: it can also be "
+                 "moved out of the folder)."):  # fmt: skip
+        store = zarr.storage.ZipStore(path, mode="r")
+        try:
+            root = zarr.open_group(store, mode="r")
+            if "cell_id" not in root:
+                return
+            raw = np.asarray(root["cell_id"][...])
+        finally:
+            store.close()
+        if raw.ndim == 2 and raw.shape[1] == 2:
+            ids = cell_id_from_prefix_suffix(raw)
+        else:
+            ids, _ = to_cell_ids(raw.ravel(), str(path))
+    tab, seg = pd.Index(table_ids), pd.Index(ids)
+    if tab.equals(seg):
+        return
+    only_tab, only_seg = tab.difference(seg), seg.difference(tab)
+    if len(only_tab) or len(only_seg):
+        raise InputFileError(
+            path, what, f"its cell ids do not match {table_path.name}: {len(only_tab)} of the {len(tab)} cells of "
+            f"the table are not in it (e.g. {[str(v) for v in only_tab[:3]]}) and {len(only_seg)} of its {len(seg)} cells are "
+            f"not in the table (e.g. {[str(v) for v in only_seg[:3]]})",
+            "The folder mixes files of different runs or segmentations: copy the whole folder from one Xenium "
+            "output (or move cells.zarr.zip out of it: the reader does not need it).",
+        )  # fmt: skip
 
 
 def _decode_bytes(values: np.ndarray) -> np.ndarray:
@@ -226,10 +354,8 @@ def read_matrix(path: Path) -> tuple[sparse.csr_matrix, pd.DataFrame, np.ndarray
     except (ValueError, FileNotFoundError):
         raise
     except Exception as err:
-        raise ValueError(
-            f"Cannot read the count matrix {str(path)!r} ({type(err).__name__}: {err}); copy it again from the "
-            "Xenium output."
-        ) from None
+        raise InputFileError(path, "the count matrix", f"{type(err).__name__}: {err}",
+                             "Copy it again from the Xenium output.") from err
     if x.shape != (len(ids), len(feats)):
         raise ValueError(
             f"{str(path)!r}: the matrix is {x.shape[0]} x {x.shape[1]} but lists {len(ids)} cells and "
@@ -256,12 +382,9 @@ def _int_array(a, name: str, path: Path) -> np.ndarray:
 def _read_h5(path: Path):
     import h5py
 
-    try:
+    with reading(path, "the count matrix", "The file is not a complete HDF5 file: copy it again from the Xenium "
+                 "output."):  # fmt: skip
         f = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(
-            f"Cannot open {str(path)!r} as HDF5 ({err}); copy it again from the Xenium output."
-        ) from None
     with f:
         if "matrix" not in f:
             raise ValueError(f"{str(path)!r} has no 'matrix' group; it is not a 10x cell-feature matrix.")
@@ -482,24 +605,29 @@ def polygon_stats(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return first
 
 
-def read_nucleus_centroids(folder: Path, cell_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+NUCLEUS_MAX_OFFSET_UM = 50.0  # median nucleus-to-cell centroid distance above which the nuclei are refused
+
+
+def read_nucleus_centroids(
+    folder: Path, cell_ids: np.ndarray, centroids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Per cell: the centroid (micrometres) of its largest nucleus (NaN where none) and the number of nuclei.
 
-    None when ``nucleus_boundaries.parquet`` is absent.
+    None when ``nucleus_boundaries.parquet`` is absent. An error when its cell ids match no cell of the table,
+    when vertices are not finite, or (given the cell ``centroids``) when the nuclei lie far from their cells
+    (median distance above 50 um: another unit or another run); a warning with counts when only some of its
+    cell ids match.
     """
     path = folder / NUCLEUS_BOUNDARIES
     if not path.is_file():
         return None
-    try:
+    what, fix = "the nucleus boundaries", "Copy it again from the Xenium output, or pass nucleus_boundaries=False."
+    with reading(path, what, fix):
         df = pd.read_parquet(path)
-    except Exception as err:
-        raise ValueError(
-            f"Cannot read {str(path)!r} ({type(err).__name__}: {err}); copy it again from the Xenium output or "
-            "pass nucleus_boundaries=False."
-        ) from None
     missing = [c for c in ("cell_id", "vertex_x", "vertex_y") if c not in df.columns]
     if missing:
-        raise ValueError(f"{str(path)!r} lacks the column(s) {missing}; it is not a Xenium boundaries table.")
+        raise InputFileError(path, what, f"it lacks the column(s) {missing}; it is not a Xenium boundaries table",
+                             fix)
     n = len(cell_ids)
     centroid = np.full((n, 2), np.nan)
     n_nuclei = np.zeros(n, dtype=np.int64)
@@ -512,6 +640,28 @@ def read_nucleus_centroids(folder: Path, cell_ids: np.ndarray) -> tuple[np.ndarr
     has_id = codes >= 0
     if not has_id.any():
         return centroid, n_nuclei
+    vx, vy = df["vertex_x"].to_numpy(np.float64), df["vertex_y"].to_numpy(np.float64)
+    bad = ~(np.isfinite(vx) & np.isfinite(vy))
+    if bad.any():
+        raise InputFileError(path, what, f"{int(bad.sum())} of its {len(df)} vertices are missing or not finite",
+                             "The file is damaged: " + fix[0].lower() + fix[1:])
+    index = pd.Index(cell_ids)
+    known = index.get_indexer(unique_ids) >= 0
+    if not known.any():
+        raise InputFileError(
+            path, what, f"none of its {len(unique_ids)} nucleus cell ids matches a cell of the cells table (e.g. "
+            f"{[str(v) for v in unique_ids[:3]]} vs {[str(v) for v in cell_ids[:3]]})",
+            "It comes from another run or segmentation: copy the nucleus_boundaries.parquet of this run, or pass "
+            "nucleus_boundaries=False.",
+        )  # fmt: skip
+    if not known.all():
+        warnings.warn(
+            f"{str(path)!r}: {int((~known).sum())} of its {len(unique_ids)} nucleus cell ids are not cells of the "
+            f"cells table (e.g. {[str(v) for v in unique_ids[~known][:3]]}); those nuclei are ignored. Check that the file "
+            "belongs to this run.",
+            UserWarning,
+            stacklevel=3,
+        )
     df = pd.DataFrame(
         {
             "cell_id": codes[has_id],
@@ -524,10 +674,19 @@ def read_nucleus_centroids(folder: Path, cell_ids: np.ndarray) -> tuple[np.ndarr
     stats = polygon_stats(df, keys)
     counts = stats.groupby("cell_id", sort=False).size()
     largest = stats.sort_values("area", ascending=False, kind="stable").drop_duplicates("cell_id")
-    index = pd.Index(cell_ids)
     pos = index.get_indexer(unique_ids[largest["cell_id"].to_numpy()])
     keep = pos >= 0
     centroid[pos[keep]] = largest[["cx", "cy"]].to_numpy()[keep]
+    if centroids is not None and keep.any():
+        has = np.isfinite(centroid).all(axis=1)
+        offset = float(np.median(np.hypot(*(centroid[has] - np.asarray(centroids, np.float64)[has]).T)))
+        if offset > NUCLEUS_MAX_OFFSET_UM:
+            raise InputFileError(
+                path, what, f"its nuclei lie far from their cells (median distance {offset:.4g} um between a "
+                f"cell's centroid and its nucleus', over {int(has.sum())} cells; a nucleus lies inside its cell)",
+                "The vertices are in another unit than the micrometres of the cells table, or the file belongs to "
+                "another run: copy the nucleus_boundaries.parquet of this run, or pass nucleus_boundaries=False.",
+            )  # fmt: skip
     cpos = index.get_indexer(unique_ids[counts.index.to_numpy()])
     n_nuclei[cpos[cpos >= 0]] = counts.to_numpy()[cpos >= 0]
     return centroid, n_nuclei
@@ -575,23 +734,16 @@ def read_alignment(source) -> np.ndarray:
 
     if isinstance(source, str | Path):
         path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"Alignment file {str(path)!r} not found; pass the 10x *_he_imagealignment.csv (3 x 3 affine, "
-                "H&E pixel -> Xenium morphology pixel) with he_alignment=."
-            )
-        try:
+        what = "the H&E alignment file"
+        fix = ("Pass the 10x *_he_imagealignment.csv (3 rows of 3 numbers, no header: the affine from H&E pixels "
+               "to Xenium morphology pixels) with he_alignment=.")
+        if not path.exists():
+            raise InputFileNotFoundError(path, what, "it does not exist", fix)
+        if path.is_dir():
+            raise InputFileError(path, what, "it is a folder, not a file", fix)
+        with reading(path, what, fix):
             m = pd.read_csv(path, header=None, sep=None, engine="python").to_numpy()
-        except Exception as err:
-            raise ValueError(
-                f"Cannot read alignment file {str(path)!r} ({type(err).__name__}: {err})."
-            ) from None
-        try:
+        with reading(path, what, fix, problem="it does not hold numbers only"):
             m = m.astype(np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{str(path)!r}: the alignment must hold 3 rows of 3 numbers without a header (10x's "
-                "*_he_imagealignment.csv layout)."
-            ) from None
         return check_alignment(m, source=str(path))
     return check_alignment(source, source="he_alignment")

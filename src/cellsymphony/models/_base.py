@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._errors import InputFileError, InputFileNotFoundError, reading
 from .._settings import log_seconds, logger, resolve_device, settings
 from .._utils import atomic_path, package_version
 from ._config import ModelConfig, json_safe
@@ -54,11 +55,17 @@ CONFIG_FILE = "config.json"
 VERSION_KEY = "cellsymphony_version"  # the one key naming the package version, in config.json and headers
 STD_EPS = 1e-6  # a feature whose training standard deviation is below this is centred, not scaled
 DEFAULT_PATIENCE = 5
+CHECKSUM_SINCE = 2  # the format version from which config.json records the sha256 of the weights
 
 
-class NotASavedModelError(FileNotFoundError, ValueError):
+class NotASavedModelError(InputFileNotFoundError):
     """A folder that lacks the files of a saved model (a ``FileNotFoundError``; also a ``ValueError``, which
     ``ContrastiveAligner.load`` raised before the models shared one loader)."""
+
+
+class ModelFilesMismatchError(ValueError):
+    """The ``config.json`` and the weights of a saved model folder describe different models, or the weights
+    do not match the checksum recorded at saving."""
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -110,6 +117,38 @@ def safe_std(std: torch.Tensor) -> torch.Tensor:
 def sha256_bytes(raw: bytes) -> str:
     """``sha256:<hex>`` of some bytes (the form of every checksum the package records)."""
     return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _verified_weights(name: str, meta: Mapping, d: Path, cfg_path: Path, *, legacy: bool) -> bytes:
+    """The bytes of the weights file, after checking the sha256 of every file ``config.json`` lists under
+    ``"weights"`` (a current-format config must list the weights file; a folder of an earlier layout, which
+    recorded none, is read as it is)."""
+    recorded = meta.get("weights")
+    recorded = dict(recorded) if isinstance(recorded, Mapping) else {}
+    if WEIGHTS_FILE not in recorded and not legacy:
+        raise ModelFilesMismatchError(
+            f"{cfg_path} records no sha256 of {WEIGHTS_FILE} (its 'weights' entry is missing or empty), so the "
+            f"weights of this {name} cannot be verified: the config was edited after saving. Restore the folder "
+            "from a copy, or train and save the model again."
+        )
+    raw = b""
+    for fname, expected in recorded.items():
+        path = d / str(fname)
+        if Path(str(fname)).name != str(fname):
+            raise InputFileError(cfg_path, f"the {name} config", f"its 'weights' entry names {fname!r}, which is not "
+                                 "a file of the folder", "Restore the folder, or save the model again.")  # fmt: skip
+        if not path.is_file():
+            raise NotASavedModelError(path, f"the {name} weights", f"{cfg_path.name} lists it but it is missing",
+                                      "Restore the folder, or save the model again.")  # fmt: skip
+        data = path.read_bytes()
+        if sha256_bytes(data) != expected:
+            raise ModelFilesMismatchError(
+                f"{path} does not match the checksum recorded in {cfg_path} ({sha256_bytes(data)} vs {expected}): "
+                "the weights changed or were damaged after saving; restore the folder or save the model again."
+            )
+        if fname == WEIGHTS_FILE:
+            raw = data
+    return raw or (d / WEIGHTS_FILE).read_bytes()
 
 
 def _safetensors_metadata(raw: bytes) -> dict[str, str]:
@@ -177,6 +216,11 @@ class BaseModel:
 
     def _weights_identity(self) -> dict[str, str]:
         """Fields written into the weights file's header and checked against ``config.json`` at load."""
+        return {}
+
+    def _weights_shapes(self) -> dict[str, tuple[int, str]]:
+        """Per weight tensor, the size of its first dimension that the config and state imply, and what it
+        counts (e.g. ``{"head.weight": (5, "classes")}``): checked at load with an error saying so."""
         return {}
 
     @classmethod
@@ -388,22 +432,30 @@ class BaseModel:
             does not match the sha256 recorded at saving, or when config and weights disagree; the message
             names the file.
         """
-        from safetensors import SafetensorError
         from safetensors.torch import load
 
         d = Path(dir_path)
         cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+        what = f"the {cls.__name__} folder"
+        if not d.is_dir():
+            raise NotASavedModelError(
+                d, what, f"it does not exist (so it is not a saved {cls.__name__})" if not d.exists()
+                else "it is a file, not a folder",
+                "Pass the folder written by model.save(dir).",
+            )
         missing = [p.name for p in (w_path, cfg_path) if not p.is_file()]
         if missing:
             raise NotASavedModelError(
-                f"{d} is not a saved {cls.__name__}: missing {missing} (a model folder is written by .save(dir))."
+                d, what, f"it is not a saved {cls.__name__}: missing {missing}",
+                "A model folder is written by model.save(dir); pass that folder.",
             )
-        try:
+        again = "Restore the folder from a copy, or train and save the model again."
+        with reading(cfg_path, f"the {cls.__name__} config", "The file is damaged (not valid JSON). " + again):
             meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{cfg_path} is not valid JSON ({err}): the file is damaged; save the model again.") from err
         if not isinstance(meta, dict):
-            raise ValueError(f"{cfg_path} holds no model description (a JSON object expected).")
+            raise InputFileError(cfg_path, f"the {cls.__name__} config", "it holds no model description (a JSON "
+                                 "object expected)", again)  # fmt: skip
+        saved_format = meta.get("format_version")
         meta = cls._upgrade(meta, cfg_path)
         if meta.get("format") != cls.FORMAT:
             raise ValueError(f"{cfg_path} is not a {cls.__name__} (format {meta.get('format')!r}, expected {cls.FORMAT!r}).")
@@ -412,34 +464,34 @@ class BaseModel:
                 f"{cfg_path} was written by a newer cellsymphony ({meta.get(VERSION_KEY)}, format version "
                 f"{meta.get('format_version')}); upgrade cellsymphony to load it."
             )
-        raw = w_path.read_bytes()
-        expected = (meta.get("weights") or {}).get(WEIGHTS_FILE)
-        if expected is not None and sha256_bytes(raw) != expected:
-            raise ValueError(
-                f"{w_path} does not match the checksum recorded in {cfg_path} ({sha256_bytes(raw)} vs {expected}): "
-                "the weights changed or were damaged after saving; restore the folder or save the model again."
-            )
-        try:
+        legacy = not isinstance(saved_format, int) or saved_format < CHECKSUM_SINCE
+        raw = _verified_weights(cls.__name__, meta, d, cfg_path, legacy=legacy)
+        with reading(w_path, "the model weights", "The file is not a readable safetensors file. " + again):
             tensors = load(raw)
             header = _safetensors_metadata(raw)
-        except (SafetensorError, ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{w_path} is not a readable safetensors file ({err}): save the model again.") from err
-        obj = cls._from_config(cls.CONFIG_CLASS.from_dict(meta.get("config", {}), source=cfg_path))
-        obj._set_state(meta.get("state", {}))
+        with reading(cfg_path, f"the {cls.__name__} config", "A field is missing or of the wrong type. " + again):
+            obj = cls._from_config(cls.CONFIG_CLASS.from_dict(meta.get("config", {}), source=cfg_path))
+            obj._set_state(meta.get("state", {}))
         for name, value in obj._weights_identity().items():
             if name in header and header[name] != value:
-                raise ValueError(
+                raise ModelFilesMismatchError(
                     f"{cfg_path} and {w_path} disagree on {name!r} ({value} vs {header[name]}): the config was "
-                    "changed after saving; restore it or save the model again."
+                    f"changed after saving, which would silently relabel the results. {again}"
+                )
+        for tensor, (size, meaning) in obj._weights_shapes().items():
+            if tensor in tensors and tensors[tensor].shape[0] != size:
+                raise ModelFilesMismatchError(
+                    f"{cfg_path} and {w_path} disagree: the config implies {size} {meaning} but the weights' "
+                    f"{tensor!r} has {tensors[tensor].shape[0]}; the two files come from different models. {again}"
                 )
         module = obj._build_module()
         try:
             module.load_state_dict(tensors, strict=True)
         except RuntimeError as err:
             first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-            raise ValueError(
-                f"{w_path} does not fit the model described by {cfg_path} ({first}): the two files come from "
-                "different models; save the model again."
+            raise ModelFilesMismatchError(
+                f"{w_path} does not fit the model described by {cfg_path} ({first}): config and weights disagree, "
+                f"the two files come from different models. {again}"
             ) from err
         obj.device = resolve_device(device)
         obj.module = module.to(obj.device).eval()

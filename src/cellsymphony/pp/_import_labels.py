@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,6 +10,7 @@ import pandas as pd
 
 from .._constants import IMPORTED_LABEL_KEY, SAMPLE_KEY
 from .._docs import inject_docs
+from .._errors import read_table, require_file
 from .._joint import push_joint_obs
 from .._settings import logger
 from .._utils import params_record
@@ -85,17 +85,10 @@ def import_labels(
     """
     source = "table"
     if isinstance(table, str | os.PathLike):
-        path = Path(table)
+        path = require_file(table, "the label table", "Check the path of the table of cell ids and labels.")
         source = str(path)
-        if not path.exists():
-            raise ValueError(f"label table {path} does not exist.")
-        name = path.name.lower()
-        if name.endswith(".parquet"):
-            table = pd.read_parquet(path)
-        elif name.endswith((".tsv", ".tsv.gz", ".txt")):
-            table = pd.read_csv(path, sep="\t")
-        else:
-            table = pd.read_csv(path)
+        table = read_table(path, "the label table", "Pass a CSV (.tsv / .txt: tab-separated) or Parquet file of "
+                           "cell ids and labels; check that the file is complete.")  # fmt: skip
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"table must be a DataFrame or a path to a CSV / Parquet file, got {type(table).__name__}.")
     missing = [c for c in (id_key, label_key) if c not in table.columns]

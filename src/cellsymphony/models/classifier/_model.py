@@ -220,6 +220,10 @@ class CellTypeClassifier(BaseModel):
     def _weights_identity(self) -> dict[str, str]:
         return {"classes": "\x1f".join(self.classes)}
 
+    def _weights_shapes(self) -> dict[str, tuple[int, str]]:
+        n = len(self.classes)
+        return {"head.weight": (n, "classes"), "head.bias": (n, "classes")}
+
     @classmethod
     def _upgrade(cls, meta: dict, path: Path) -> dict:
         if meta.get("format") == FORMAT and int(meta.get("format_version", 0)) == 1:  # flat layout of 0.1

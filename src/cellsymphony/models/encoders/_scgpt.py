@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..._errors import InputFileError, InputFileNotFoundError, reading, require_dir
 from ..._settings import logger
 
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
@@ -210,26 +211,56 @@ class ScGPTEncoder(nn.Module):
 # loading published checkpoints
 
 
+_SCGPT_FIX = ("A scGPT model folder holds args.json, vocab.json and best_model.pt as downloaded from the scGPT "
+              "model zoo: download the folder again (or write a test folder with "
+              "cs.datasets.tiny_scgpt_checkpoint).")
+
+
 def _require(model_dir: Path, name: str) -> Path:
     path = model_dir / name
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{name} not found in {model_dir}: a scGPT model folder holds args.json, vocab.json and "
-            "best_model.pt (as downloaded from the scGPT model zoo)."
-        )
+        raise InputFileNotFoundError(path, f"scGPT {name}", f"{name} not found in {model_dir}", _SCGPT_FIX)
     return path
+
+
+def read_args(path: str | Path) -> dict:
+    """scGPT's ``args.json`` (the architecture), checked for the keys needed to build the model."""
+    with reading(path, "scGPT args.json", _SCGPT_FIX), open(path, encoding="utf-8") as f:
+        args = json.load(f)
+    if not isinstance(args, dict):
+        raise InputFileError(path, "scGPT args.json", f"it holds a JSON {type(args).__name__}, not an object",
+                             _SCGPT_FIX)
+    missing = [k for k in REQUIRED_ARGS if k not in args]
+    if missing:
+        raise InputFileError(path, "scGPT args.json", f"it lacks the keys {missing} needed to build the scGPT model",
+                             _SCGPT_FIX)
+    return args
+
+
+def read_checkpoint(path: str | Path) -> Mapping[str, Tensor]:
+    """The state dict of scGPT's ``best_model.pt`` on the CPU (tensors only: ``weights_only=True``)."""
+    with reading(path, "scGPT best_model.pt", "The file is truncated or is no torch checkpoint. " + _SCGPT_FIX):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise InputFileError(path, "scGPT best_model.pt", f"it holds a {type(state).__name__}, not a state dict",
+                             _SCGPT_FIX)
+    return state
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:
     """Read scGPT's ``vocab.json`` (token -> index, indices 0..n-1) and append ``<pad>``, ``<cls>``,
     ``<eoc>`` where missing, in that order, as ``scgpt.tasks.embed_data`` does."""
-    with open(path) as f:
+    what = "scGPT vocab.json"
+    with reading(path, what, _SCGPT_FIX), open(path, encoding="utf-8") as f:
         token2idx = json.load(f)
     if not isinstance(token2idx, dict) or not token2idx:
-        raise ValueError(f"{path} is not a scGPT vocabulary (a JSON object mapping gene symbols to indices).")
-    indices = sorted(int(i) for i in token2idx.values())
+        raise InputFileError(path, what, "it is not a scGPT vocabulary (a JSON object mapping gene symbols to "
+                             "indices)", _SCGPT_FIX)  # fmt: skip
+    with reading(path, what, _SCGPT_FIX, problem="its token indices are not all integers"):
+        indices = sorted(int(i) for i in token2idx.values())
     if indices != list(range(len(indices))):
-        raise ValueError(f"{path}: the token indices must be 0..{len(indices) - 1} without gaps or repeats.")
+        raise InputFileError(path, what, f"the token indices must be 0..{len(indices) - 1} without gaps or repeats",
+                             _SCGPT_FIX)
     vocab = {str(t): int(i) for t, i in token2idx.items()}
     for tok in SPECIAL_TOKENS:
         if tok not in vocab:
@@ -313,18 +344,12 @@ def load_scgpt(model_dir: str | Path, *, device: str | None = None) -> ScGPTEnco
     The encoder in eval mode, with ``vocab``, ``args``, ``pad_token_id``, ``cls_token_id``, ``pad_value``,
     ``model_dir`` and ``untrained`` set.
     """
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"scGPT model folder {model_dir} does not exist.")
+    model_dir = require_dir(model_dir, "the scGPT model folder", _SCGPT_FIX)
     args_path = _require(model_dir, "args.json")
     vocab_path = _require(model_dir, "vocab.json")
     weights_path = _require(model_dir, "best_model.pt")
 
-    with open(args_path) as f:
-        args = json.load(f)
-    missing = [k for k in REQUIRED_ARGS if k not in args]
-    if missing:
-        raise ValueError(f"{args_path} lacks the keys {missing} needed to build the scGPT model.")
+    args = read_args(args_path)
     style = args.get("input_emb_style", "continuous")
     if style != "continuous":
         raise ValueError(
@@ -339,11 +364,10 @@ def load_scgpt(model_dir: str | Path, *, device: str | None = None) -> ScGPTEnco
     vocab = read_vocab(vocab_path)
     pad_token = args["pad_token"]
     if pad_token not in vocab:
-        raise ValueError(f"args.json pad_token {pad_token!r} is not in {vocab_path}.")
+        raise InputFileError(args_path, "scGPT args.json", f"its pad_token {pad_token!r} is not in {vocab_path}",
+                             "Check that args.json and vocab.json come from the same scGPT model.")
+    state = read_checkpoint(weights_path)
 
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{weights_path} does not hold a state dict (found {type(state).__name__}).")
     state, dropped = split_unused(rename_checkpoint_keys(state))
 
     model = ScGPTEncoder(

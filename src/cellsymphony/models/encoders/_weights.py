@@ -7,6 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from ..._errors import InputFileError, InputFileNotFoundError, reading
+
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors", "pytorch_model.safetensors")
 
 _CHECKSUMS: dict[tuple[str, int, int], str] = {}
@@ -33,7 +35,8 @@ def find_weight_file(path: str | os.PathLike, *, source: str = "weights") -> Pat
             f"{source}: the folder {p} holds no checkpoint (looked for {', '.join(WEIGHT_FILES)}, "
             "*.safetensors, *.bin, *.pth)."
         )
-    raise ValueError(f"{source}: {p} does not exist.")
+    raise InputFileNotFoundError(p, f"the {source} checkpoint", "it does not exist",
+                                 "Check the path of the weights.")
 
 
 def file_checksum(path: str | os.PathLike) -> str:
@@ -53,25 +56,23 @@ def file_checksum(path: str | os.PathLike) -> str:
 def load_state_dict(path: str | os.PathLike) -> dict:
     """Read a checkpoint (``pytorch_model.bin`` state dict, or safetensors) onto the CPU."""
     p = Path(path)
+    fix = "The file is truncated or damaged: download the weights again."
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        try:
+        with reading(p, "the safetensors checkpoint", fix):
             return load_file(str(p), device="cpu")
-        except Exception as err:  # noqa: BLE001 - any decoding failure is a bad file
-            raise ValueError(f"Could not read the safetensors file {p}: {err}") from None
     import torch
 
-    try:
+    with reading(p, "the checkpoint", "It is no torch state dict, or " + fix[0].lower() + fix[1:]):
         sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"Could not read the checkpoint {p} as a torch state dict: {err}") from None
     # some trainers save {"state_dict": ...} or {"model": ...}
     for wrapper in ("state_dict", "model", "teacher"):
         if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict):
-        raise ValueError(f"{p} does not hold a state dict (found {type(sd).__name__}).")
+        raise InputFileError(p, "the checkpoint", f"it holds a {type(sd).__name__}, not a state dict",
+                             "Pass the checkpoint of the encoder's weights (pytorch_model.bin or *.safetensors).")
     return sd
 
 

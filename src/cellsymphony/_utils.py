@@ -85,9 +85,9 @@ def load_chunk(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray | 
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
-        problem = f"unreadable ({type(err).__name__}: {err})"
+        problem = f"is unreadable ({type(err).__name__}: {err})"
     if problem is None and (arr.shape != tuple(shape) or arr.dtype != np.float32):
-        problem = f"a {arr.dtype} array of shape {arr.shape}, not float32 {tuple(shape)}"
+        problem = f"is a {arr.dtype} array of shape {arr.shape}, not float32 {tuple(shape)}"
     if problem is None:
         sums = path.with_name(path.name + CHECKSUM_SUFFIX)
         try:
@@ -100,7 +100,7 @@ def load_chunk(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray | 
             problem = f"does not match its checksum {sums.name} (changed or damaged after it was written)"
     if problem is None:
         return arr
-    warnings.warn(f"cache chunk {path} is {problem}: it is computed again and replaced.", UserWarning, stacklevel=2)
+    warnings.warn(f"cache chunk {path} {problem}: it is computed again and replaced.", UserWarning, stacklevel=2)
     return None
 
 

@@ -333,3 +333,16 @@ def test_align_contrastive_on_three_cells_gives_one_clear_error():
     with pytest.raises(ValueError, match=r"needs at least 10 cells present in both modalities .*; found 3 "):
         cs.tl.align_contrastive(mdata, epochs=1)
     assert "X_cs_contrastive" not in mdata["rna"].obsm
+
+
+def test_pipelines_leave_out_labels_too_rare_to_train_on():
+    from cellsymphony._run import trainable_exclude
+
+    mdata = make_mdata(200)
+    ct = mdata.obs["cell_type"].astype(str).to_numpy().copy()
+    ct[:3] = "Rare"
+    mdata.obs["cell_type"] = ct
+    exclude = trainable_exclude(mdata, "cell_type", None)
+    assert exclude == ("ambiguous", "Rare")
+    model = cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", epochs=1, exclude=exclude, **TINY)
+    assert "Rare" not in model.classes

@@ -136,7 +136,8 @@ def predict_expression(
         e.g. ``"rna_predicted"``, to predict on a section that has expression).
     allow_mismatch
         Accept a target embedding made with another encoder, weights, patch geometry or stain reference
-        than the reference's (otherwise an error lists the differences).
+        than the reference's, or than the one ``aligner`` was trained on (otherwise a ``ValueError`` lists
+        the differences and names both fingerprints), with a warning.
     copy
         {copy}
 

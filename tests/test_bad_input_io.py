@@ -357,7 +357,8 @@ def test_next_write_removes_the_temporary_files_of_killed_writes(tmp_path):
 
     cs._utils.save_chunk(target, np.zeros((2, 3), np.float32))  # the cache chunk writer: one atomic write
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(["result.npy", live.name, legacy_new.name, other.name])
+    # the chunk and its checksum file; the live writer's, the fresh legacy and the other file's temporaries stay
+    assert names == sorted(["result.npy", "result.npy.sha256", live.name, legacy_new.name, other.name])
     np.testing.assert_array_equal(cs._utils.load_chunk(target, (2, 3)), np.zeros((2, 3), np.float32))
 
 

@@ -503,17 +503,20 @@ def test_bad_input():
         cs.tl.train_classifier(no_emb, "cell_type", arch="dual", gene_rep="X_scgpt", morph_rep="X_missing", **TINY)
 
 
-def test_singleton_label_warns_and_trains():
+def test_singleton_label_is_refused_with_the_fix():
+    """A class with fewer than MIN_TRAIN_CELLS_PER_CLASS training cells is refused (it used to train, with a
+    test support of 0); leaving it out trains."""
     mdata = make_mdata(200)
     ct = mdata.obs["cell_type"].astype(str).to_numpy().copy()
     ct[0] = "Rare"
     mdata.obs["cell_type"] = ct
-    with pytest.warns(UserWarning, match=r"\['Rare'\] have a single usable cell"):
-        model = cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", epochs=1, **TINY)
-    assert "Rare" in model.classes
-    assert mdata.obs["cs_pred_split"].iloc[0] == TRAIN
-    per_class = mdata.uns["cs_pred"]["metrics"]["per_class"]
-    assert per_class.loc["Rare", "support"] == 0
+    with pytest.warns(UserWarning, match=r"\['Rare'\] have a single usable cell"), \
+            pytest.raises(ValueError, match=r"Too few training cells: .* at least 5; .*\{'Rare': 1\}.*exclude="):
+        cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", epochs=1, **TINY)
+    assert "cs_pred" not in mdata.obs
+    model = cs.tl.train_classifier(mdata, "cell_type", arch="unimodal", epochs=1, exclude=["Rare"], **TINY)
+    assert "Rare" not in model.classes
+    assert mdata.obs["cs_pred_split"].iloc[0] == "unused"
 
 
 def test_anndata_of_one_modality():

@@ -17,6 +17,7 @@ from morphology_helpers import one_torch_thread
 
 import cellsymphony as cs
 from cellsymphony import _distributed as dist
+from cellsymphony._utils import save_chunk
 from cellsymphony.pp import _chunks
 from cellsymphony.pp import _embed_expression as ee
 
@@ -197,7 +198,7 @@ def test_single_process_cache_resumed_on_the_cluster(client, sections, tmp_path)
     assert len(files) >= 3
     # poison one cached chunk: the cluster run must use the cache (and recompute only what is missing)
     marked = np.load(files[0])
-    np.save(files[0], np.full_like(marked, 7.0))
+    save_chunk(files[0], np.full_like(marked, 7.0))  # with its checksum: read back as finished
     files[1].unlink()
     cs.pp.embed_morphology(dask, **MORPH, cache_dir=tmp_path, client=client)
     y = dask["morphology"].obsm["X_tiny"]
@@ -248,7 +249,7 @@ def test_expression_cache_shared_by_single_process_and_cluster(client, sections,
     files = sorted(cache.rglob("chunk_*.npy"))
     assert [f.name[:12] for f in files] == ["chunk_000000"]
     # mark it: the cluster run must read it back, not compute it
-    np.save(files[0], np.full_like(np.load(files[0]), 7.0))
+    save_chunk(files[0], np.full_like(np.load(files[0]), 7.0))
 
     # the cluster finishes the run, losing a worker on the way: only the missing chunks run as tasks
     dask = both.copy()

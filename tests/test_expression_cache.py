@@ -15,6 +15,7 @@ import pytest
 import scipy.sparse as sp
 
 import cellsymphony as cs
+from cellsymphony._utils import save_chunk
 from cellsymphony.models.encoders._scgpt import ScGPTEncoder
 
 pytestmark = [
@@ -128,9 +129,9 @@ def test_changed_inputs_never_reuse_the_cache(ckpt, tmp_path):
     cs.pp.embed_expression(m, model_dir=ckpt, **kw)
     files = _chunk_files(cache)
     assert len(files) == 3 and len({f.parent for f in files}) == 1
-    # mark the cached chunks: a run that reads them back gives 7.0 rows
+    # mark the cached chunks (with their checksums): a run that reads them back gives 7.0 rows
     for f in files:
-        np.save(f, np.full_like(np.load(f), 7.0))
+        save_chunk(f, np.full_like(np.load(f), 7.0))
     cs.pp.embed_expression(m, model_dir=ckpt, **kw, key_added="again")
     assert (_emb(m, "again") == 7.0).all()
 
@@ -191,7 +192,8 @@ def test_cache_argument_errors(ckpt, tmp_path):
     cs.pp.embed_expression(m, model_dir=ckpt, **KW, cache_dir=tmp_path / "c", key_added="a")
     f = _chunk_files(tmp_path / "c")[1]
     np.save(f, np.zeros((3, 3), np.float32))
-    cs.pp.embed_expression(m, model_dir=ckpt, **KW, cache_dir=tmp_path / "c", key_added="b")
+    with pytest.warns(UserWarning, match=r"is a float32 array of shape \(3, 3\), not float32 \(30, 32\)"):
+        cs.pp.embed_expression(m, model_dir=ckpt, **KW, cache_dir=tmp_path / "c", key_added="b")
     np.testing.assert_array_equal(_emb(m, "a"), _emb(m, "b"))
     assert np.load(f).shape == (30, 32)
 
@@ -209,5 +211,5 @@ def test_batch_size_defaults_to_the_setting(ckpt, monkeypatch):
     assert m["rna"].uns["X_scgpt"]["params"]["batch_size"] == 16
     n_cells = int((~m["rna"].obs["X_scgpt_empty"]).sum())
     assert calls.n == -(-n_cells // 16)  # ceil: batches of 16 cells
-    with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size=0 is out of range"):
         cs.pp.embed_expression(m, model_dir=ckpt, batch_size=0)

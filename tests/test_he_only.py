@@ -180,6 +180,22 @@ def test_stain_shift_changes_embeddings_and_normalisation_reduces_it(slides, tmp
     assert np.allclose(c["morphology"].uns["stain"]["reference"]["stain_matrix"], rec_a["reference"]["stain_matrix"])
 
 
+def test_a_model_refuses_an_h_and_e_only_slide_embedded_otherwise(slides):
+    """read_he_cells -> embed_morphology -> model.predict: the slide's embedding must come from the producer
+    the model was trained on (here: patches at another mpp), unless allow_mismatch=True."""
+    a, b = _read(slides[0.0])[:120].copy(), _read(slides[1.0])[:120].copy()
+    cs.pp.embed_morphology(a, model="handcrafted", num_workers=0)
+    cs.pp.embed_morphology(b, model="handcrafted", num_workers=0, mpp=1.0)
+    a.obs["cell_type"] = np.array(["x", "y"])[np.arange(a.n_obs) % 2]
+    model = cs.tl.train_classifier(a, "cell_type", arch="morphology", epochs=1, d_model=16, n_layers=1, n_heads=2)
+    with pytest.raises(ValueError, match=r"mpp: trained on 0\.5, given 1\.0.*Pass allow_mismatch=True"):
+        model.predict(b)
+    assert "cs_pred" not in b.obs
+    with pytest.warns(UserWarning, match="allow_mismatch=True"):
+        model.predict(b, allow_mismatch=True)
+    assert b.obs["cs_pred"].notna().any()
+
+
 def test_normalize_stain_bad_input(slides):
     b = _read(slides[0.0])
     with pytest.raises(ValueError, match="cs.pp.normalize_stain"):

@@ -172,8 +172,11 @@ def test_affine_refinement_recovers_rotation(tissue):
 def test_wrong_space_warns_with_rate_and_suggestion(tissue):
     mdata, truth = tissue
     nuclei = make_nuclei(mdata, truth)
+    # no nucleus matches: an all-missing he_label is refused, with the hint (allow_empty=True writes it)
+    with pytest.raises(ValueError, match=r"would be empty: .*match rate .*space='he_px'"):
+        cs.pp.transfer_nucleus_labels(mdata, nuclei, space="um", copy=True)
     with pytest.warns(UserWarning, match=r"match rate .*space='he_px'"):
-        out = cs.pp.transfer_nucleus_labels(mdata, nuclei, space="um", copy=True)
+        out = cs.pp.transfer_nucleus_labels(mdata, nuclei, space="um", copy=True, allow_empty=True)
     assert out.uns["he_label"]["samples"]["s1"]["match_rate"] < 0.2
     # micrometre input is matched directly
     um = he_px_to_um(nuclei[["x", "y"]].to_numpy(), true_alignment(), PIXEL_SIZE)
@@ -181,7 +184,7 @@ def test_wrong_space_warns_with_rate_and_suggestion(tissue):
     out = cs.pp.transfer_nucleus_labels(mdata, in_um, space="um", copy=True)
     assert out.uns["he_label"]["samples"]["s1"]["match_rate"] > 0.85
     # and the other way round: micrometres read as H&E pixels
-    with pytest.warns(UserWarning, match=r"look like space='um' \(with space='um' 9\d% would match"):
+    with pytest.raises(ValueError, match=r"look like space='um' \(with space='um' 9\d% would match"):
         cs.pp.transfer_nucleus_labels(mdata, in_um, copy=True)
 
 

@@ -41,6 +41,7 @@ def test_provenance_of_the_inputs_is_saved(classifier, tmp_path):
         "key": "X_scgpt",
         "dim": 16,
         "params": {"model": "scgpt", "weights": "sha256:abc", "n_cells": 200},
+        "fingerprint": {"model": "scgpt"},  # the producer's identity fields (cellsymphony._provenance)
     }
     loaded = CellTypeClassifier.load(_saved(model, tmp_path / "m"))
     assert loaded.provenance == model.provenance

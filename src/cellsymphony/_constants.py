@@ -56,3 +56,12 @@ HE_LABEL_KEY = "he_label"
 IMPORTED_LABEL_KEY = "imported_label"
 HARMONIZED_LABEL_KEY = "label_coarse"
 AMBIGUOUS_LABEL = "ambiguous"
+
+# plausibility and minimum sizes (the bad-input checks; see the docs pages named beside each)
+MPP_RANGE = (0.05, 10.0)  # micrometres per pixel accepted for patches and slides (morphology page)
+MIN_TRAIN_CELLS_PER_CLASS = 5  # training cells each class needs in a classifier fit (classifiers page)
+MIN_TEST_CELLS_PER_CLASS = 2  # test cells each class needs for per-class test metrics (classifiers page)
+MIN_TEST_CELLS = 10  # test cells a classifier fit needs for its test metrics (classifiers page)
+MIN_LABELLED_CELLS_PER_CLASS = 10  # labels with fewer usable cells are left out by the pipelines (cli page)
+MIN_SINGLER_REF_CELLS = 5  # reference cells per label below which SingleR warns (labels page)
+MIN_CONTRASTIVE_CELLS = 10  # paired cells align_contrastive needs (contrastive page)

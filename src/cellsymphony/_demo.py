@@ -77,19 +77,24 @@ def run_demo(out: str | Path, *, n_cells: int = 4000, seed: int = 0, spatialdata
         # logs the registration QC (median / 95th percentile match distance, systematic offset)
         pp.transfer_nucleus_labels(mdata, bundle / "he_nuclei.csv", x_key="x", y_key="y", label_key="class")
 
+    from ._run import trainable_exclude
+
     label_key = "singler"
+    exclude = trainable_exclude(mdata, label_key, "singler_confident")
     with _step("classifier comparison", timings):
         tl.compare_classifiers(
             mdata,
             label_key,
             archs=("unimodal", "spatial", "dual", "multi_input", "morphology"),
             confident_key="singler_confident",
+            exclude=exclude,
             seed=seed,
             key_added="cs_compare",
             **CLASSIFIER_KW,
         )
     with _step("classifier (dual) for predictions", timings):
-        tl.train_classifier(mdata, label_key, arch="dual", confident_key="singler_confident", seed=seed, **CLASSIFIER_KW)
+        tl.train_classifier(mdata, label_key, arch="dual", confident_key="singler_confident", exclude=exclude, seed=seed,
+                            **CLASSIFIER_KW)  # fmt: skip
 
     with _step("contrastive alignment", timings):
         tl.align_contrastive(mdata, epochs=30, seed=seed)

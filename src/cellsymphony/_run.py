@@ -24,6 +24,17 @@ EXPLORER_DIR = "xenium_explorer"
 ZARR_NAME = "cellsymphony.zarr"
 
 
+def trainable_exclude(mdata, label_key: str, confident_key: str | None) -> tuple[str, ...]:
+    """``exclude=`` for the pipelines' classifiers: ``"ambiguous"`` and the labels with too few usable cells
+    for the classifiers' minimum sizes (left out with a warning, rather than stopping the run)."""
+    from .models.classifier._data import rare_labels
+
+    rare = rare_labels(mdata, label_key, confident_key=confident_key)
+    if rare:
+        logger.warning("labels with too few cells to train on are left out of the classifiers: %s", rare)
+    return ("ambiguous", *rare)
+
+
 def write_viewer_files(mdata, out: Path, *, spatialdata: bool = False) -> list[Path]:
     """``out/xenium_explorer/{sample}/{column}.csv`` for each result of ``VIEWER_COLUMNS`` present (and the H&E
     alignment where it did not come from the Xenium folder); with ``spatialdata``, ``out/cellsymphony.zarr``."""
@@ -274,11 +285,12 @@ def run_pipeline(
     if label_key is not None and train_cells is not None:
         confident_key = training_subset(mdata, label_key, confident_key, train_cells, seed)
     if label_key is not None:
+        exclude = trainable_exclude(mdata, label_key, confident_key)  # labels too rare to train on: left out
         steps.run("comparing classifiers", lambda: cs.tl.compare_classifiers(
-            mdata, label_key, archs=archs, confident_key=confident_key, device=device, seed=seed,
+            mdata, label_key, archs=archs, confident_key=confident_key, exclude=exclude, device=device, seed=seed,
             key_added="cs_compare", **size))  # fmt: skip
         clf = steps.run("training the dual classifier", lambda: cs.tl.train_classifier(
-            mdata, label_key, arch="dual", confident_key=confident_key, device=device, seed=seed,
+            mdata, label_key, arch="dual", confident_key=confident_key, exclude=exclude, device=device, seed=seed,
             key_added=PRED_KEY, **size))  # fmt: skip
         clf.save(out / "classifier", overwrite=True)
     aligner = steps.run("contrastive alignment", lambda: cs.tl.align_contrastive(

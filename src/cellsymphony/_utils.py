@@ -117,24 +117,69 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+CHECKSUM_SUFFIX = ".sha256"  # the checksum file beside each chunk file: chunk_000000.npy.sha256
+
+
+def array_checksum(values: np.ndarray) -> str:
+    """``sha256:<hex>`` of an array's dtype, shape and bytes (C order)."""
+    import hashlib
+
+    values = np.ascontiguousarray(values)
+    h = hashlib.sha256(f"{values.dtype.str}{values.shape}".encode())
+    h.update(values.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def save_chunk(path: str | os.PathLike, values: np.ndarray) -> None:
-    """Persist one finished chunk of a resumable cache atomically (a reader never sees a partial file).
+    """Persist one finished chunk of a resumable cache atomically (a reader never sees a partial file), with
+    its checksum in ``<path>.sha256``.
 
     The chunk files of ``cs.pp.embed_morphology`` and ``cs.pp.embed_expression`` (``cache_dir=``), written
-    the same way by a single process and by the workers of a cluster.
+    the same way by a single process and by the workers of a cluster. The checksum is written first, so a
+    chunk file that exists always has its checksum beside it (a write killed in between leaves a checksum
+    without a chunk: the chunk is computed again).
     """
+    path = Path(path)
+    values = np.asarray(values)
+    with atomic_path(path.with_name(path.name + CHECKSUM_SUFFIX)) as tmp:
+        tmp.write_text(array_checksum(values) + "\n", encoding="ascii")
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, values)
 
 
 def load_chunk(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray | None:
-    """A chunk written by :func:`save_chunk`, or ``None`` when it is absent, unreadable or not a float32
-    array of ``shape`` (then the chunk is computed again and its file replaced)."""
+    """A chunk written by :func:`save_chunk`, or ``None`` when it is absent or bad (then the chunk is
+    computed again and its file replaced). Bad: unreadable, not a float32 array of ``shape``, or not matching
+    its checksum file (damaged or overwritten after it was written); each bad chunk is reported by a
+    ``UserWarning`` naming the file. A chunk without a checksum file (written by an earlier version) is
+    read as it is, so caches of earlier versions still resume."""
+    import warnings
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    problem = None
+    arr = None
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None
-    return arr if arr.shape == tuple(shape) and arr.dtype == np.float32 else None
+    except (OSError, ValueError, EOFError) as err:
+        problem = f"is unreadable ({type(err).__name__}: {err})"
+    if problem is None and (arr.shape != tuple(shape) or arr.dtype != np.float32):
+        problem = f"is a {arr.dtype} array of shape {arr.shape}, not float32 {tuple(shape)}"
+    if problem is None:
+        sums = path.with_name(path.name + CHECKSUM_SUFFIX)
+        try:
+            expected = sums.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            expected = None  # a chunk of an earlier version: no checksum to verify
+        except (OSError, UnicodeDecodeError) as err:
+            expected = f"<unreadable: {err}>"
+        if expected is not None and array_checksum(arr) != expected:
+            problem = f"does not match its checksum {sums.name} (changed or damaged after it was written)"
+    if problem is None:
+        return arr
+    warnings.warn(f"cache chunk {path} {problem}: it is computed again and replaced.", UserWarning, stacklevel=2)
+    return None
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -158,3 +158,92 @@ def renamed_parameters(**old_to_new: str) -> Callable:
 
     return deco
 
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+def check_int(
+    name: str, value, *, min: int | None = None, max: int | None = None, none: bool = False, hint: str = ""
+) -> int | None:
+    """``value`` as an ``int`` after checking it: a Python or numpy integer (not a bool, not a float such as
+    ``2.7`` or ``2.0``) within ``[min, max]``. ``none=True`` lets ``None`` through. Raises a ``ValueError``
+    naming the parameter, what it got and what it takes (``hint``: a default or a fix to add)."""
+    if value is None and none:
+        return None
+    bounds = _bounds_text(min, max)
+    tail = f" ({hint})" if hint else ""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name}={value!r} must be an integer{bounds}{' or None' if none else ''}{tail}.")
+    if (min is not None and value < min) or (max is not None and value > max):
+        raise ValueError(f"{name}={value!r} is out of range: it must be an integer{bounds}{tail}.")
+    return int(value)
+
+
+def check_float(
+    name: str,
+    value,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+    none: bool = False,
+    unit: str = "",
+    hint: str = "",
+) -> float | None:
+    """``value`` as a finite ``float`` after checking it: a real number (integers accepted, bools and strings
+    not) within ``min``..``max`` (``min_open`` / ``max_open``: the bound itself excluded). ``none=True`` lets
+    ``None`` through. Raises a ``ValueError`` naming the parameter, what it got and the range."""
+    if value is None and none:
+        return None
+    lo = "" if min is None else f"{'>' if min_open else '>='} {min:g}"
+    hi = "" if max is None else f"{'<' if max_open else '<='} {max:g}"
+    rng = " and ".join(p for p in (lo, hi) if p)
+    unit_text = f" {unit}" if unit else ""
+    tail = f" ({hint})" if hint else ""
+    what = f"a finite number{' ' + rng if rng else ''}{unit_text}{' or None' if none else ''}"
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{name}={value!r} must be {what}{tail}.")
+    v = float(value)
+    if not np.isfinite(v):
+        raise ValueError(f"{name}={value!r} must be {what}{tail}.")
+    low_bad = min is not None and (v <= min if min_open else v < min)
+    high_bad = max is not None and (v >= max if max_open else v > max)
+    if low_bad or high_bad:
+        raise ValueError(f"{name}={value!r} is out of range: it must be {what}{tail}.")
+    return v
+
+
+def check_mpp(name: str, value) -> float:
+    """A pixel size in micrometres per pixel, within the plausible range of slides and patches
+    (``MPP_RANGE``: 0.05 - 10 um/px); a value outside it is almost always a unit mistake (nm, mm, or
+    pixels per micrometre)."""
+    from ._constants import MPP_RANGE
+
+    lo, hi = MPP_RANGE
+    return check_float(name, value, min=lo, max=hi, unit="um/px",
+                       hint="micrometres per pixel, e.g. 0.5 for 20x patches; check the unit")  # fmt: skip
+
+
+def _bounds_text(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f" in [{lo}, {hi}]"
+    if lo is not None:
+        return f" >= {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------ empty results
+def check_not_empty(n_valid: int, *, what: str, why: str, allow_empty: bool, latest: bool = False) -> bool:
+    """Refuse an all-empty result (all NaN, all missing): ``n_valid == 0`` raises a ``ValueError`` saying
+    ``what`` would be empty and ``why`` (the likely cause and fix), unless ``allow_empty``; then it warns and
+    returns ``True`` (the caller writes the result; an embedding does not become the latest representation,
+    ``latest=True`` says so in the warning). Returns ``False`` when the result is not empty."""
+    if n_valid > 0:
+        return False
+    tail = " It is written but does not become the latest representation." if latest else " It is written."
+    if not allow_empty:
+        raise ValueError(f"{what} would be empty: {why} Nothing was written; pass allow_empty=True to write it anyway.")
+    warnings.warn(f"{what} is empty (allow_empty=True): {why}{tail}", UserWarning, stacklevel=3)
+    return True

@@ -16,6 +16,7 @@ import pandas as pd
 
 from .._settings import logger, settings
 from .._utils import atomic_path, partial_tag, remove_stale_partials
+from .._validate import check_float, check_int
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -564,8 +565,8 @@ def synthetic_reference(*, n_cells: int = 5000, seed: int = 0) -> AnnData:
     ``obs["cell_type"]`` (the seven coarse types) and ``obs["cell_type_fine"]`` (atlas-style fine labels such
     as ``"CD4 T cell"``, ``"CD8 T cell"``, ``"Plasma cell"``).
     """
-    if n_cells < 1:
-        raise ValueError(f"n_cells must be positive, got {n_cells}")
+    n_cells = check_int("n_cells", n_cells, min=1)
+    seed = check_int("seed", seed)
     genes, profiles, theta = _model(seed)
     return _reference(genes, profiles, theta, n_cells, np.random.default_rng([seed, 11]))
 
@@ -670,28 +671,21 @@ def synthetic_xenium(
 
     if id_style not in ("string", "integer"):
         raise ValueError(f"id_style must be 'string' or 'integer', got {id_style!r}")
-    if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer):
-        raise ValueError(f"n_cells must be an integer, got {n_cells!r}")
-    if n_cells < 10:
-        raise ValueError(f"n_cells must be at least 10, got {n_cells}")
+    n_cells = check_int("n_cells", n_cells, min=10)
+    seed = check_int("seed", seed)
     if n_cells > max_cells():
         raise ValueError(f"n_cells={n_cells:,} is more than the synthetic tissue model can lay out: at most "
                          f"{max_cells():,} cells (the section must fit the field-of-view rows A-Z of the bundle)")
-    if not 0.1 <= he_mpp <= 2.0:
-        raise ValueError(f"he_mpp must be between 0.1 and 2 um per pixel, got {he_mpp}")
-    if reference_cells < 0:
-        raise ValueError(f"reference_cells must be 0 or more, got {reference_cells}")
+    he_mpp = check_float("he_mpp", he_mpp, min=0.1, max=2.0, unit="um/px")
+    reference_cells = check_int("reference_cells", reference_cells, min=0)
     if not isinstance(he_record_mpp, bool) and not (0 < float(he_record_mpp) < 100):
         raise ValueError(f"he_record_mpp must be True, False or a pixel size in um, got {he_record_mpp!r}")
-    if not 0 <= he_deformation_um <= 100:
-        raise ValueError(f"he_deformation_um must be between 0 and 100 um, got {he_deformation_um}")
-    if not he_deformation_wavelength_um > 0:
-        raise ValueError(f"he_deformation_wavelength_um must be positive, got {he_deformation_wavelength_um}")
+    he_deformation_um = check_float("he_deformation_um", he_deformation_um, min=0, max=100, unit="um")
+    he_deformation_wavelength_um = check_float("he_deformation_wavelength_um", he_deformation_wavelength_um, min=0,
+                                               min_open=True, unit="um")  # fmt: skip
     stain = _check_stain(he_stain)
-    if not 0 <= he_blur_um <= 20:
-        raise ValueError(f"he_blur_um must be between 0 and 20 um, got {he_blur_um}")
-    if isinstance(he_jpeg_quality, bool) or int(he_jpeg_quality) != he_jpeg_quality or not 1 <= he_jpeg_quality <= 100:
-        raise ValueError(f"he_jpeg_quality must be an integer from 1 to 100, got {he_jpeg_quality!r}")
+    he_blur_um = check_float("he_blur_um", he_blur_um, min=0, max=20, unit="um")
+    he_jpeg_quality = check_int("he_jpeg_quality", he_jpeg_quality, min=1, max=100)
     he_opts = {"rotation": None if he_rotation is None else float(he_rotation), "flip": bool(he_flip),
                "record_mpp": he_record_mpp, "deformation_um": float(he_deformation_um),
                "wavelength_um": float(he_deformation_wavelength_um), "alignment": bool(he_alignment),

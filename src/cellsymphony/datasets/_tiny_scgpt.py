@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .._settings import logger
 from .._utils import atomic_path
+from .._validate import check_int
 
 
 def tiny_scgpt_checkpoint(
@@ -61,6 +62,12 @@ def tiny_scgpt_checkpoint(
 
     from ..models.encoders._scgpt import SPECIAL_TOKENS, UNTRAINED_FLAG, ScGPTEncoder
 
+    seed = check_int("seed", seed)
+    embsize, nheads = check_int("embsize", embsize, min=1), check_int("nheads", nheads, min=1)
+    if embsize % nheads:
+        raise ValueError(f"embsize={embsize} must be divisible by nheads={nheads}.")
+    d_hid, nlayers = check_int("d_hid", d_hid, min=1), check_int("nlayers", nlayers, min=1)
+    n_extra_genes = check_int("n_extra_genes", n_extra_genes, min=0)
     genes = [str(g) for g in genes]
     if len(set(genes)) != len(genes):
         raise ValueError("genes contains duplicates; a vocabulary maps each symbol to one token.")

@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 
 from .._errors import InputFileError, InputFileNotFoundError, reading
+from .._provenance import rep_fingerprint
 from .._settings import log_seconds, logger, resolve_device, settings
 from .._utils import atomic_path, package_version
 from ._config import ModelConfig, json_safe
@@ -253,8 +254,63 @@ class BaseModel:
                 params = get_modality(data, mod).uns.get(key, {}).get("params", {})
             except (ValueError, KeyError, AttributeError):
                 params = {}
-            out[mod] = {"key": str(key), "dim": int(dim or 0), "params": json_safe(dict(params))}
+            out[mod] = {
+                "key": str(key), "dim": int(dim or 0), "params": json_safe(dict(params)),
+                "fingerprint": json_safe(rep_fingerprint(params)),
+            }  # fmt: skip
         self.provenance = out
+
+    def _trained_fingerprint(self, mod: str) -> dict:
+        """The fingerprint of the representation of ``mod`` the model was trained on (``{}``: not known)."""
+        entry = self.provenance.get(mod) or {}
+        fp = entry.get("fingerprint")
+        if fp is None:  # saved before fingerprints were recorded: derived from the producer's record
+            fp = rep_fingerprint(entry.get("params") or {})
+        return dict(fp)
+
+    def _check_provenance(
+        self, data, reps: Mapping[str, str | None], *, allow_mismatch: bool = False, stacklevel: int = 4
+    ) -> None:
+        """Refuse to apply the model to representations made by another producer than those it was trained
+        on: per modality, the fingerprint of ``reps[mod]`` in ``data`` (its producer's ``uns[key]["params"]``)
+        against the recorded one. A ``ValueError`` names both fingerprints; ``allow_mismatch=True`` warns
+        instead. Nothing is checked for a modality without a fingerprint on either side (a representation
+        the package did not make, or a model saved without provenance, see :meth:`load`)."""
+        from .._provenance import check_same_producer, embedding_params
+        from .._validate import get_modality
+
+        for mod, key in reps.items():
+            if key is None:
+                continue
+            trained = self._trained_fingerprint(mod)
+            try:
+                found = rep_fingerprint(embedding_params(get_modality(data, mod), key))
+            except ValueError:
+                continue
+            trained_key = (self.provenance.get(mod) or {}).get("key", "?")
+            check_same_producer(
+                trained, found, what=f"{type(self).__name__}: {mod!r} representation {key!r} of the data vs "
+                f"{trained_key!r} it was trained on", names=("trained on", "given"),
+                fix=f"Embed the data with the producer the model was trained on ({mod!r}: see the fingerprint), "
+                f"or train a model on these embeddings ({self.TRAINER}).",
+                allow_mismatch=allow_mismatch, stacklevel=stacklevel,
+            )  # fmt: skip
+
+    def _warn_unchecked_provenance(self, path) -> None:
+        """Warn once, at load, when the model records no fingerprint of its inputs (saved by an earlier
+        version): ``predict`` / ``transform`` then cannot check that the data were embedded alike."""
+        if self.provenance and all(self._trained_fingerprint(m) for m in self.provenance):
+            return
+        if self.provenance and all("fingerprint" in (e or {}) for e in self.provenance.values()):
+            return  # trained on representations without a producer record: recorded as such, nothing to add
+        warnings.warn(
+            f"{path} records no provenance of the representations the {type(self).__name__} was trained on "
+            f"(saved by cellsymphony {self.saved_version or 'of an earlier version'}): predict / transform "
+            "cannot check that new data were embedded with the same model and weights. Train it again (or "
+            "re-save it after fitting) to record them.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     # ------------------------------------------------------------------ the fit loop
     def _fit_loop(
@@ -500,6 +556,7 @@ class BaseModel:
         obj.provenance = dict(meta.get("inputs") or {})
         obj.best_epoch = meta.get("best_epoch")
         obj.saved_version = meta.get(VERSION_KEY)
+        obj._warn_unchecked_provenance(d)
         return obj
 
     @classmethod

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._constants import MOD_RNA, SINGLER_KEY
+from .._constants import MIN_SINGLER_REF_CELLS, MOD_RNA, SINGLER_KEY
 from .._docs import inject_docs
 from .._settings import logger, settings
 from .._utils import params_record
-from .._validate import get_modality, is_mudata
+from .._validate import check_float, check_int, check_not_empty, get_modality, is_mudata
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -165,6 +166,7 @@ def annotate_singler(
     ref_max_per_label: int | None = None,
     seed: int = 0,
     num_threads: int = 1,
+    allow_empty: bool = False,
     copy: bool = False,
 ) -> MuData | AnnData | None:
     """Label cells by SingleR against a labelled single-cell reference.
@@ -228,6 +230,9 @@ def annotate_singler(
         {seed}
     num_threads
         Threads used by ``singler``.
+    allow_empty
+        When no cell has a detected shared gene (every cell pruned, no call at all), write the result with a
+        warning instead of raising a ``ValueError``.
     copy
         {copy}
 
@@ -260,16 +265,18 @@ def annotate_singler(
             f"The reference has no label column {ref_label_key!r} in .obs (it has {list(reference.obs.columns)}); "
             "pass ref_label_key= naming the cell-type column."
         )
-    if not 0 < quantile <= 1:
-        raise ValueError(f"quantile={quantile} must be in (0, 1].")
-    if nmads <= 0:
-        raise ValueError(f"nmads={nmads} must be positive.")
+    quantile = check_float("quantile", quantile, min=0, max=1, min_open=True)
+    nmads = check_float("nmads", nmads, min=0, min_open=True)
+    min_diff_med = check_float("min_diff_med", min_diff_med)
+    min_diff_next = check_float("min_diff_next", min_diff_next)
+    min_genes = check_int("min_genes", min_genes, min=1)
+    ref_max_per_label = check_int("ref_max_per_label", ref_max_per_label, min=1, none=True)
+    seed = check_int("seed", seed)
+    num_threads = check_int("num_threads", num_threads, min=1)
     ref_labels = reference.obs[ref_label_key]
     has_label = ref_labels.notna().to_numpy()
     if has_label.sum() == 0:
         raise ValueError(f"reference.obs[{ref_label_key!r}] has no labels (all missing).")
-    if ref_max_per_label is not None and ref_max_per_label < 1:
-        raise ValueError(f"ref_max_per_label={ref_max_per_label} must be a positive number of cells (or None).")
     ref_labels_all = ref_labels.astype(object).where(ref_labels.notna(), None).to_numpy()
     use = has_label.copy()
     if ref_max_per_label is not None:
@@ -284,6 +291,17 @@ def annotate_singler(
     uniq = np.unique(ref_labels)
     if uniq.size < 2:
         raise ValueError(f"reference.obs[{ref_label_key!r}] has a single label ({uniq[0]!r}); SingleR needs two or more.")
+    labs, n_per = np.unique(ref_labels, return_counts=True)
+    few = {str(lab): int(k) for lab, k in zip(labs, n_per, strict=True) if k < MIN_SINGLER_REF_CELLS}
+    if few:
+        warnings.warn(
+            f"annotate_singler: {len(few)} reference label(s) have fewer than {MIN_SINGLER_REF_CELLS} cells "
+            f"({few}): their markers and scores rest on too few cells, and the pruning rule cannot tell a poor "
+            "match from a good one (nearly every cell comes out confident). Use a reference with more cells per "
+            "label, or merge or drop those labels.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     qx = _matrix(adata, layer, f"The {mod!r} modality", "layer")
     rx = _matrix(reference, ref_layer, "The reference", "ref_layer")
@@ -357,6 +375,11 @@ def annotate_singler(
     )
     if not prune:
         pruned = empty
+    check_not_empty(
+        int((~empty).sum()), what=f"annotate_singler: {key_added!r}", allow_empty=allow_empty,
+        why=f"none of the {n} cells has a detected count in the {len(genes)} genes shared with the reference "
+        "(check layer=: it should hold counts or log-normalised values of the panel).",
+    )  # fmt: skip
 
     # --- write
     adata.obs[key_added] = best

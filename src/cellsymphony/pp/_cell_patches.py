@@ -8,7 +8,7 @@ import numpy as np
 
 from .._constants import MOD_MORPH
 from .._settings import settings
-from .._validate import get_modality
+from .._validate import check_int, check_mpp, get_modality
 from ._patch_source import cell_centres, ordered, sample_sources, select_cells
 
 if TYPE_CHECKING:
@@ -56,10 +56,8 @@ def cell_patches(
     uint8 array ``(n_cells, size, size, 3)`` (RGB). Nothing is written to ``mdata``.
     """
     adata = get_modality(mdata, MOD_MORPH)
-    if int(size) != size or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}.")
-    if not mpp > 0:
-        raise ValueError(f"mpp must be positive, got {mpp!r}.")
+    size = check_int("size", size, min=1, hint="patch side in pixels")
+    mpp = check_mpp("mpp", mpp)
     rows = select_cells(adata, cells)
     xy = cell_centres(adata)
     groups = sample_sources(mdata, adata, rows, sample)

@@ -14,7 +14,7 @@ from .._coordinates import cell_coordinates
 from .._docs import inject_docs
 from .._settings import logger, resolve_device, settings
 from .._utils import as_rows, file_stamp, params_record, row_block
-from .._validate import get_modality, is_mudata, set_latest
+from .._validate import check_float, check_int, check_not_empty, get_modality, is_mudata, set_latest
 from ._chunks import Chunk, cache_folder, chunk_file, compact_chunks, fingerprint, row_chunks, run_chunks
 
 if TYPE_CHECKING:
@@ -148,6 +148,7 @@ def embed_expression(
     cache_dir: str | os.PathLike | None = None,
     chunk_size: int | None = None,
     client: Client | None = None,
+    allow_empty: bool = False,
     copy: bool = False,
 ) -> MuData | AnnData | None:
     """Embed each cell's expression counts with a scGPT model (the ``<cls>`` output, L2-normalised).
@@ -204,6 +205,10 @@ def embed_expression(
     client
         {client} Each task gets a chunk's sparse rows, cell ids and the gene -> token index; with
         ``cache_dir`` the chunks are those of the cache, which each worker writes as it finishes them.
+    allow_empty
+        When no cell has a non-zero count in a vocabulary gene (every row would be NaN), write the all-NaN
+        embedding with a warning instead of raising a ``ValueError``; it does not become the latest
+        representation.
     copy
         {copy}
 
@@ -220,16 +225,12 @@ def embed_expression(
     and records ``key_added`` as the latest representation of ``mod`` in
     ``uns["cellsymphony"]["latest"]``.
     """
-    if max_length < 2:
-        raise ValueError(f"max_length={max_length} must be at least 2 (the <cls> token and one gene).")
-    batch_size = settings.batch_size if batch_size is None else batch_size
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer (default cs.settings.batch_size).")
-    batch_size = int(batch_size)
-    if not 0 <= min_gene_fraction <= 1:
-        raise ValueError(f"min_gene_fraction={min_gene_fraction} must lie in [0, 1].")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (or None).")
+    max_length = check_int("max_length", max_length, min=2, hint="the <cls> token and at least one gene")
+    batch_size = check_int("batch_size", settings.batch_size if batch_size is None else batch_size, min=1,
+                           hint="default cs.settings.batch_size")  # fmt: skip
+    min_gene_fraction = check_float("min_gene_fraction", min_gene_fraction, min=0, max=1)
+    seed = check_int("seed", seed)
+    chunk_size = check_int("chunk_size", chunk_size, min=1, none=True)
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise ValueError(f"cache_dir={str(cache_dir)!r} is a file; pass a folder (created if absent) or None.")
     if client is not None:
@@ -284,9 +285,12 @@ def embed_expression(
         )
     empty = lengths == 0
     n_empty = int(empty.sum())
-    if n_empty == adata.n_obs:
-        raise ValueError(f"No cell has a non-zero count in any of the {n_matched} matched genes.")
-    if n_empty:
+    all_empty = check_not_empty(
+        adata.n_obs - n_empty, what=f"The expression embedding {key_added!r}", latest=True, allow_empty=allow_empty,
+        why=f"no cell has a non-zero count in any of the {n_matched} matched genes (every row would be NaN). "
+        "Check layer= (raw counts) and gene_key= (gene symbols).",
+    )  # fmt: skip
+    if n_empty and not all_empty:
         warnings.warn(
             f"{n_empty} of {adata.n_obs} cells have no non-zero count in any vocabulary gene: their "
             f"embedding is NaN and obs[{key_added + '_empty'!r}] is True.",
@@ -323,7 +327,13 @@ def embed_expression(
         model, model_dir, X, ids, col2tok, lengths, emb, device=device, requested_device=requested_device,
         kw={"max_length": int(max_length), "batch_size": int(batch_size), "seed": int(seed)},
     )
-    run_chunks(job, chunks, emb, client=client)
+    if not all_empty:
+        run_chunks(job, chunks, emb, client=client)
+    if not all_empty:
+        all_empty = check_not_empty(
+            int(np.isfinite(emb).all(axis=1).sum()), what=f"The expression embedding {key_added!r}", latest=True,
+            allow_empty=allow_empty, why=f"the scGPT model in {model_dir} returned NaN or inf for every cell.",
+        )  # fmt: skip
 
     # write (on the copy, if asked)
     if copy:
@@ -352,7 +362,8 @@ def embed_expression(
         ),
         "unmatched_genes": np.asarray(unmatched, dtype=object),
     }
-    set_latest(mdata, mod, key_added)
+    if not all_empty:
+        set_latest(mdata, mod, key_added)
     if is_mudata(mdata):
         mdata.update()
     logger.info(

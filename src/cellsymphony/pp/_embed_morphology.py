@@ -12,7 +12,16 @@ from .._constants import IN_IMAGE_KEY, MOD_MORPH
 from .._docs import inject_docs
 from .._settings import logger, resolve_device, settings
 from .._utils import file_stamp, params_record
-from .._validate import check_choice, get_modality, is_mudata, set_latest
+from .._validate import (
+    check_choice,
+    check_float,
+    check_int,
+    check_mpp,
+    check_not_empty,
+    get_modality,
+    is_mudata,
+    set_latest,
+)
 from ..models.encoders import encoder_kind
 from ._chunks import Chunk, cache_folder, chunk_file, fingerprint, run_chunks
 from ._morphology_runner import embed_cells, plan, run_batches
@@ -207,6 +216,7 @@ def embed_morphology(
     cache_dir: str | os.PathLike | None = None,
     client: Client | None = None,
     stain: str | None = None,
+    allow_empty: bool = False,
     copy: bool = False,
 ) -> MuData | AnnData | None:
     """Per-cell morphology embeddings from the H&E around each nucleus (UNI2-h by default).
@@ -275,6 +285,10 @@ def embed_morphology(
         Key of a :func:`cellsymphony.pp.normalize_stain` record in ``mdata["morphology"].uns``: each patch is
         normalised from its slide's stain to the recorded reference before the encoder, and the reference is
         recorded in ``params["stain"]``. ``None``: patches as scanned.
+    allow_empty
+        When no cell lies inside its H&E image (every row would be NaN, e.g. a wrong alignment or unit), write
+        the all-NaN embedding with a warning instead of raising a ``ValueError``; it does not become the latest
+        representation.
     copy
         {copy}
 
@@ -293,23 +307,19 @@ def embed_morphology(
     # ---- validate everything before loading a model or writing anything
     check_choice("mode", mode, MODES)
     check_choice("pool", pool, POOLS)
-    if int(size) != size or size < 16:
-        raise ValueError(f"size must be an integer >= 16, got {size!r}.")
-    size = int(size)
-    if not (isinstance(mpp, int | float) and mpp > 0):
-        raise ValueError(f"mpp must be a positive number, got {mpp!r}.")
+    size = check_int("size", size, min=16, hint="patch side in pixels, 224 for UNI / UNI2-h")
+    mpp = check_mpp("mpp", mpp)
     if tile_stride is None:
         tile_stride = size // 2
-    if int(tile_stride) != tile_stride or not 1 <= tile_stride <= size:
-        raise ValueError(f"tile_stride must be an integer in [1, size={size}], got {tile_stride!r}.")
-    if pool_radius_um is not None and not pool_radius_um >= 0:
-        raise ValueError(f"pool_radius_um must be >= 0 (or None), got {pool_radius_um!r}.")
+    tile_stride = check_int("tile_stride", tile_stride, min=1, max=size)
+    pool_radius_um = check_float("pool_radius_um", pool_radius_um, min=0, none=True, unit="um")
     if pool_radius_um is not None and pool != "nucleus":
         raise ValueError("pool_radius_um applies to pool='nucleus' only.")
-    batch_size = int(settings.batch_size if batch_size is None else batch_size)
-    num_workers = int(settings.num_workers if num_workers is None else num_workers)
-    if batch_size < 1 or num_workers < 0 or chunk_size < 1:
-        raise ValueError("batch_size and chunk_size must be >= 1 and num_workers >= 0.")
+    layer = check_int("layer", layer)
+    batch_size = check_int("batch_size", settings.batch_size if batch_size is None else batch_size, min=1,
+                           hint="default cs.settings.batch_size")  # fmt: skip
+    num_workers = check_int("num_workers", settings.num_workers if num_workers is None else num_workers, min=0)
+    chunk_size = check_int("chunk_size", chunk_size, min=1)
     adata = get_modality(mdata, MOD_MORPH)
     rows = np.arange(adata.n_obs)
     groups = sample_sources(mdata, adata, rows, None)
@@ -375,7 +385,7 @@ def embed_morphology(
         in_image[pos] = inside
         valid = pos[inside]
         folder = None
-        if cache_dir is not None:
+        if cache_dir is not None and len(valid):  # no folder for a sample without a cell on its image
             fp = _cache_name(src, names[valid], xy[valid], run_params)
             folder = cache_folder(cache_dir, key, src.sample or "sample", fp)
         for ch in plan(
@@ -389,6 +399,14 @@ def embed_morphology(
                 file=None if folder is None else chunk_file(folder, ch.index), work=(src, ch.work),
             ))  # fmt: skip
         src.close()  # reopened by whoever reads patches (this process's loader or a worker)
+
+    n_inside = int(in_image.sum())
+    empty = check_not_empty(
+        n_inside, what=f"The morphology embedding {key!r}", latest=True, allow_empty=allow_empty,
+        why=f"none of the {adata.n_obs} cells lies inside its H&E image (every row would be NaN). Check the "
+        "alignment in mdata.uns['cellsymphony']['samples'] (cs.io.register_he), the pixel sizes, and that the "
+        "cells belong to this slide.",
+    )  # fmt: skip
 
     enc_ref = None
     if client is not None:
@@ -410,8 +428,14 @@ def embed_morphology(
         if enc_ref is not None and not isinstance(enc_ref, tuple):
             enc_ref.release()
 
+    finite = np.isfinite(out).all(axis=1)
+    if not empty:
+        empty = check_not_empty(
+            int(finite.sum()), what=f"The morphology embedding {key!r}", latest=True, allow_empty=allow_empty,
+            why=f"the encoder {encoder.name!r} returned NaN or inf for every cell.",
+        )  # fmt: skip
     adata.obsm[key] = out
-    adata.obs[f"{key}_empty"] = ~np.isfinite(out).all(axis=1)
+    adata.obs[f"{key}_empty"] = ~finite
     if IN_IMAGE_KEY not in adata.obs:  # the readers' flag; written here only for data built without them
         adata.obs[IN_IMAGE_KEY] = in_image
     params = params_record(**run_params, cache_dir=cache_dir, n_cells=int(in_image.sum()))
@@ -420,7 +444,8 @@ def embed_morphology(
     if handcrafted:
         entry["feature_names"] = np.asarray(encoder.feature_names)
     adata.uns[key] = entry
-    set_latest(mdata, MOD_MORPH, key)
+    if not empty:
+        set_latest(mdata, MOD_MORPH, key)
     if is_mudata(mdata):
         mdata.update()
     logger.info(

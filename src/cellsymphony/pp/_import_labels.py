@@ -14,7 +14,7 @@ from .._errors import read_table, require_file
 from .._joint import push_joint_obs
 from .._settings import logger
 from .._utils import params_record
-from .._validate import is_mudata, renamed_parameters
+from .._validate import check_not_empty, is_mudata, renamed_parameters
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -50,6 +50,7 @@ def import_labels(
     label_key: str = "label",
     key_added: str = IMPORTED_LABEL_KEY,
     sample: str | None = None,
+    allow_empty: bool = False,
     copy: bool = False,
 ) -> MuData | AnnData | None:
     """Bring per-cell labels from another tool (a CSV or DataFrame keyed by cell id) into the data.
@@ -73,6 +74,9 @@ def import_labels(
         Column of ``mdata.obs`` to write.
     sample
         Only join cells of this section (``obs["sample"]``), for ids that repeat across sections.
+    allow_empty
+        When every matched cell's label is missing (an empty or all-missing label column), write the empty
+        column with a warning instead of raising a ``ValueError``.
     copy
         {copy}
 
@@ -141,6 +145,12 @@ def import_labels(
             "one section at a time."
         )
 
+    n_labels = int(frame.reindex(scoped).notna().sum())
+    check_not_empty(
+        n_labels, what=f"import_labels: {key_added!r}", allow_empty=allow_empty,
+        why=f"the {best_n} cells matched in {source} all have a missing {label_key!r} (check label_key=; the "
+        f"table has columns {list(table.columns)}).",
+    )  # fmt: skip
     values = pd.Series(None, index=obs_names, dtype=object)
     if key_added in data.obs and sample is not None:  # keep other sections' labels from earlier calls
         values[~scope] = data.obs[key_added].astype(object)[~scope]

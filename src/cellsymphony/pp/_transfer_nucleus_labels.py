@@ -30,7 +30,14 @@ from .._registration import (
 )
 from .._settings import logger
 from .._utils import params_record
-from .._validate import check_choice, is_mudata, renamed_parameters, samples_registry
+from .._validate import (
+    check_choice,
+    check_float,
+    check_not_empty,
+    is_mudata,
+    renamed_parameters,
+    samples_registry,
+)
 from ..io._nuclei import read_nuclei
 
 if TYPE_CHECKING:
@@ -111,6 +118,7 @@ def transfer_nucleus_labels(
     key_added: str = HE_LABEL_KEY,
     refine: Literal["shift", "affine"] | None = None,
     qc_warn_um: float = 3.0,
+    allow_empty: bool = False,
     copy: bool = False,
 ) -> MuData | AnnData | None:
     """Put the classes of an H&E nucleus classifier onto Xenium cells, and check the registration.
@@ -164,6 +172,10 @@ def transfer_nucleus_labels(
         the matched pairs (``space="he_px"`` only) and updates the sample's registry.
     qc_warn_um
         Median match distance (micrometres) above which a registration warning is issued.
+    allow_empty
+        When no cell of the sample gets a label (no nucleus matched, or only nuclei without a class: an all-missing
+        ``he_label``, usually a wrong ``space=`` or registration), write the empty column with a warning instead
+        of raising a ``ValueError``.
     copy
         {copy}
 
@@ -190,8 +202,8 @@ def transfer_nucleus_labels(
             raise ValueError(
                 f"refine={refine!r} corrects the H&E registration and needs space='he_px' (got space={space!r})."
             )
-    if not max_distance_um > 0:
-        raise ValueError(f"max_distance_um={max_distance_um} must be positive.")
+    max_distance_um = check_float("max_distance_um", max_distance_um, min=0, min_open=True, unit="um")
+    qc_warn_um = check_float("qc_warn_um", qc_warn_um, min=0, min_open=True, unit="um")
     table = read_nuclei(nuclei, x=x_key, y=y_key, label=label_key, label_arg="label_key", drop_invalid=True)
 
     data = mdata.copy() if copy else mdata
@@ -261,6 +273,13 @@ def transfer_nucleus_labels(
                f"Check space= ({hint or 'no other space available'}), sample=, the registration, and that H&E "
                "coordinates are level-0 pixels (not those of a downsampled level).")
         )
+    labelled = int(table["class"].notna().to_numpy()[ni].sum()) if len(ni) else 0
+    if labelled == 0:  # an all-missing label column: refused unless allow_empty
+        cause = msg if qc["match_rate"] < _LOW_MATCH_RATE else (
+            f"the {qc['n_matched']} matched nuclei have no class in column {label_key!r}.")
+        check_not_empty(0, what=f"transfer_nucleus_labels: {key_added!r} of sample {sample_id!r}",
+                        why=cause, allow_empty=allow_empty)  # fmt: skip
+    if qc["match_rate"] < _LOW_MATCH_RATE:
         warnings.warn(msg, UserWarning, stacklevel=2)
         logger.warning(msg)
 

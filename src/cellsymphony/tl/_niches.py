@@ -11,7 +11,7 @@ from .._docs import inject_docs
 from .._joint import push_joint_obs
 from .._settings import logger, settings
 from .._utils import params_record
-from .._validate import check_choice, get_modality, is_mudata, resolve_rep
+from .._validate import check_choice, check_float, check_int, get_modality, is_mudata, resolve_rep
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -120,10 +120,9 @@ def niches(
     - ``uns[key_added]`` on the modality: ``params``, ``n_niches`` and ``n_excluded``.
     """
     check_choice("method", method, ["leiden"])
-    if int(n_neighbors) != n_neighbors or n_neighbors < 2:
-        raise ValueError(f"n_neighbors={n_neighbors!r} must be an integer >= 2.")
-    if not resolution > 0:
-        raise ValueError(f"resolution={resolution!r} must be positive.")
+    n_neighbors = check_int("n_neighbors", n_neighbors, min=2)
+    resolution = check_float("resolution", resolution, min=0, min_open=True)
+    seed = check_int("seed", seed)
     adata = get_modality(mdata, mod)
     if use_rep is None:
         use_rep = _default_rep(mdata, mod)

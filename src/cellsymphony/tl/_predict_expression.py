@@ -11,9 +11,10 @@ import pandas as pd
 
 from .._constants import MOD_MORPH, MOD_RNA, NUCLEUS_KEY, SAMPLE_KEY, SPATIAL_KEY
 from .._docs import inject_docs
+from .._provenance import check_same_producer, embedding_params, fingerprint_differences, rep_fingerprint
 from .._settings import logger
 from .._utils import params_record
-from .._validate import check_choice, is_mudata, resolve_rep
+from .._validate import check_choice, check_float, check_int, is_mudata, resolve_rep
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -23,38 +24,16 @@ if TYPE_CHECKING:
 METHODS = ("knn", "ridge")
 MATCHES = ("rna", "morphology")
 FUNCTION = "cellsymphony.tl.predict_expression"
-# the parameters of an embedding that must agree between the reference and the target
-PROVENANCE = ("model", "weights_checksum", "mode", "pool", "pool_radius_um", "layer", "size", "mpp")
 
 
 def _embedding_params(adata, rep: str) -> dict:
-    entry = adata.uns.get(rep, {})
-    return dict(entry.get("params", {})) if isinstance(entry, dict) else {}
-
-
-def _stain_ref(params: dict):
-    st = params.get("stain")
-    if not isinstance(st, dict) or str(st.get("method", "")) == "jitter":
-        return None
-    return {k: np.asarray(v, dtype=np.float64) for k, v in st.get("reference", {}).items() if k != "method"}
+    return embedding_params(adata, rep)
 
 
 def provenance_mismatch(ref_params: dict, tgt_params: dict) -> list[str]:
     """The differences between two embeddings' params that make them incomparable (encoder, weights, patch
-    geometry, stain reference)."""
-    out = []
-    for k in PROVENANCE:
-        a, b = ref_params.get(k), tgt_params.get(k)
-        if a is not None and b is not None and str(a) != str(b):
-            out.append(f"{k}: reference {a!r}, target {b!r}")
-    ra, rb = _stain_ref(ref_params), _stain_ref(tgt_params)
-    if (ra is None) != (rb is None):
-        out.append("stain: " + ("the reference was stain-normalised and the target not" if ra is not None
-                                else "the target was stain-normalised and the reference not"))
-    elif ra is not None and (set(ra) != set(rb) or not all(np.allclose(ra[k], rb[k], atol=1e-6) for k in ra)):
-        out.append("stain: normalised to different reference stains (pass reference=the training section to "
-                   "cs.pp.normalize_stain)")
-    return out
+    geometry, stain reference): the fingerprints of :mod:`cellsymphony._provenance` compared."""
+    return fingerprint_differences(rep_fingerprint(ref_params), rep_fingerprint(tgt_params), ("reference", "target"))
 
 
 def _expression(rna, genes: list[str], layer: str | None, normalize: bool):
@@ -157,7 +136,8 @@ def predict_expression(
         e.g. ``"rna_predicted"``, to predict on a section that has expression).
     allow_mismatch
         Accept a target embedding made with another encoder, weights, patch geometry or stain reference
-        than the reference's (otherwise an error lists the differences).
+        than the reference's, or than the one ``aligner`` was trained on (otherwise a ``ValueError`` lists
+        the differences and names both fingerprints), with a warning.
     copy
         {copy}
 
@@ -183,9 +163,9 @@ def predict_expression(
     if MOD_MORPH not in target.mod:
         raise ValueError("The target has no 'morphology' modality: read the slide with cs.io.read_he_cells (H&E only) "
                          "or cs.io.read_xenium, then run cs.pp.embed_morphology.")
-    if int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}.")
-    k = int(k)
+    k = check_int("k", k, min=1)
+    n_comps = check_int("n_comps", n_comps, min=1)
+    alpha = check_float("alpha", alpha, min=0)
     rna, rmorph, tmorph = reference.mod[MOD_RNA], reference.mod[MOD_MORPH], target.mod[MOD_MORPH]
 
     # ---- genes
@@ -219,13 +199,14 @@ def predict_expression(
     if rep not in rmorph.obsm:
         raise ValueError(f"The reference's morphology has no {rep!r} embedding: run cs.pp.embed_morphology on the "
                          "reference with the same settings.")
-    diffs = provenance_mismatch(_embedding_params(rmorph, rep), _embedding_params(tmorph, rep))
-    if diffs:
-        msg = (f"The target's {rep!r} was not made like the reference's: " + "; ".join(diffs)
-               + ". Re-embed the target with the reference's settings, or pass allow_mismatch=True.")
-        if not allow_mismatch:
-            raise ValueError(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
+    check_same_producer(
+        rep_fingerprint(_embedding_params(rmorph, rep)), rep_fingerprint(_embedding_params(tmorph, rep)),
+        what=f"predict_expression: the target's {rep!r} vs the reference's", names=("reference", "target"),
+        fix="Re-embed the target with the reference's settings (cs.pp.embed_morphology).",
+        allow_mismatch=allow_mismatch,
+    )
+    if method == "knn":  # the aligner's own record of what it was trained on, against the target
+        aligner._check_provenance(target, {MOD_MORPH: rep}, allow_mismatch=allow_mismatch, stacklevel=4)
 
     # ---- reference cells: expression paired with the reference side of the model
     paired = rna.obs_names.intersection(rmorph.obs_names, sort=False)
@@ -237,10 +218,10 @@ def predict_expression(
                        "expression (hold them out of the reference to measure accuracy).", len(shared))
     if method == "knn":
         if match == "rna":
-            z_r = aligner.transform(reference, MOD_RNA)
+            z_r = aligner.transform(reference, MOD_RNA, allow_mismatch=allow_mismatch)
             ref_rows = np.arange(rna.n_obs)
         else:
-            z_r = aligner.transform(reference, MOD_MORPH, rep=rep)[rmorph.obs_names.get_indexer(paired)]
+            z_r = aligner.transform(reference, MOD_MORPH, rep=rep, allow_mismatch=allow_mismatch)[rmorph.obs_names.get_indexer(paired)]
             ref_rows = rna.obs_names.get_indexer(paired)
         ok = np.isfinite(z_r).all(axis=1)
         z_r, ref_rows = z_r[ok], ref_rows[ok]

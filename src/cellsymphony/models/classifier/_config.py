@@ -12,9 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from ..._validate import check_choice
+from ..._validate import check_choice, check_float, check_int
 from .._config import ModelConfig
 from ._data import SPLITS, check_test_size
 
@@ -45,10 +43,8 @@ class ClassifierConfig(ModelConfig):
             _positive_int(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}.")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout!r} must lie in [0, 1).")
+        self.dropout = check_float("dropout", self.dropout, min=0, max=1, max_open=True)
         self.d_model, self.n_layers, self.n_heads = int(self.d_model), int(self.n_layers), int(self.n_heads)
-        self.dropout = float(self.dropout)
         if self.dim_feedforward is not None:
             _positive_int("dim_feedforward", self.dim_feedforward)
         self.dim_feedforward = int(self.dim_feedforward or 4 * self.d_model)
@@ -94,12 +90,12 @@ class ClassifierTraining:
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
         _positive_int("patience", self.patience)
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be positive.")
+        self.lr = check_float("lr", self.lr, min=0, min_open=True)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, min=0)
+        self.seed = check_int("seed", self.seed)
         if self.class_weight not in ("balanced", None):
             raise ValueError(f"class_weight={self.class_weight!r} is not one of ['balanced', None].")
-        if self.block_size is not None and not self.block_size > 0:
-            raise ValueError(f"block_size={self.block_size!r} must be positive micrometres (or None).")
+        self.block_size = check_float("block_size", self.block_size, min=0, min_open=True, none=True, unit="um")
         self.epochs, self.batch_size, self.patience = int(self.epochs), int(self.batch_size), int(self.patience)
         self.test_samples = None if self.test_samples is None else tuple(str(s) for s in self.test_samples)
 
@@ -117,8 +113,7 @@ class ClassifierTraining:
 
 
 def _positive_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-        raise ValueError(f"{name}={v!r} must be a positive integer.")
+    check_int(name, v, min=1)
 
 
 def settings_names() -> tuple[set[str], set[str]]:

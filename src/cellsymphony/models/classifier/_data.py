@@ -143,6 +143,20 @@ def usable_labels(
     return labels, counts
 
 
+def rare_labels(data, label_key: str, *, confident_key: str | None = None, exclude: Sequence[str] = ("ambiguous",),
+                min_cells: int | None = None) -> list[str]:  # fmt: skip
+    """The labels of ``label_key`` with fewer than ``min_cells`` usable cells (labelled, not excluded,
+    confident; default ``MIN_LABELLED_CELLS_PER_CLASS``): too few for a classifier's minimum sizes with the
+    default split. The pipelines (``cellsymphony run``, the demo) leave them out of training, with a warning,
+    rather than stop after the embeddings."""
+    from ..._constants import MIN_LABELLED_CELLS_PER_CLASS
+
+    min_cells = MIN_LABELLED_CELLS_PER_CLASS if min_cells is None else int(min_cells)
+    labels, _ = usable_labels(data, label_key, exclude, confident_key, np.ones(data.n_obs, dtype=bool))
+    counts = pd.Series(labels[pd.notna(labels)]).value_counts()
+    return sorted(str(k) for k, n in counts.items() if n < min_cells)
+
+
 def check_test_size(test_size: float) -> None:
     """The held-out fraction of a split must lie strictly between 0 and 1."""
     if not 0 < test_size < 1:

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..._constants import MIN_TEST_CELLS, MIN_TEST_CELLS_PER_CLASS, MIN_TRAIN_CELLS_PER_CLASS
 from ..._settings import log_seconds, logger, resolve_device, settings
 from .._base import BaseModel, autocast, deprecated_layout, make_adamw, seeded, standardization
 from .._config import json_safe
@@ -88,7 +89,40 @@ def prepare(mdata, label_key: str, tokens: Sequence[str], training: ClassifierTr
     y = np.full(mdata.n_obs, -1, dtype=np.int64)
     rows = np.flatnonzero(pd.notna(labels))
     y[rows] = pd.Categorical(labels[rows], categories=classes).codes
-    return Prepared(inputs, classes, np.asarray(split_arr, dtype=object), y, exclusions)
+    split_arr = np.asarray(split_arr, dtype=object)
+    check_sizes(y, split_arr, classes, label_key)
+    return Prepared(inputs, classes, split_arr, y, exclusions)
+
+
+def check_sizes(y: np.ndarray, split: np.ndarray, classes: list[str], label_key: str) -> None:
+    """Refuse a fit whose statistics would rest on too few cells: every class needs
+    ``MIN_TRAIN_CELLS_PER_CLASS`` training cells and, unless the split holds no test cells at all (then the
+    test metrics are NaN, with a warning), the test split needs ``MIN_TEST_CELLS`` cells and
+    ``MIN_TEST_CELLS_PER_CLASS`` of every class (``cellsymphony._constants``)."""
+    n_train = np.bincount(y[split == TRAIN], minlength=len(classes))
+    n_test = np.bincount(y[(split == TEST) & (y >= 0)], minlength=len(classes))
+    fix = ("Label more cells, leave those classes out (exclude=[...]), merge them (cs.pp.harmonize_labels), "
+           "or change the split (test_size=, split=).")  # fmt: skip
+    few = {c: int(n) for c, n in zip(classes, n_train, strict=True) if n < MIN_TRAIN_CELLS_PER_CLASS}
+    if few:
+        raise ValueError(
+            f"Too few training cells: each class of {label_key!r} needs at least {MIN_TRAIN_CELLS_PER_CLASS}; "
+            f"these have fewer (training cells): {few}. {fix}"
+        )
+    total = int(n_test.sum())
+    if total == 0:
+        return
+    if total < MIN_TEST_CELLS:
+        raise ValueError(
+            f"Too few test cells for metrics: the split holds {total} (at least {MIN_TEST_CELLS} needed; "
+            f"per class {dict(zip(classes, n_test.tolist(), strict=True))}). {fix}"
+        )
+    few = {c: int(n) for c, n in zip(classes, n_test, strict=True) if n < MIN_TEST_CELLS_PER_CLASS}
+    if few:
+        raise ValueError(
+            f"Too few test cells for per-class metrics: each class of {label_key!r} needs at least "
+            f"{MIN_TEST_CELLS_PER_CLASS} test cells; these have fewer: {few}. {fix}"
+        )
 
 
 class CellTypeClassifier(BaseModel):
@@ -436,7 +470,7 @@ class CellTypeClassifier(BaseModel):
         return {k: v for k, v in rec.items() if v is not None}
 
     # ------------------------------------------------------------------ inference
-    def _predict_inputs(self, mdata, gene_rep, morph_rep):
+    def _predict_inputs(self, mdata, gene_rep, morph_rep, allow_mismatch: bool = False):
         self._check_trained()
         inputs = gather_inputs(
             mdata,
@@ -444,6 +478,8 @@ class CellTypeClassifier(BaseModel):
             gene_rep if gene_rep is not None else self.gene_rep,
             morph_rep if morph_rep is not None else self.morph_rep,
         )
+        self._check_provenance(mdata, {"rna": inputs.gene_rep, "morphology": inputs.morph_rep},
+                               allow_mismatch=allow_mismatch, stacklevel=5)  # fmt: skip
         for name, x, dim, rep in (
             ("expression", inputs.gene, self.gene_dim, inputs.gene_rep),
             ("morphology", inputs.morph, self.morph_dim, inputs.morph_rep),
@@ -463,13 +499,19 @@ class CellTypeClassifier(BaseModel):
         morph_rep: str | None = None,
         batch_size: int | None = None,
         device: str | None = None,
+        allow_mismatch: bool = False,
     ) -> pd.DataFrame:
         """Class probabilities of every cell (rows ``mdata.obs_names``, columns the classes).
 
         Cells lacking an input the architecture reads get NaN rows. ``gene_rep`` / ``morph_rep``
-        default to the keys the model was trained on; ``device`` to where the weights are.
+        default to the keys the model was trained on; ``device`` to where the weights are. Embeddings made
+        by another producer than those of training are refused unless ``allow_mismatch=True`` (see
+        :meth:`predict`).
         """
-        inputs = self._predict_inputs(mdata, gene_rep, morph_rep)
+        from ..._validate import check_int
+
+        batch_size = check_int("batch_size", batch_size, min=1, none=True, hint="default 1024")
+        inputs = self._predict_inputs(mdata, gene_rep, morph_rep, allow_mismatch)
         dev = torch.device(resolve_device(device) if device is not None else self.device)
         avail = np.flatnonzero(inputs.available)
         if len(avail) < mdata.n_obs:
@@ -493,6 +535,7 @@ class CellTypeClassifier(BaseModel):
         morph_rep: str | None = None,
         batch_size: int | None = None,
         device: str | None = None,
+        allow_mismatch: bool = False,
     ) -> pd.Series:
         """Predict the cell type of every cell of ``mdata`` (any section, with the embeddings the model reads).
 
@@ -514,13 +557,19 @@ class CellTypeClassifier(BaseModel):
             Cells per forward pass (1024 by default).
         device
             Torch device; ``None`` runs where the weights are.
+        allow_mismatch
+            Predict even when an input embedding was made by another producer than the one the model was
+            trained on (another model, weights checksum or patch geometry: the fingerprints recorded at
+            training, see the classifiers page), with a warning; by default that is a ``ValueError`` naming
+            both fingerprints.
 
         Returns
         -------
         The predictions as a categorical Series indexed like ``mdata.obs`` (NaN for cells without the
         needed inputs).
         """
-        proba = self.predict_proba(mdata, gene_rep=gene_rep, morph_rep=morph_rep, batch_size=batch_size, device=device)
+        proba = self.predict_proba(mdata, gene_rep=gene_rep, morph_rep=morph_rep, batch_size=batch_size, device=device,
+                                   allow_mismatch=allow_mismatch)  # fmt: skip
         arr = proba.to_numpy()
         if key_added is not None:
             from ..._results import write_predictions

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..._constants import MOD_MORPH, MOD_RNA
+from ..._constants import MIN_CONTRASTIVE_CELLS, MOD_MORPH, MOD_RNA
 from ..._settings import log_seconds, logger, resolve_device
-from ..._validate import check_choice, get_modality, get_rep, is_mudata, resolve_rep
+from ..._validate import check_choice, check_float, check_int, get_modality, get_rep, is_mudata, resolve_rep
 from .._base import BaseModel, deprecated_layout, seeded, standardization
 from .._config import ModelConfig
 from ._data import paired_inputs
@@ -46,14 +46,11 @@ class ContrastiveConfig(ModelConfig):
     learn_temperature: bool = True
 
     def __post_init__(self):
-        for name in ("dim", "hidden"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer.")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout={self.dropout!r} must lie in [0, 1).")
-        self.dim, self.hidden, self.dropout = int(self.dim), int(self.hidden), float(self.dropout)
-        self.temperature, self.learn_temperature = float(self.temperature), bool(self.learn_temperature)
+        self.dim = check_int("dim", self.dim, min=1)
+        self.hidden = check_int("hidden", self.hidden, min=1)
+        self.dropout = check_float("dropout", self.dropout, min=0, max=1, max_open=True)
+        self.temperature = check_float("temperature", self.temperature, min=0, min_open=True)
+        self.learn_temperature = bool(self.learn_temperature)
 
 
 class ContrastiveAligner(BaseModel):
@@ -227,29 +224,31 @@ class ContrastiveAligner(BaseModel):
         The aligner itself, with ``history``, ``retrieval``, ``metrics_table``, ``fit_info``, ``fit_params``,
         ``provenance``, ``train_obs_names`` and ``test_obs_names`` set.
         """
-        if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
-            raise ValueError(f"epochs={epochs!r} must be a positive integer.")
-        if int(batch_size) != batch_size or batch_size < 2:
-            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 2 (InfoNCE needs negatives).")
-        if not 0 <= test_size < 1:
-            raise ValueError(f"test_size={test_size!r} must lie in [0, 1).")
-        if not lr > 0:
-            raise ValueError(f"lr={lr!r} must be positive.")
-        if retrieval_cells is not None and (int(retrieval_cells) != retrieval_cells or retrieval_cells < 2):
-            raise ValueError(f"retrieval_cells={retrieval_cells!r} must be an integer >= 2 (or None).")
-        if isinstance(patience, bool) or int(patience) != patience or patience < 1:
-            raise ValueError(f"patience={patience!r} must be a positive integer.")
+        epochs = check_int("epochs", epochs, min=1)
+        batch_size = check_int("batch_size", batch_size, min=2, hint="InfoNCE needs negatives")
+        test_size = check_float("test_size", test_size, min=0, max=1, max_open=True)
+        lr = check_float("lr", lr, min=0, min_open=True)
+        weight_decay = check_float("weight_decay", weight_decay, min=0)
+        retrieval_cells = check_int("retrieval_cells", retrieval_cells, min=2, none=True)
+        patience = check_int("patience", patience, min=1)
+        seed = check_int("seed", seed)
         t_start = time.perf_counter()
         data = paired_inputs(mdata, gene_rep, morph_rep)
         n = data["n_used"]
+        if n < MIN_CONTRASTIVE_CELLS:
+            raise ValueError(
+                f"Contrastive alignment needs at least {MIN_CONTRASTIVE_CELLS} cells present in both modalities "
+                f"with finite embeddings; found {n} ({data['n_paired']} paired by obs_names, {data['n_nan_rna']} "
+                f"with NaN rows in {data['gene_rep']!r}, {data['n_nan_morphology']} in {data['morph_rep']!r}). "
+                "Use a larger section or several sections."
+            )
         n_test = max(int(round(test_size * n)), 2) if test_size > 0 else 0
         n_train = n - n_test
         if n_train < 2:
             raise ValueError(
-                f"Only {n} paired cells with finite embeddings ({n_test} held out): at least 2 are needed "
-                "for training; lower test_size or check the NaN rows."
+                f"test_size={test_size} holds out {n_test} of the {n} paired cells, leaving {n_train} to train on "
+                "(at least 2 needed): lower test_size."
             )
-        batch_size = int(batch_size)
         if batch_size > n_train:
             warnings.warn(
                 f"batch_size={batch_size} is larger than the {n_train} training cells: clamped to {n_train}.",
@@ -410,6 +409,7 @@ class ContrastiveAligner(BaseModel):
         rep: str | None = None,
         batch_size: int = 8192,
         key_added: str | None = None,
+        allow_mismatch: bool = False,
     ) -> np.ndarray:
         """Project one modality of a (new) section into the shared space.
 
@@ -429,6 +429,10 @@ class ContrastiveAligner(BaseModel):
             Cells per forward pass.
         key_added
             When given, also write the result to the modality's ``.obsm[key_added]``.
+        allow_mismatch
+            Project even when the input embedding was made by another producer than the one the aligner was
+            trained on (another model, weights checksum or patch geometry), with a warning; by default that is
+            a ``ValueError`` naming both fingerprints.
 
         Returns
         -------
@@ -450,6 +454,7 @@ class ContrastiveAligner(BaseModel):
                 )
             rep = resolve_rep(adata, modality, rep)
             x = np.asarray(adata.obsm[rep], dtype=np.float32)
+        self._check_provenance(mdata, {modality: rep}, allow_mismatch=allow_mismatch)
         out = self.transform_array(x, modality, batch_size=batch_size)
         if key_added is not None:
             adata.obsm[key_added] = out

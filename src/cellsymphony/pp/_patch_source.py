@@ -122,6 +122,155 @@ class PatchSource:
         return out
 
 
+    # ------------------------------------------------------------------ the band path (pp/_bands.py)
+    def band_region(self, x0_um: float, y0_um: float, width_px: int, height_px: int, *, mpp: float = 0.5,
+                    level: int | None = None) -> dict:
+        """The CPU half of :meth:`read_band`: decode the level pixels a band needs and say where to sample them.
+
+        Returns a dict of ``region`` (uint8 ``(h, w, 3)`` level pixels, white outside the image), ``sigma``
+        (the low-pass, level pixels) and either ``affine`` (``(2, 3)``: band pixel ``(u, v, 1)`` -> region
+        pixel) or ``grid`` (float32 ``(height_px, width_px, 2)`` region pixels of every band pixel: a
+        non-rigid registration, mapped pixel by pixel through the field; NaN where the map is undefined).
+        A tile that cannot be decoded raises a ``ValueError`` naming the file, the level and the tile's row
+        and column, and the band.
+        """
+        w_px, h_px = int(width_px), int(height_px)
+        if w_px < 1 or h_px < 1:
+            raise ValueError(f"width_px and height_px must be >= 1, got {width_px} x {height_px}.")
+        if level is None:
+            level = self.level_for(mpp)
+        he = self.he
+        ds = float(he.downsamples[level])
+        # band pixel (u, v) -> micrometres: its centre (x0 + (u + 0.5) mpp, y0 + (v + 0.5) mpp)
+        band_um = np.array([[mpp, 0.0, x0_um + 0.5 * mpp], [0.0, mpp, y0_um + 0.5 * mpp], [0.0, 0.0, 1.0]])
+        to_level = um_to_level(self.alignment, self.pixel_size, ds) @ band_um
+        lin = to_level[:2, :2]
+        scale = math.sqrt(abs(np.linalg.det(lin)))  # level pixels per band pixel
+        sigma = max(0.0, (scale - 1.0) / 2.0)
+        grid = None
+        if self.warp is None:
+            corners = np.array([[0, 0], [w_px - 1, 0], [0, h_px - 1], [w_px - 1, h_px - 1]], dtype=np.float64)
+            pts = corners @ lin.T + to_level[:2, 2]
+        else:  # the field at every pixel of the band (it is smooth, but a band is far wider than its step)
+            v, u = np.mgrid[0:h_px, 0:w_px]
+            um = np.stack([u.ravel(), v.ravel()], axis=1) * mpp + [x0_um + 0.5 * mpp, y0_um + 0.5 * mpp]
+            px0 = um_to_he_px(um, self.alignment, self.pixel_size, self.warp)
+            grid = ((px0 + 0.5) / ds - 0.5).reshape(h_px, w_px, 2)
+            pts = grid.reshape(-1, 2)[np.isfinite(grid.reshape(-1, 2)).all(axis=1)]
+            if not len(pts):
+                pts = np.zeros((1, 2))
+        margin = int(math.ceil(4 * sigma)) + 2
+        rx0 = int(math.floor(pts[:, 0].min())) - margin
+        ry0 = int(math.floor(pts[:, 1].min())) - margin
+        rx1 = int(math.ceil(pts[:, 0].max())) + margin + 1
+        ry1 = int(math.ceil(pts[:, 1].max())) + margin + 1
+        # beyond a white frame of `margin` pixels around the image everything is white: sampling there
+        # meets the region's (white) border, so the region stops at the frame (the same pixels, less work)
+        lh, lw = he.shapes[level]
+        rx0, ry0 = max(rx0, -margin), max(ry0, -margin)
+        rx1, ry1 = max(min(rx1, lw + margin), rx0 + 2), max(min(ry1, lh + margin), ry0 + 2)
+        try:
+            region = _read_level(he, level, rx0, ry0, rx1 - rx0, ry1 - ry0)
+        except ValueError as err:  # a damaged tile: say which band needed it (nothing of it is written)
+            raise ValueError(
+                f"{err} It was needed for the band x {x0_um:.1f}-{x0_um + w_px * mpp:.1f} um, y {y0_um:.1f}-"
+                f"{y0_um + h_px * mpp:.1f} um of sample {self.sample!r}; no cell of that band is embedded."
+            ) from None
+        out = {"region": region, "sigma": float(sigma)}
+        if grid is None:
+            out["affine"] = np.concatenate([lin, (to_level[:2, 2] - [rx0, ry0])[:, None]], axis=1)
+        else:
+            out["grid"] = (grid - [rx0, ry0]).astype(np.float32)
+        return out
+
+    def read_band(self, x0_um: float, y0_um: float, width_px: int, height_px: int, *, mpp: float = 0.5,
+                  level: int | None = None, device=None) -> np.ndarray:
+        """A rectangle of the Xenium frame ``(height_px, width_px, 3)`` uint8, resampled once.
+
+        Pixel ``(u, v)`` has its centre at ``(x0_um + (u + 0.5) * mpp, y0_um + (v + 0.5) * mpp)``; white
+        outside the image. Antialiased as :meth:`read` (a Gaussian low-pass of sigma ``(s - 1) / 2`` level
+        pixels for a downsampling by ``s``, then bilinear sampling), through the registration (with a
+        non-rigid field, pixel by pixel). ``device``: where the low-pass and the resampling run (a torch
+        device, e.g. ``"cuda"``; default the CPU); decoding is always on the CPU.
+        """
+        region = self.band_region(x0_um, y0_um, width_px, height_px, mpp=mpp, level=level)
+        return resample_region(region, int(width_px), int(height_px), device=device).cpu().numpy()
+
+    def transform_patches(self, patches: np.ndarray, xy_um: np.ndarray) -> np.ndarray:
+        """Hook applied to patches cut from bands (a stain transform in :class:`~cellsymphony.pp._stain.StainedSource`)."""
+        return patches
+
+    @property
+    def has_transform(self) -> bool:
+        """Whether :meth:`transform_patches` changes patches (then they are cut on the CPU)."""
+        return False
+
+
+def resample_region(region: dict, width_px: int, height_px: int, *, device=None):
+    """The device half of :meth:`PatchSource.read_band`: low-pass and resample a :meth:`PatchSource.band_region`.
+
+    Returns a uint8 torch tensor ``(height_px, width_px, 3)`` on ``device`` (default CPU). One code path for
+    CPU and GPU: the low-pass is the separable Gaussian of :func:`_blur` as shifted sums in torch, the
+    sampling ``torch.nn.functional.grid_sample`` (bilinear, ``align_corners=True``). The region is copied to
+    the device without blocking (from pinned memory when the DataLoader pinned it).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dev = torch.device("cpu" if device is None else device)
+    raw = region["region"]
+    raw = torch.from_numpy(raw) if isinstance(raw, np.ndarray) else raw
+    img = raw.to(dev, non_blocking=True).float()  # (h, w, 3)
+    h, w = img.shape[:2]
+    sigma = float(region["sigma"])
+    if sigma > 0.05:
+        img = _blur_torch(img, sigma)
+    if "affine" in region:
+        a = torch.as_tensor(np.asarray(region["affine"], dtype=np.float64), device=dev)
+        u = torch.arange(width_px, dtype=torch.float64, device=dev)
+        v = torch.arange(height_px, dtype=torch.float64, device=dev)
+        cols = a[0, 0] * u[None, :] + a[0, 1] * v[:, None] + a[0, 2]
+        rows = a[1, 0] * u[None, :] + a[1, 1] * v[:, None] + a[1, 2]
+        missing = None
+    else:
+        g = region["grid"]
+        g = (torch.from_numpy(g) if isinstance(g, np.ndarray) else g).to(dev, non_blocking=True).double()
+        missing = ~torch.isfinite(g).all(dim=-1)
+        g = torch.nan_to_num(g, nan=0.0)
+        cols, rows = g[..., 0], g[..., 1]
+    grid = torch.stack([cols / max(w - 1, 1) * 2 - 1, rows / max(h - 1, 1) * 2 - 1], dim=-1).unsqueeze(0).float()
+    out = F.grid_sample(img.permute(2, 0, 1).unsqueeze(0), grid, mode="bilinear", padding_mode="border",
+                        align_corners=True)[0]
+    out = out.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+    if missing is not None and bool(missing.any()):
+        out[missing] = 255
+    return out
+
+
+def _blur_torch(img, sigma: float):
+    """:func:`_blur` on a torch ``(h, w, 3)`` float32 tensor (any device); the taps of the kernel (truncated
+    at 4 sigma) that weigh less than 1e-4 are left out (a change below 0.03 grey levels)."""
+    import torch
+
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    radius = max(1, int(np.count_nonzero(k[radius:] >= 1e-4)) - 1)
+    k = k[len(k) // 2 - radius : len(k) // 2 + radius + 1]
+    k = (k / k.sum()).astype(np.float32).tolist()
+    h, w = img.shape[:2]
+    p = torch.cat([img[:1].expand(radius, -1, -1), img, img[-1:].expand(radius, -1, -1)], dim=0)
+    out = p[0:h] * k[0]
+    for i in range(1, 2 * radius + 1):
+        out.add_(p[i : i + h], alpha=k[i])
+    p = torch.cat([out[:, :1].expand(-1, radius, -1), out, out[:, -1:].expand(-1, radius, -1)], dim=1)
+    out = p[:, 0:w] * k[0]
+    for i in range(1, 2 * radius + 1):
+        out.add_(p[:, i : i + w], alpha=k[i])
+    return out
+
+
 def _read_level(he, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
     """A region of ``level`` in that level's pixels (white outside the image)."""
     return np.asarray(he.read_region(x0, y0, w, h, level=level))

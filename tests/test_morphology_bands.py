@@ -10,7 +10,14 @@ import warnings
 import numpy as np
 import pytest
 import tifffile
-from morphology_helpers import HE_MPP, PIXEL_SIZE, draw_disc, make_mudata, one_torch_thread, rotated_alignment, write_he
+from morphology_helpers import (
+    HE_MPP,
+    PIXEL_SIZE,
+    draw_disc,
+    make_mudata,
+    rotated_alignment,
+    write_he,
+)
 
 import cellsymphony as cs
 from cellsymphony._registration import he_px_to_um, um_to_he_px
@@ -18,10 +25,7 @@ from cellsymphony.pp import _bands
 from cellsymphony.pp._patch_geometry import grid_patch_origin, spatial_order
 from cellsymphony.pp._patch_source import PatchSource, resample_region
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_torch_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -111,6 +111,19 @@ def bench_patches(m, exact_cells: int | None = None):
         add(f"{mode} mode, bands", t, c, k, src.he.tiles_decoded)
         results[f"{mode}_bands_s"], results[f"{mode}_bands_cpu_s"] = t, c
         src.close()
+    def decode_only():  # what the DataLoader workers do on CUDA: the GPU low-passes, warps and cuts
+        from cellsymphony.pp._bands import BandItems, schedule
+
+        bs = batches("cell", False)
+        items = BandItems(src, schedule([b.centres for b in bs], size=size, mpp=mpp), mpp=mpp, level=level,
+                          decode_only=True)  # fmt: skip
+        for i in range(len(items)):
+            items[i]
+
+    t, c, _ = _timed(decode_only)
+    add("cell mode, bands: CPU side of the CUDA path (decode only)", t, c, n, src.he.tiles_decoded)
+    results["cell_decode_only_cpu_s"] = c
+    src.close()
     t, c, _ = _timed(lambda: cs.pp.cell_patches(m, size=size, mpp=mpp))
     add("cs.pp.cell_patches, bands", t, c, mod.n_obs)
     results["api_s"], results["api_cpu_s"] = t, c

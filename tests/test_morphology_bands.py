@@ -233,3 +233,17 @@ def test_a_damaged_tile_fails_with_its_position_and_file(tmp_path):
     # the cell away from the damaged tile reads fine on its own
     ok = make_mudata(elsewhere, path, align)
     assert cs.pp.cell_patches(ok, size=32, mpp=0.5).shape == (1, 32, 32, 3)
+
+
+def test_cells_without_a_position_are_white(tmp_path):
+    align = rotated_alignment()
+    img = _tissue_image(400, 400, seed=2)
+    path = write_he(tmp_path / "t.ome.tif", img)
+    xy = _cells(align, img.shape[:2], 3, seed=0, margin=100)
+    xy[1] = np.nan
+    m = make_mudata(xy, path, align)
+    band, exact = (cs.pp.cell_patches(m, size=32, mpp=0.5, exact=e) for e in (False, True))
+    assert (band[1] == 255).all() and (exact[1] == 255).all()
+    assert band[0].mean() < 250 and np.abs(band[[0, 2]].astype(float) - exact[[0, 2]]).mean() < 8
+    with pytest.raises(ValueError, match="finite centres"):
+        _bands.schedule([xy], size=32, mpp=0.5)

@@ -51,7 +51,10 @@ class Schedule:
 
 
 def schedule(centres: list[np.ndarray], *, size: int, mpp: float, block: int = BLOCK_PX) -> Schedule:
-    """The block schedule of batches of patches centred on ``centres`` (micrometres, one array per batch)."""
+    """The block schedule of batches of patches centred on ``centres`` (micrometres, one array per batch,
+    all finite)."""
+    if any(not np.isfinite(c).all() for c in centres):
+        raise ValueError("band patches need finite centres: leave cells without a position out.")
     origins, needs = [], []
     first: dict[tuple[int, int], int] = {}
     last: dict[tuple[int, int], int] = {}

@@ -88,7 +88,8 @@ def cell_patches(
                     sel = where[order[k : k + 64]]
                     out[sel] = src.read(xy[rows[sel]], size=size, mpp=mpp, level=level)
                     bar.update(len(sel))
-            else:
+            else:  # cells without a finite centre stay white, as in the exact path
+                where = where[np.isfinite(xy[rows[where]]).all(axis=1)]
                 order = spatial_order(xy[rows[where]], band=BLOCK_PX * mpp, anchor=0.0)
                 sels = [where[order[k : k + 64]] for k in range(0, len(order), 64)]
                 for i, patches in band_patches(src, [xy[rows[sel]] for sel in sels], size=size, mpp=mpp, level=level):

@@ -166,9 +166,12 @@ class PatchSource:
         ry1 = int(math.ceil(pts[:, 1].max())) + margin + 1
         # beyond a white frame of `margin` pixels around the image everything is white: sampling there
         # meets the region's (white) border, so the region stops at the frame (the same pixels, less work)
+        # (the frame is wide enough that the low-pass, kept to the region's inside, stays white there)
         lh, lw = he.shapes[level]
-        rx0, ry0 = max(rx0, -margin), max(ry0, -margin)
-        rx1, ry1 = max(min(rx1, lw + margin), rx0 + 2), max(min(ry1, lh + margin), ry0 + 2)
+        r = len(blur_kernel(sigma)) // 2 if sigma > 0.05 else 0
+        frame = margin + 2 * r + 1
+        rx0, ry0 = max(rx0, -frame), max(ry0, -frame)
+        rx1, ry1 = max(min(rx1, lw + frame), rx0 + 2 * r + 2), max(min(ry1, lh + frame), ry0 + 2 * r + 2)
         try:
             region = _read_level(he, level, rx0, ry0, rx1 - rx0, ry1 - ry0)
         except ValueError as err:  # a damaged tile: say which band needed it (nothing of it is written)
@@ -210,9 +213,10 @@ def resample_region(region: dict, width_px: int, height_px: int, *, device=None)
     """The device half of :meth:`PatchSource.read_band`: low-pass and resample a :meth:`PatchSource.band_region`.
 
     Returns a uint8 torch tensor ``(height_px, width_px, 3)`` on ``device`` (default CPU). One code path for
-    CPU and GPU: the low-pass is the separable Gaussian of :func:`_blur` as shifted sums in torch, the
-    sampling ``torch.nn.functional.grid_sample`` (bilinear, ``align_corners=True``). The region is copied to
-    the device without blocking (from pinned memory when the DataLoader pinned it).
+    CPU and GPU: the low-pass is the separable Gaussian of :func:`_blur` as shifted sums in torch (kept to
+    the pixels the sampling can reach, so no edge padding), the sampling ``torch.nn.functional.grid_sample``
+    (bilinear, ``align_corners=True``). The region is copied to the device without blocking (from pinned
+    memory when the DataLoader pinned it).
     """
     import torch
     import torch.nn.functional as F
@@ -220,55 +224,58 @@ def resample_region(region: dict, width_px: int, height_px: int, *, device=None)
     dev = torch.device("cpu" if device is None else device)
     raw = region["region"]
     raw = torch.from_numpy(raw) if isinstance(raw, np.ndarray) else raw
-    img = raw.to(dev, non_blocking=True).float()  # (h, w, 3)
-    h, w = img.shape[:2]
+    raw = raw.to(dev, non_blocking=True)  # (h, w, 3) uint8
     sigma = float(region["sigma"])
-    if sigma > 0.05:
-        img = _blur_torch(img, sigma)
+    k = blur_kernel(sigma) if sigma > 0.05 else [1.0]
+    r = len(k) // 2
+    img = _blur_valid(raw, k) if r else raw.float()  # the region less r pixels on each side
+    h, w = img.shape[:2]
     if "affine" in region:
-        a = torch.as_tensor(np.asarray(region["affine"], dtype=np.float64), device=dev)
-        u = torch.arange(width_px, dtype=torch.float64, device=dev)
-        v = torch.arange(height_px, dtype=torch.float64, device=dev)
-        cols = a[0, 0] * u[None, :] + a[0, 1] * v[:, None] + a[0, 2]
-        rows = a[1, 0] * u[None, :] + a[1, 1] * v[:, None] + a[1, 2]
+        a = torch.as_tensor(np.asarray(region["affine"], dtype=np.float32), device=dev)
+        u = torch.arange(width_px, dtype=torch.float32, device=dev)
+        v = torch.arange(height_px, dtype=torch.float32, device=dev)
+        cols = a[0, 0] * u[None, :] + a[0, 1] * v[:, None] + (a[0, 2] - r)
+        rows = a[1, 0] * u[None, :] + a[1, 1] * v[:, None] + (a[1, 2] - r)
         missing = None
     else:
         g = region["grid"]
-        g = (torch.from_numpy(g) if isinstance(g, np.ndarray) else g).to(dev, non_blocking=True).double()
+        g = (torch.from_numpy(g) if isinstance(g, np.ndarray) else g).to(dev, non_blocking=True).float()
         missing = ~torch.isfinite(g).all(dim=-1)
-        g = torch.nan_to_num(g, nan=0.0)
+        g = torch.nan_to_num(g, nan=0.0) - r
         cols, rows = g[..., 0], g[..., 1]
-    grid = torch.stack([cols / max(w - 1, 1) * 2 - 1, rows / max(h - 1, 1) * 2 - 1], dim=-1).unsqueeze(0).float()
+    grid = torch.stack([cols * (2.0 / max(w - 1, 1)) - 1, rows * (2.0 / max(h - 1, 1)) - 1], dim=-1).unsqueeze(0)
     out = F.grid_sample(img.permute(2, 0, 1).unsqueeze(0), grid, mode="bilinear", padding_mode="border",
                         align_corners=True)[0]
-    out = out.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+    out = out.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()  # interleaved: cheap cuts
     if missing is not None and bool(missing.any()):
         out[missing] = 255
     return out
 
 
-def _blur_torch(img, sigma: float):
-    """:func:`_blur` on a torch ``(h, w, 3)`` float32 tensor (any device); the taps of the kernel (truncated
-    at 4 sigma) that weigh less than 1e-4 are left out (a change below 0.03 grey levels)."""
-    import torch
-
+def blur_kernel(sigma: float) -> list[float]:
+    """The taps of :func:`_blur`'s Gaussian (truncated at 4 sigma) less those that weigh under 1e-4 (a change
+    below 0.03 grey levels), renormalised."""
     radius = max(1, int(4.0 * sigma + 0.5))
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     k = np.exp(-0.5 * (x / sigma) ** 2)
     k = k / k.sum()
-    radius = max(1, int(np.count_nonzero(k[radius:] >= 1e-4)) - 1)
-    k = k[len(k) // 2 - radius : len(k) // 2 + radius + 1]
-    k = (k / k.sum()).astype(np.float32).tolist()
-    h, w = img.shape[:2]
-    p = torch.cat([img[:1].expand(radius, -1, -1), img, img[-1:].expand(radius, -1, -1)], dim=0)
-    out = p[0:h] * k[0]
-    for i in range(1, 2 * radius + 1):
-        out.add_(p[i : i + h], alpha=k[i])
-    p = torch.cat([out[:, :1].expand(-1, radius, -1), out, out[:, -1:].expand(-1, radius, -1)], dim=1)
-    out = p[:, 0:w] * k[0]
-    for i in range(1, 2 * radius + 1):
-        out.add_(p[:, i : i + w], alpha=k[i])
-    return out
+    keep = max(1, int(np.count_nonzero(k[radius + 1 :] >= 1e-4)))
+    k = k[radius - keep : radius + keep + 1]
+    return (k / k.sum()).astype(np.float32).tolist()
+
+
+def _blur_valid(img, k: list[float]):
+    """Separable low-pass of a torch ``(h, w, 3)`` image (uint8 or float) with taps ``k``, returned float32
+    for the pixels whose whole kernel lies inside: ``(h - 2r, w - 2r, 3)``, ``r = len(k) // 2``."""
+    r = len(k) // 2
+    h, w = img.shape[0] - 2 * r, img.shape[1] - 2 * r
+    out = img[0:h] * k[0]  # uint8 times a float: float32
+    for i in range(1, 2 * r + 1):
+        out.add_(img[i : i + h], alpha=k[i])
+    res = out[:, 0:w] * k[0]
+    for i in range(1, 2 * r + 1):
+        res.add_(out[:, i : i + w], alpha=k[i])
+    return res
 
 
 def _read_level(he, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:

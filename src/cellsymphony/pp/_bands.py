@@ -46,6 +46,7 @@ class Schedule:
     origins: list[np.ndarray]
     new: list[list[tuple[int, int]]]
     free: list[list[tuple[int, int]]]
+    needs: list[set[tuple[int, int]]]
     block: int = BLOCK_PX
     n_blocks: int = field(default=0)
 
@@ -82,7 +83,7 @@ def schedule(centres: list[np.ndarray], *, size: int, mpp: float, block: int = B
         free[i].append(k)
     for lst in new:
         lst.sort(key=lambda k: (k[1], k[0]))
-    return Schedule(origins, new, free, block=block, n_blocks=len(first))
+    return Schedule(origins, new, free, needs, block=block, n_blocks=len(first))
 
 
 class BandItems:
@@ -213,8 +214,6 @@ def band_patches(
     data = BandItems(source, sched, mpp=mpp, level=level, decode_only=on_gpu)
     if num_workers > 0:
         source.close()  # each worker opens its own handle
-    from ._morphology_runner import _worker_init
-
     loader = DataLoader(
         data, batch_size=None, shuffle=False, num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers > 0 else None, pin_memory=on_gpu,
@@ -230,7 +229,7 @@ def band_patches(
         stats.blocks_resampled += len(blocks)
         stats.peak_blocks = max(stats.peak_blocks, len(store))
         if len(sched.origins[i]):
-            need = {k: store[k] for k in _keys_of(sched.origins[i], size, block) if k in store}
+            need = {k: store[k] for k in sched.needs[i]}
             with one_thread():
                 patches = cut(need, sched.origins[i], size, block)
         else:
@@ -242,11 +241,8 @@ def band_patches(
         yield i, patches
 
 
-def _keys_of(origins: np.ndarray, size: int, block: int) -> set:
-    b0 = np.floor_divide(origins, block)
-    b1 = np.floor_divide(origins + size - 1, block)
-    keys = set()
-    for by in range(int(b0[:, 1].min()), int(b1[:, 1].max()) + 1):
-        for bx in range(int(b0[:, 0].min()), int(b1[:, 0].max()) + 1):
-            keys.add((bx, by))
-    return keys
+def _worker_init(_):
+    """DataLoader workers: one torch thread each (the workers are the parallelism)."""
+    import torch
+
+    torch.set_num_threads(1)

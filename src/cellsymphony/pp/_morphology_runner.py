@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..models.encoders import encoder_kind
-from ._bands import BLOCK_PX, band_patches
+from ._bands import BLOCK_PX, _worker_init, band_patches
 from ._chunks import Chunk
 from ._patch_geometry import grid_patch_origin, spatial_order, tile_assignment, token_pool_weights
 
@@ -121,12 +121,6 @@ class _PatchBatches:
 
         patches = self.source.read(self.batches[i].centres, size=self.size, mpp=self.mpp, level=self.level)
         return i, torch.from_numpy(patches)
-
-
-def _worker_init(_):
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def _autocast(device: str):

@@ -174,6 +174,14 @@ def test_decoded_regions_resample_as_read_band(tmp_path):
     reg = src.band_region(x0, y0, 40, 30, mpp=0.7)
     reg["region"] = torch.from_numpy(reg["region"]).pin_memory() if torch.cuda.is_available() else torch.from_numpy(reg["region"])
     np.testing.assert_array_equal(resample_region(reg, 40, 30, device="cpu").numpy(), src.read_band(x0, y0, 40, 30, mpp=0.7))
+    # the whole GPU pipeline (workers decode, the consumer resamples and cuts) run on the CPU: the same patches
+    xy = he_px_to_um(np.random.default_rng(0).uniform(150, 350, (20, 2)), align, PIXEL_SIZE)
+    centres = [xy[:7], xy[7:]]
+    kw = {"size": 24, "mpp": 0.7, "level": src.level_for(0.7)}
+    for (i, a), (j, b) in zip(_bands.band_patches(src, centres, **kw),
+                              _bands.band_patches(src, centres, **kw, decode_only=True, num_workers=1), strict=True):
+        assert i == j
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(ValueError, match="width_px and height_px"):
         src.read_band(x0, y0, 0, 30)
     src.close()

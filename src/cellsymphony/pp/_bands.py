@@ -197,26 +197,29 @@ def band_patches(
     num_workers: int = 0,
     stats: BandStats | None = None,
     block: int = BLOCK_PX,
+    decode_only: bool | None = None,
 ) -> Iterator[tuple[int, object]]:
     """Yield ``(batch index, patches)`` for batches of patches centred on ``centres`` (micrometres), in order.
 
     ``patches`` is a uint8 tensor ``(n, size, size, 3)``: on the CPU, or on ``device`` when that is a CUDA
     device and the source has no stain transform (then the workers only decode and the GPU resamples and
     cuts). Blocks are resampled once each, in ``num_workers`` DataLoader workers (or here), and freed after
-    the last batch that needs them."""
+    the last batch that needs them. ``decode_only`` (default: on CUDA) has the workers only decode and this
+    process resample on ``device`` (the GPU path; ``device="cpu"`` runs it on the CPU, for tests)."""
     import torch
     from torch.utils.data import DataLoader
 
     if not centres:
         return
     sched = schedule(centres, size=size, mpp=mpp, block=block)
-    on_gpu = str(device).startswith("cuda") and not source.has_transform
+    cuda = str(device).startswith("cuda")
+    on_gpu = (cuda if decode_only is None else bool(decode_only)) and not source.has_transform
     data = BandItems(source, sched, mpp=mpp, level=level, decode_only=on_gpu)
     if num_workers > 0:
         source.close()  # each worker opens its own handle
     loader = DataLoader(
         data, batch_size=None, shuffle=False, num_workers=num_workers,
-        worker_init_fn=_worker_init if num_workers > 0 else None, pin_memory=on_gpu,
+        worker_init_fn=_worker_init if num_workers > 0 else None, pin_memory=on_gpu and cuda,
         prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
     )  # fmt: skip
     from ._patch_source import resample_region

@@ -19,13 +19,13 @@ low-pass, the warp and the cutting run on the GPU, the cutting as one gather per
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._patch_geometry import grid_patch_origin
+from ._patch_source import one_thread, resample_region
 
 BLOCK_PX = 256  # side of a resampled block (output pixels); a band is a row of blocks
 
@@ -109,8 +109,6 @@ class BandItems:
     def _block(self, key, s, mpp):
         import torch
 
-        from ._patch_source import resample_region
-
         bx, by = key
         reg = self.source.band_region(bx * s * mpp, by * s * mpp, s, s, mpp=mpp, level=self.level)
         if self.decode_only:
@@ -119,19 +117,6 @@ class BandItems:
                 reg["grid"] = torch.from_numpy(reg["grid"])
             return reg
         return resample_region(reg, s, s)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Torch on one thread inside the block (as :meth:`PatchSource.read` does per patch), restored after."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def cut(store: dict, origins: np.ndarray, size: int, block: int):
@@ -222,8 +207,6 @@ def band_patches(
         worker_init_fn=_worker_init if num_workers > 0 else None, pin_memory=on_gpu and cuda,
         prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
     )  # fmt: skip
-    from ._patch_source import resample_region
-
     stats = BandStats(block_px=block) if stats is None else stats
     store: dict = {}
     for i, blocks in loader:

@@ -7,6 +7,7 @@ its tile cache for the rest of its life.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -151,11 +152,8 @@ class PatchSource:
         if self.warp is None:
             corners = np.array([[0, 0], [w_px - 1, 0], [0, h_px - 1], [w_px - 1, h_px - 1]], dtype=np.float64)
             pts = corners @ lin.T + to_level[:2, 2]
-        else:  # the field at every pixel of the band (it is smooth, but a band is far wider than its step)
-            v, u = np.mgrid[0:h_px, 0:w_px]
-            um = np.stack([u.ravel(), v.ravel()], axis=1) * mpp + [x0_um + 0.5 * mpp, y0_um + 0.5 * mpp]
-            px0 = um_to_he_px(um, self.alignment, self.pixel_size, self.warp)
-            grid = ((px0 + 0.5) / ds - 0.5).reshape(h_px, w_px, 2)
+        else:  # the field's map at every pixel of the band: exact on a lattice every 8 pixels, bilinear between
+            grid = _field_grid(self, x0_um, y0_um, w_px, h_px, mpp, ds)
             pts = grid.reshape(-1, 2)[np.isfinite(grid.reshape(-1, 2)).all(axis=1)]
             if not len(pts):
                 pts = np.zeros((1, 2))
@@ -196,8 +194,9 @@ class PatchSource:
         non-rigid field, pixel by pixel). ``device``: where the low-pass and the resampling run (a torch
         device, e.g. ``"cuda"``; default the CPU); decoding is always on the CPU.
         """
-        region = self.band_region(x0_um, y0_um, width_px, height_px, mpp=mpp, level=level)
-        return resample_region(region, int(width_px), int(height_px), device=device).cpu().numpy()
+        with one_thread():  # as read(): small operations, which extra threads only slow down
+            region = self.band_region(x0_um, y0_um, width_px, height_px, mpp=mpp, level=level)
+            return resample_region(region, int(width_px), int(height_px), device=device).cpu().numpy()
 
     def transform_patches(self, patches: np.ndarray, xy_um: np.ndarray) -> np.ndarray:
         """Hook applied to patches cut from bands (a stain transform in :class:`~cellsymphony.pp._stain.StainedSource`)."""
@@ -207,6 +206,27 @@ class PatchSource:
     def has_transform(self) -> bool:
         """Whether :meth:`transform_patches` changes patches (then they are cut on the CPU)."""
         return False
+
+
+def _field_grid(src, x0_um: float, y0_um: float, w_px: int, h_px: int, mpp: float, ds: float) -> np.ndarray:
+    """Level pixel coordinates ``(h_px, w_px, 2)`` of every band pixel through a non-rigid registration:
+    ``um_to_he_px`` (the field's inverse) on a lattice of every 8th pixel (and the last), interpolated
+    bilinearly in between (the field is smooth over its grid step of tens of micrometres, so the error of
+    the interpolation is far below a pixel)."""
+    from scipy.ndimage import map_coordinates
+
+    us = np.unique(np.r_[np.arange(0, w_px, 8), w_px - 1])
+    vs = np.unique(np.r_[np.arange(0, h_px, 8), h_px - 1])
+    cu, cv = np.meshgrid(us, vs)
+    um = np.stack([cu.ravel(), cv.ravel()], axis=1) * mpp + [x0_um + 0.5 * mpp, y0_um + 0.5 * mpp]
+    coarse = ((um_to_he_px(um, src.alignment, src.pixel_size, src.warp) + 0.5) / ds - 0.5).reshape(len(vs), len(us), 2)
+    fu = np.interp(np.arange(w_px), us, np.arange(len(us)))
+    fv = np.interp(np.arange(h_px), vs, np.arange(len(vs)))
+    rows, cols = np.meshgrid(fv, fu, indexing="ij")
+    out = np.empty((h_px, w_px, 2))
+    for k in range(2):
+        out[..., k] = map_coordinates(coarse[..., k], [rows, cols], order=1, mode="nearest")
+    return out
 
 
 def resample_region(region: dict, width_px: int, height_px: int, *, device=None):
@@ -276,6 +296,19 @@ def _blur_valid(img, k: list[float]):
     for i in range(1, 2 * r + 1):
         res.add_(out[:, i : i + w], alpha=k[i])
     return res
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread (as :meth:`PatchSource.read` runs its per-patch warps), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _read_level(he, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:

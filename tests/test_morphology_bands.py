@@ -153,14 +153,16 @@ def test_gather_equals_the_slice_copies():
 
     rng = np.random.default_rng(0)
     store = {(bx, by): torch.from_numpy(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
-             for bx in range(-1, 3) for by in range(2)}  # fmt: skip
-    origins = np.stack([rng.integers(-16, 24, 30), rng.integers(0, 8, 30)], axis=1)
-    a = _bands.cut(store, origins, 10, 16).numpy()
-    b = _bands.gather(store, origins, 10, 16).numpy()
-    np.testing.assert_array_equal(a, b)
-    big = np.concatenate([np.concatenate([store[(bx, by)].numpy() for bx in range(-1, 3)], axis=1) for by in range(2)])
-    ox, oy = origins[4]
-    np.testing.assert_array_equal(a[4], big[oy : oy + 10, ox + 16 : ox + 26])
+             for bx in range(-1, 3) for by in range(4)}  # fmt: skip
+    big = np.concatenate([np.concatenate([store[(bx, by)].numpy() for bx in range(-1, 3)], axis=1) for by in range(4)])
+    for size in (10, 40):  # within 2 x 2 blocks, and patches larger than a block (3 x 3)
+        hi = 64 - size
+        origins = np.stack([rng.integers(-16, -16 + hi + 1, 30), rng.integers(0, hi + 1, 30)], axis=1)
+        a = _bands.cut(store, origins, size, 16).numpy()
+        np.testing.assert_array_equal(a, _bands.gather(store, origins, size, 16).numpy())
+        for i in (0, 4, 29):
+            ox, oy = origins[i]
+            np.testing.assert_array_equal(a[i], big[oy : oy + size, ox + 16 : ox + 16 + size])
 
 
 def test_decoded_regions_resample_as_read_band(tmp_path):

@@ -288,9 +288,10 @@ def embed_morphology(
         recorded in ``params["stain"]``. ``None``: patches as scanned.
     exact
         ``False`` (default): patches cut from resampled bands (nucleus within half a pixel of the centre,
-        pooled at its true position); ``True``: one warp per patch, nucleus exactly at the centre. The two
-        differ by the resampling phase only (mean absolute difference about 1 grey level); their caches
-        are kept apart.
+        pooled at its true position); ``True``: one warp per patch, nucleus exactly at the centre (the
+        extraction and cache fingerprints of earlier versions). Band patches are the exact warp's samples on
+        the band grid; against patches centred on the nucleus they differ by up to half a pixel of phase
+        (about 4 grey levels mean absolute difference on JPEG-tiled tissue). Their caches are kept apart.
     copy
         {copy}
 

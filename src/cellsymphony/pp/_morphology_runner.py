@@ -45,7 +45,7 @@ def plan(
     batch_size: int,
     chunk_size: int,
     tile_stride: int | None = None,
-    exact: bool = True,
+    exact: bool = False,
 ) -> list[Chunk]:
     """Split cells (rows of ``xy_um``, all finite) into spatially compact chunks of batches: engine
     :class:`~cellsymphony.pp._chunks.Chunk` objects whose ``work`` is their list of :class:`Batch`.
@@ -62,13 +62,17 @@ def plan(
     band, anchor = (size * mpp, None) if exact else (BLOCK_PX * mpp, 0.0)
     if mode == "cell":
         order = spatial_order(xy, band=band, anchor=anchor)
-        where = np.repeat(centre, n, axis=0) if exact else grid_patch_origin(xy, size=size, mpp=mpp)[1]
+        if exact:
+            at, where = xy, np.repeat(centre, n, axis=0)
+        else:  # the band window nearest each nucleus: its centre, and the nucleus's position in it
+            origin, where = grid_patch_origin(xy, size=size, mpp=mpp)
+            at = (origin + size / 2.0) * mpp
         for c, start in enumerate(range(0, n, chunk_size)):
             rows = order[start : start + chunk_size]
             batches = []
             for b in range(0, len(rows), batch_size):
                 r = rows[b : b + batch_size]
-                batches.append(Batch(xy[r], r, np.arange(len(r)), where[r]))
+                batches.append(Batch(at[r], r, np.arange(len(r)), where[r]))
             chunks.append(Chunk(c, rows, work=batches))
         return chunks
     stride = size // 2 if tile_stride is None else int(tile_stride)  # embed_morphology's default
@@ -172,7 +176,7 @@ def run_batches(
     device: str,
     num_workers: int,
     progress=None,
-    exact: bool = True,
+    exact: bool = False,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Encode batches in order, decoding in DataLoader workers; yield ``(batch index, (k, D) features)``.
 

@@ -436,3 +436,19 @@ def test_synthetic_path_keeps_a_bundle_another_process_completed(tmp_path, monke
     folder = cs.datasets.synthetic_path(n_cells=10, seed=0)
     assert (folder / "in_use.txt").exists() and (folder / ".complete").exists()
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary folder left behind
+
+
+def test_he_compression(tmp_path):
+    """The H&E's tiles are JPEG by default (as scanners write them); zlib keeps the rendered pixels."""
+    import tifffile
+
+    kw = {"n_cells": 120, "seed": 4, "transcripts": False, "reference_cells": 0}
+    jpeg = cs.datasets.synthetic_xenium(tmp_path / "j", **kw)
+    lossless = cs.datasets.synthetic_xenium(tmp_path / "z", **kw, he_compression="zlib")
+    with tifffile.TiffFile(jpeg / "synthetic_he_image.ome.tif") as a, tifffile.TiffFile(lossless / "synthetic_he_image.ome.tif") as b:
+        assert a.pages[0].compression == 7 and b.pages[0].compression == 8  # JPEG, deflate
+        pa, pb = a.series[0].asarray(), b.series[0].asarray()
+    assert pa.shape == pb.shape and 0 < np.abs(pa.astype(float) - pb).mean() < 4  # the JPEG loss, small
+    assert json.loads((lossless / "truth_he.json").read_text())["he_compression"] == "zlib"
+    with pytest.raises(ValueError, match="he_compression must be 'jpeg', 'zlib' or 'none'"):
+        cs.datasets.synthetic_xenium(tmp_path / "x", **kw, he_compression="png")

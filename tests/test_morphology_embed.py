@@ -24,7 +24,7 @@ from morphology_helpers import (
 import cellsymphony as cs
 from cellsymphony._registration import he_px_to_um
 from cellsymphony.pp import _chunks as engine
-from cellsymphony.pp._patch_geometry import tile_assignment, token_pool_weights
+from cellsymphony.pp._patch_geometry import grid_patch_origin, tile_assignment, token_pool_weights
 from cellsymphony.pp._patch_source import PatchSource
 
 
@@ -66,21 +66,45 @@ def _mdata(slide, extra=()):
 
 def test_cell_mode_pools_central_tokens(slide, encoder):
     m = _mdata(slide)
-    cs.pp.embed_morphology(m, model="tiny", size=SIZE, mpp=MPP, batch_size=10)
+    cs.pp.embed_morphology(m, model="tiny", size=SIZE, mpp=MPP, batch_size=10, exact=True)
     x = m["morphology"].obsm["X_tiny"]
     assert x.shape == (24, encoder.embed_dim) and x.dtype == np.float32 and np.isfinite(x).all()
-    patches = cs.pp.cell_patches(m, size=SIZE, mpp=MPP)
+    assert m["morphology"].uns["X_tiny"]["params"]["exact"]
+    patches = cs.pp.cell_patches(m, size=SIZE, mpp=MPP, exact=True)
     with torch.inference_mode():
         prefix, grid = encoder.forward_tokens(torch.from_numpy(patches))
     central = grid[:, 3:5, 3:5].mean(dim=(1, 2)).numpy()  # the 2 x 2 tokens around the centre of 8 x 8
     np.testing.assert_allclose(x, central, rtol=1e-4, atol=1e-5)
-    cs.pp.embed_morphology(m, model="tiny", size=SIZE, mpp=MPP, pool="cls", key_added="cls")
+    cs.pp.embed_morphology(m, model="tiny", size=SIZE, mpp=MPP, pool="cls", key_added="cls", exact=True)
     np.testing.assert_allclose(m["morphology"].obsm["cls"], prefix[:, 0].numpy(), rtol=1e-4, atol=1e-5)
-    cs.pp.embed_morphology(m, model="tiny", size=SIZE, mpp=MPP, pool_radius_um=23.0, key_added="wide")
+    cs.pp.embed_morphology(m, model="tiny", size=SIZE, mpp=MPP, pool_radius_um=23.0, key_added="wide", exact=True)
     w = token_pool_weights([[56.0, 56.0]], (8, 8), stride=14, radius_px=23.0)[0]
     wide = np.einsum("g,ngd->nd", w, grid.reshape(24, 64, -1).numpy())
     np.testing.assert_allclose(m["morphology"].obsm["wide"], wide, rtol=1e-4, atol=1e-5)
     assert cs._validate.resolve_rep(m, "morphology", None) == "wide"
+
+
+def test_band_cell_mode_pools_at_the_nucleus_sub_pixel_position(slide, encoder):
+    """Default (band) cell mode: the tokens are pooled at each nucleus's true position in its band patch,
+    not at the patch centre; the embedding stays close to the exact per-cell warp's."""
+    m = _mdata(slide)
+    cs.pp.embed_morphology(m, model="tiny", size=SIZE, mpp=MPP, batch_size=10)
+    x = m["morphology"].obsm["X_tiny"]
+    assert not m["morphology"].uns["X_tiny"]["params"]["exact"]
+    patches = cs.pp.cell_patches(m, size=SIZE, mpp=MPP)
+    _, pos = grid_patch_origin(m["morphology"].obsm["nucleus_centroid"], size=SIZE, mpp=MPP)
+    assert np.abs(pos - SIZE / 2).max() <= 0.5 and np.abs(pos - SIZE / 2).max() > 0.05
+    with torch.inference_mode():
+        _, grid = encoder.forward_tokens(torch.from_numpy(patches))
+    flat = grid.reshape(24, 64, -1).numpy()
+    w = token_pool_weights(pos, (8, 8), stride=14)
+    np.testing.assert_allclose(x, np.einsum("ng,ngd->nd", w, flat), rtol=1e-4, atol=1e-5)
+    centre = token_pool_weights(np.full((24, 2), SIZE / 2), (8, 8), stride=14)
+    assert not np.allclose(x, np.einsum("ng,ngd->nd", centre, flat), rtol=1e-4, atol=1e-5)  # the position matters
+    cs.pp.embed_morphology(m, model="tiny", size=SIZE, mpp=MPP, batch_size=10, exact=True, key_added="exact")
+    ex = m["morphology"].obsm["exact"]
+    cos = (x * ex).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(ex, axis=1)
+    assert cos.min() > 0.99
 
 
 def test_tile_mode_matches_hand_pooling_and_chunking(slide, encoder):
@@ -91,13 +115,20 @@ def test_tile_mode_matches_hand_pooling_and_chunking(slide, encoder):
     xy = m["morphology"].obsm["nucleus_centroid"]
     ij, pos = tile_assignment(xy, size=SIZE, mpp=MPP, stride=56)
     path, align, _ = slide
+    cs.pp.embed_morphology(m, model="tiny", mode="tile", size=SIZE, mpp=MPP, tile_stride=56, batch_size=4, exact=True,
+                           key_added="exact")  # fmt: skip
     src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP)
     for i in (0, 7, 19):
-        tile = src.read(ij[i][None] * 56 * MPP, size=SIZE, mpp=MPP)
-        with torch.inference_mode():
-            _, grid = encoder.forward_tokens(torch.from_numpy(tile))
         w = token_pool_weights(pos[i][None], (8, 8), stride=14)[0]
-        np.testing.assert_allclose(x[i], w @ grid.reshape(64, -1).numpy(), rtol=1e-4, atol=1e-5)
+        # bands: the tile is the band window whose centre is the tile centre (an even size: exactly)
+        x0, y0 = (ij[i] * 56 - SIZE / 2) * MPP
+        band = src.read_band(x0, y0, SIZE, SIZE, mpp=MPP)
+        exact = src.read(ij[i][None] * 56 * MPP, size=SIZE, mpp=MPP)
+        assert np.abs(band.astype(int) - exact[0]).max() <= 1  # the same samples, rounding apart
+        for tile, got in ((band[None], x[i]), (exact, m["morphology"].obsm["exact"][i])):
+            with torch.inference_mode():
+                _, grid = encoder.forward_tokens(torch.from_numpy(np.ascontiguousarray(tile)))
+            np.testing.assert_allclose(got, w @ grid.reshape(64, -1).numpy(), rtol=1e-4, atol=1e-5)
     src.close()
     # one global grid: a subset of the cells (other chunks, other batches) gets the same rows
     sub = m["morphology"][::3].copy()

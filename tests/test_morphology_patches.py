@@ -8,7 +8,7 @@ from morphology_helpers import HE_MPP, PIXEL_SIZE, draw_disc, make_mudata, rotat
 
 import cellsymphony as cs
 from cellsymphony._registration import he_px_to_um, um_to_he_px
-from cellsymphony.pp._patch_geometry import spatial_order
+from cellsymphony.pp._patch_geometry import grid_patch_origin, spatial_order
 from cellsymphony.pp._patch_source import PatchSource
 
 MARKERS = {  # colour -> offset from the cell (micrometres, x right, y down)
@@ -39,15 +39,19 @@ def marker_slide(request, tmp_path_factory):
     return path, align, centre
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize(("mpp", "size"), [(0.5, 224), (1.2, 128)])
-def test_markers_land_at_expected_patch_pixels(marker_slide, mpp, size):
+def test_markers_land_at_expected_patch_pixels(marker_slide, mpp, size, exact):
     path, align, centre = marker_slide
     m = make_mudata(np.array([centre, centre + [500.0, 0.0]]), path, align)
-    patches = cs.pp.cell_patches(m, size=size, mpp=mpp)
+    patches = cs.pp.cell_patches(m, size=size, mpp=mpp, exact=exact)
     assert patches.shape == (2, size, size, 3)
     assert patches.dtype == np.uint8
+    # exact: the nucleus at patch coordinate size / 2; bands: at its recorded sub-pixel position
+    pos = np.full(2, size / 2) if exact else grid_patch_origin(centre[None], size=size, mpp=mpp)[1][0]
+    assert np.abs(pos - size / 2).max() <= 0.5
     for name, (_, (dx, dy)) in MARKERS.items():
-        expected = np.array([size / 2 - 0.5 + dx / mpp, size / 2 - 0.5 + dy / mpp])
+        expected = pos - 0.5 + np.array([dx, dy]) / mpp
         got = _centroid(patches[0], name)
         np.testing.assert_allclose(got, expected, atol=0.5, err_msg=f"{name} marker at mpp {mpp}")
 

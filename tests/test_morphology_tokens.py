@@ -65,11 +65,12 @@ def test_tile_grid_is_global_and_keeps_context():
     np.testing.assert_allclose(pos2, pos[::7])
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("mode", ["cell", "tile"])
-def test_plan_covers_every_cell_once(mode):
+def test_plan_covers_every_cell_once(mode, exact):
     rng = np.random.default_rng(1)
     xy = rng.uniform(0, 600, (300, 2))
-    chunks = plan(xy, mode=mode, size=224, mpp=0.5, batch_size=8, chunk_size=50, tile_stride=112)
+    chunks = plan(xy, mode=mode, size=224, mpp=0.5, batch_size=8, chunk_size=50, tile_stride=112, exact=exact)
     rows = np.concatenate([b.rows for c in chunks for b in c.work])
     assert sorted(rows.tolist()) == list(range(300))
     for c in chunks:
@@ -78,6 +79,10 @@ def test_plan_covers_every_cell_once(mode):
             assert len(b.centres) <= 8 and b.owner.max() < len(b.centres)
             # each cell's nucleus lies where the batch geometry says
             np.testing.assert_allclose(b.centres[b.owner] + (b.pos_px - 112) * 0.5, xy[b.rows])
+            if exact and mode == "cell":
+                np.testing.assert_array_equal(b.pos_px, 112.0)  # the nucleus at the patch centre
+            elif mode == "cell":  # a band window: the nucleus within half a pixel of its centre
+                assert np.abs(b.pos_px - 112).max() <= 0.5
     if mode == "tile":
         n_tiles = sum(len(b.centres) for c in chunks for b in c.work)
         assert n_tiles <= 12 * 12  # 600 um square, 56 um stride: tile centres 0, 56, ..., 616 um

@@ -591,6 +591,7 @@ def synthetic_xenium(
     he_stain: dict | None = None,
     he_blur_um: float = 0.0,
     he_jpeg_quality: int = 90,
+    he_compression: Literal["jpeg", "zlib", "none"] = "jpeg",
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic Xenium output folder of a breast tumour section, with its H&E.
@@ -651,6 +652,9 @@ def synthetic_xenium(
         Gaussian blur (sigma, micrometres) of the H&E, a scanner slightly out of focus; 0 for none.
     he_jpeg_quality
         JPEG quality of the H&E tiles (1-100; 90 usual).
+    he_compression
+        Compression of the H&E's 512 px tiles: ``"jpeg"`` (lossy, at ``he_jpeg_quality``: what slide scanners
+        write, and what the patch-extraction benchmarks decode), ``"zlib"`` (lossless) or ``"none"``.
     overwrite
         Replace an existing non-empty folder (once the new bundle is complete).
 
@@ -686,10 +690,13 @@ def synthetic_xenium(
     stain = _check_stain(he_stain)
     he_blur_um = check_float("he_blur_um", he_blur_um, min=0, max=20, unit="um")
     he_jpeg_quality = check_int("he_jpeg_quality", he_jpeg_quality, min=1, max=100)
+    if he_compression not in ("jpeg", "zlib", "none"):
+        raise ValueError(f"he_compression must be 'jpeg', 'zlib' or 'none', got {he_compression!r}")
     he_opts = {"rotation": None if he_rotation is None else float(he_rotation), "flip": bool(he_flip),
                "record_mpp": he_record_mpp, "deformation_um": float(he_deformation_um),
                "wavelength_um": float(he_deformation_wavelength_um), "alignment": bool(he_alignment),
-               "stain": stain, "blur_um": float(he_blur_um), "jpeg_quality": int(he_jpeg_quality)}
+               "stain": stain, "blur_um": float(he_blur_um), "jpeg_quality": int(he_jpeg_quality),
+               "compression": he_compression}
     path = check_output_folder(path, overwrite)
     t0 = time.perf_counter()
     _check_disk(path, n_cells=int(n_cells), transcripts=transcripts, reference_cells=reference_cells, he_mpp=he_mpp)
@@ -952,7 +959,8 @@ def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: flo
     _mark("tables")
     # ---- H&E: similarity transform H&E pixel -> morphology pixel (rotation, mirror, scale, shift)
     opts = {"rotation": None, "flip": False, "record_mpp": True, "deformation_um": 0.0, "wavelength_um": 500.0,
-            "alignment": True, "stain": None, "blur_um": 0.0, "jpeg_quality": 90, **(he_opts or {})}
+            "alignment": True, "stain": None, "blur_um": 0.0, "jpeg_quality": 90, "compression": "jpeg",
+            **(he_opts or {})}
     ang = np.deg2rad(rng.uniform(4.0, 11.0) * rng.choice([-1, 1]))  # drawn in any case: the same stream
     if opts["rotation"] is not None:
         ang = np.deg2rad(opts["rotation"])
@@ -982,7 +990,8 @@ def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: flo
     rec = opts["record_mpp"]
     recorded = he_mpp if rec is True else (None if rec is False else float(rec))
     _write_pyramid(path / f"{name}_he_image.ome.tif", (*he_shape, 3), np.uint8, he_bands, recorded, rgb=True,
-                   compression="jpeg", jpeg_quality=opts["jpeg_quality"])
+                   compression=None if opts["compression"] == "none" else opts["compression"],
+                   jpeg_quality=opts["jpeg_quality"])
     truth_he = renderer.nucleus_truth(he_mpp, n_cells)
     rendered_stain = {"hematoxylin": renderer.hv.tolist(), "eosin": renderer.ev.tolist(),
                       "background": renderer.background.tolist(), "blur_um": float(opts["blur_um"]),
@@ -995,6 +1004,7 @@ def _generate(path: Path, *, n_cells: int, seed: int, id_style: str, he_mpp: flo
         tmp.write_text(json.dumps({
             "alignment": align.tolist(), "rotation_deg": float(np.rad2deg(ang)), "flip": bool(opts["flip"]),
             "he_mpp": float(he_mpp), "he_mpp_recorded": recorded, "pixel_size": PIXEL_SIZE,
+            "he_compression": str(opts["compression"]),
             "deformation": None if deform is None else deform.record(),
             "stain": rendered_stain,
         }, indent=2))

@@ -8,6 +8,10 @@ Conventions
   centre point sits at continuous patch coordinate ``size / 2`` (between the two middle pixels).
 - H&E pixels: continuous coordinates whose integers are pixel centres (the scikit-image / scipy
   convention) at level 0; level ``l`` with downsample ``d`` has ``x_l = (x_0 + 0.5) / d - 0.5``.
+- Band grid (the default extraction, :mod:`cellsymphony.pp._bands`): one global pixel grid of ``mpp``
+  um/px anchored at the micrometre origin, pixel ``(u, v)`` centred at ``((u + 0.5) mpp, (v + 0.5) mpp)``;
+  a band patch is the ``size`` x ``size`` window of that grid whose centre is nearest the nucleus, so the
+  nucleus lies within half a pixel of ``size / 2`` and its true position is kept for token pooling.
 - Tokens: token ``(r, c)`` of a grid with stride ``s`` px covers ``[c s, (c + 1) s)`` and has its
   centre at ``((c + 0.5) s, (r + 0.5) s)`` in patch coordinates.
 """
@@ -31,15 +35,18 @@ def um_to_level(alignment: np.ndarray, pixel_size: float, downsample: float) -> 
     return lvl @ inv @ scale_um
 
 
-def spatial_order(xy: np.ndarray, band: float) -> np.ndarray:
-    """Indices that visit points in serpentine bands of height ``band`` (good locality for tile caches)."""
+def spatial_order(xy: np.ndarray, band: float, *, anchor: float | None = None) -> np.ndarray:
+    """Indices that visit points in serpentine bands of height ``band`` (good locality for tile caches).
+
+    Bands start at the smallest y, or at ``anchor`` (e.g. 0: the bands of the global band grid)."""
     xy = np.asarray(xy, dtype=np.float64)
     if len(xy) == 0:
         return np.zeros(0, dtype=np.int64)
     finite = np.isfinite(xy).all(axis=1)
     x = np.where(finite, xy[:, 0], 0.0)
     y = np.where(finite, xy[:, 1], 0.0)
-    row = np.floor((y - y.min()) / max(band, 1e-9)).astype(np.int64)
+    start = y.min() if anchor is None else float(anchor)
+    row = np.floor((y - start) / max(band, 1e-9)).astype(np.int64)
     xs = np.where(row % 2 == 0, x, -x)
     return np.lexsort((xs, row)).astype(np.int64)
 
@@ -109,3 +116,17 @@ def tile_assignment(xy_um: np.ndarray, *, size: int, mpp: float, stride: int) ->
     ij = np.round(xy / step).astype(np.int64)
     pos = size / 2.0 + (xy - ij * step) / mpp
     return ij, pos
+
+
+def grid_patch_origin(xy_um: np.ndarray, *, size: int, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """The band-grid window of ``size`` px nearest each centre: its top-left global pixel and the centre's
+    position in it.
+
+    Returns
+    -------
+    ``(origin, pos_px)``: integer ``(n, 2)`` global pixel indices (x, y) of each window's top-left pixel and
+    float ``(n, 2)`` positions of the centres in window pixels (within half a pixel of ``size / 2``).
+    """
+    f = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2) / float(mpp)
+    origin = np.round(f - size / 2.0).astype(np.int64)
+    return origin, f - origin

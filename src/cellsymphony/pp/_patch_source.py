@@ -7,6 +7,7 @@ its tile cache for the rest of its life.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -120,6 +121,194 @@ class PatchSource:
         finally:
             torch.set_num_threads(threads)
         return out
+
+
+    # ------------------------------------------------------------------ the band path (pp/_bands.py)
+    def band_region(self, x0_um: float, y0_um: float, width_px: int, height_px: int, *, mpp: float = 0.5,
+                    level: int | None = None) -> dict:
+        """The CPU half of :meth:`read_band`: decode the level pixels a band needs and say where to sample them.
+
+        Returns a dict of ``region`` (uint8 ``(h, w, 3)`` level pixels, white outside the image), ``sigma``
+        (the low-pass, level pixels) and either ``affine`` (``(2, 3)``: band pixel ``(u, v, 1)`` -> region
+        pixel) or ``grid`` (float32 ``(height_px, width_px, 2)`` region pixels of every band pixel: a
+        non-rigid registration, mapped pixel by pixel through the field; NaN where the map is undefined).
+        A tile that cannot be decoded raises a ``ValueError`` naming the file, the level and the tile's row
+        and column, and the band.
+        """
+        w_px, h_px = int(width_px), int(height_px)
+        if w_px < 1 or h_px < 1:
+            raise ValueError(f"width_px and height_px must be >= 1, got {width_px} x {height_px}.")
+        if level is None:
+            level = self.level_for(mpp)
+        he = self.he
+        ds = float(he.downsamples[level])
+        # band pixel (u, v) -> micrometres: its centre (x0 + (u + 0.5) mpp, y0 + (v + 0.5) mpp)
+        band_um = np.array([[mpp, 0.0, x0_um + 0.5 * mpp], [0.0, mpp, y0_um + 0.5 * mpp], [0.0, 0.0, 1.0]])
+        to_level = um_to_level(self.alignment, self.pixel_size, ds) @ band_um
+        lin = to_level[:2, :2]
+        scale = math.sqrt(abs(np.linalg.det(lin)))  # level pixels per band pixel
+        sigma = max(0.0, (scale - 1.0) / 2.0)
+        grid = None
+        if self.warp is None:
+            corners = np.array([[0, 0], [w_px - 1, 0], [0, h_px - 1], [w_px - 1, h_px - 1]], dtype=np.float64)
+            pts = corners @ lin.T + to_level[:2, 2]
+        else:  # the field's map at every pixel of the band: exact on a lattice every 8 pixels, bilinear between
+            grid = _field_grid(self, x0_um, y0_um, w_px, h_px, mpp, ds)
+            pts = grid.reshape(-1, 2)[np.isfinite(grid.reshape(-1, 2)).all(axis=1)]
+            if not len(pts):
+                pts = np.zeros((1, 2))
+        margin = int(math.ceil(4 * sigma)) + 2
+        rx0 = int(math.floor(pts[:, 0].min())) - margin
+        ry0 = int(math.floor(pts[:, 1].min())) - margin
+        rx1 = int(math.ceil(pts[:, 0].max())) + margin + 1
+        ry1 = int(math.ceil(pts[:, 1].max())) + margin + 1
+        # beyond a white frame of `margin` pixels around the image everything is white: sampling there
+        # meets the region's (white) border, so the region stops at the frame (the same pixels, less work)
+        # (the frame is wide enough that the low-pass, kept to the region's inside, stays white there)
+        lh, lw = he.shapes[level]
+        r = len(blur_kernel(sigma)) // 2 if sigma > 0.05 else 0
+        frame = margin + 2 * r + 1
+        rx0, ry0 = max(rx0, -frame), max(ry0, -frame)
+        rx1, ry1 = max(min(rx1, lw + frame), rx0 + 2 * r + 2), max(min(ry1, lh + frame), ry0 + 2 * r + 2)
+        try:
+            region = _read_level(he, level, rx0, ry0, rx1 - rx0, ry1 - ry0)
+        except ValueError as err:  # a damaged tile: say which band needed it (nothing of it is written)
+            raise ValueError(
+                f"{err} It was needed for the band x {x0_um:.1f}-{x0_um + w_px * mpp:.1f} um, y {y0_um:.1f}-"
+                f"{y0_um + h_px * mpp:.1f} um of sample {self.sample!r}; no cell of that band is embedded."
+            ) from None
+        out = {"region": region, "sigma": float(sigma)}
+        if grid is None:
+            out["affine"] = np.concatenate([lin, (to_level[:2, 2] - [rx0, ry0])[:, None]], axis=1)
+        else:
+            out["grid"] = (grid - [rx0, ry0]).astype(np.float32)
+        return out
+
+    def read_band(self, x0_um: float, y0_um: float, width_px: int, height_px: int, *, mpp: float = 0.5,
+                  level: int | None = None, device=None) -> np.ndarray:
+        """A rectangle of the Xenium frame ``(height_px, width_px, 3)`` uint8, resampled once.
+
+        Pixel ``(u, v)`` has its centre at ``(x0_um + (u + 0.5) * mpp, y0_um + (v + 0.5) * mpp)``; white
+        outside the image. Antialiased as :meth:`read` (a Gaussian low-pass of sigma ``(s - 1) / 2`` level
+        pixels for a downsampling by ``s``, then bilinear sampling), through the registration (with a
+        non-rigid field, pixel by pixel). ``device``: where the low-pass and the resampling run (a torch
+        device, e.g. ``"cuda"``; default the CPU); decoding is always on the CPU.
+        """
+        with one_thread():  # as read(): small operations, which extra threads only slow down
+            region = self.band_region(x0_um, y0_um, width_px, height_px, mpp=mpp, level=level)
+            return resample_region(region, int(width_px), int(height_px), device=device).cpu().numpy()
+
+    def transform_patches(self, patches: np.ndarray, xy_um: np.ndarray) -> np.ndarray:
+        """Hook applied to patches cut from bands (a stain transform in :class:`~cellsymphony.pp._stain.StainedSource`)."""
+        return patches
+
+    @property
+    def has_transform(self) -> bool:
+        """Whether :meth:`transform_patches` changes patches (then they are cut on the CPU)."""
+        return False
+
+
+def _field_grid(src, x0_um: float, y0_um: float, w_px: int, h_px: int, mpp: float, ds: float) -> np.ndarray:
+    """Level pixel coordinates ``(h_px, w_px, 2)`` of every band pixel through a non-rigid registration:
+    ``um_to_he_px`` (the field's inverse) on a lattice of every 8th pixel (and the last), interpolated
+    bilinearly in between (the field is smooth over its grid step of tens of micrometres, so the error of
+    the interpolation is far below a pixel)."""
+    from scipy.ndimage import map_coordinates
+
+    us = np.unique(np.r_[np.arange(0, w_px, 8), w_px - 1])
+    vs = np.unique(np.r_[np.arange(0, h_px, 8), h_px - 1])
+    cu, cv = np.meshgrid(us, vs)
+    um = np.stack([cu.ravel(), cv.ravel()], axis=1) * mpp + [x0_um + 0.5 * mpp, y0_um + 0.5 * mpp]
+    coarse = ((um_to_he_px(um, src.alignment, src.pixel_size, src.warp) + 0.5) / ds - 0.5).reshape(len(vs), len(us), 2)
+    fu = np.interp(np.arange(w_px), us, np.arange(len(us)))
+    fv = np.interp(np.arange(h_px), vs, np.arange(len(vs)))
+    rows, cols = np.meshgrid(fv, fu, indexing="ij")
+    out = np.empty((h_px, w_px, 2))
+    for k in range(2):
+        out[..., k] = map_coordinates(coarse[..., k], [rows, cols], order=1, mode="nearest")
+    return out
+
+
+def resample_region(region: dict, width_px: int, height_px: int, *, device=None):
+    """The device half of :meth:`PatchSource.read_band`: low-pass and resample a :meth:`PatchSource.band_region`.
+
+    Returns a uint8 torch tensor ``(height_px, width_px, 3)`` on ``device`` (default CPU). One code path for
+    CPU and GPU: the low-pass is the separable Gaussian of :func:`_blur` as shifted sums in torch (kept to
+    the pixels the sampling can reach, so no edge padding), the sampling ``torch.nn.functional.grid_sample``
+    (bilinear, ``align_corners=True``). The region is copied to the device without blocking (from pinned
+    memory when the DataLoader pinned it).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dev = torch.device("cpu" if device is None else device)
+    raw = region["region"]
+    raw = torch.from_numpy(raw) if isinstance(raw, np.ndarray) else raw
+    raw = raw.to(dev, non_blocking=True)  # (h, w, 3) uint8
+    sigma = float(region["sigma"])
+    k = blur_kernel(sigma) if sigma > 0.05 else [1.0]
+    r = len(k) // 2
+    img = _blur_valid(raw, k) if r else raw.float()  # the region less r pixels on each side
+    h, w = img.shape[:2]
+    if "affine" in region:
+        a = torch.as_tensor(np.asarray(region["affine"], dtype=np.float32), device=dev)
+        u = torch.arange(width_px, dtype=torch.float32, device=dev)
+        v = torch.arange(height_px, dtype=torch.float32, device=dev)
+        cols = a[0, 0] * u[None, :] + a[0, 1] * v[:, None] + (a[0, 2] - r)
+        rows = a[1, 0] * u[None, :] + a[1, 1] * v[:, None] + (a[1, 2] - r)
+        missing = None
+    else:
+        g = region["grid"]
+        g = (torch.from_numpy(g) if isinstance(g, np.ndarray) else g).to(dev, non_blocking=True).float()
+        missing = ~torch.isfinite(g).all(dim=-1)
+        g = torch.nan_to_num(g, nan=0.0) - r
+        cols, rows = g[..., 0], g[..., 1]
+    grid = torch.stack([cols * (2.0 / max(w - 1, 1)) - 1, rows * (2.0 / max(h - 1, 1)) - 1], dim=-1).unsqueeze(0)
+    out = F.grid_sample(img.permute(2, 0, 1).unsqueeze(0), grid, mode="bilinear", padding_mode="border",
+                        align_corners=True)[0]
+    out = out.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()  # interleaved: cheap cuts
+    if missing is not None and bool(missing.any()):
+        out[missing] = 255
+    return out
+
+
+def blur_kernel(sigma: float) -> list[float]:
+    """The taps of :func:`_blur`'s Gaussian (truncated at 4 sigma) less those that weigh under 1e-4 (a change
+    below 0.03 grey levels), renormalised."""
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    keep = max(1, int(np.count_nonzero(k[radius + 1 :] >= 1e-4)))
+    k = k[radius - keep : radius + keep + 1]
+    return (k / k.sum()).astype(np.float32).tolist()
+
+
+def _blur_valid(img, k: list[float]):
+    """Separable low-pass of a torch ``(h, w, 3)`` image (uint8 or float) with taps ``k``, returned float32
+    for the pixels whose whole kernel lies inside: ``(h - 2r, w - 2r, 3)``, ``r = len(k) // 2``."""
+    r = len(k) // 2
+    h, w = img.shape[0] - 2 * r, img.shape[1] - 2 * r
+    out = img[0:h] * k[0]  # uint8 times a float: float32
+    for i in range(1, 2 * r + 1):
+        out.add_(img[i : i + h], alpha=k[i])
+    res = out[:, 0:w] * k[0]
+    for i in range(1, 2 * r + 1):
+        res.add_(out[:, i : i + w], alpha=k[i])
+    return res
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread (as :meth:`PatchSource.read` runs its per-patch warps), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _read_level(he, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:

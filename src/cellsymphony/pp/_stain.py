@@ -180,6 +180,15 @@ class StainedSource(PatchSource):
         return cls(src.he_path, src.alignment, src.pixel_size, he_mpp=src.he_mpp, sample=src.sample,
                    cache_tiles=src.cache_tiles, warp=src.warp, transform=transform)
 
+    @property
+    def has_transform(self) -> bool:
+        """Patches cut from bands go through :meth:`transform_patches`."""
+        return True
+
+    def transform_patches(self, patches: np.ndarray, xy_um: np.ndarray) -> np.ndarray:
+        """The stain transform of patches centred on ``xy_um`` (cut from bands)."""
+        return apply_transform(patches, self.transform, np.asarray(xy_um, dtype=np.float64).reshape(-1, 2))
+
     def read(self, xy_um: np.ndarray, *, size: int = 224, mpp: float = 0.5, level: int | None = None) -> np.ndarray:
         """Patches as :meth:`PatchSource.read`, then transformed."""
         patches = super().read(xy_um, size=size, mpp=mpp, level=level)

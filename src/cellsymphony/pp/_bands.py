@@ -1,0 +1,234 @@
+"""Patches cut from bands of the slide resampled once: the default extraction of cell and tile patches.
+
+The Xenium frame is covered by one global grid of ``mpp`` um/px pixels (see
+:mod:`cellsymphony.pp._patch_geometry`), cut into square blocks of ``BLOCK_PX`` pixels; a row of blocks is a
+*band*. Each block a patch touches is resampled once (:meth:`PatchSource.read_band`: low-pass and bilinear
+warp through the registration) and each patch is an integer-offset window of the blocks, so the cost follows
+the tissue area, not cells times patch area. The nucleus sits within half a pixel of the patch centre and
+its true position (:func:`~cellsymphony.pp._patch_geometry.grid_patch_origin`) is what token pooling uses.
+
+A *schedule* (:func:`schedule`) lists, for batches of patches in their order, the blocks each batch is the
+first to need and those it is the last to need. Whoever resamples (DataLoader workers, or this process)
+computes each block exactly once, for the first batch that needs it; the consumer keeps a block from that
+batch to its last one. Batches come in serpentine order along the bands, so a few bands are resident at
+any time, whatever the number of cells (:attr:`BandStats.peak_blocks`).
+
+On CUDA the workers only decode (the level pixels of each new block, handed over in pinned memory) and the
+low-pass, the warp and the cutting run on the GPU, the cutting as one gather per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._patch_geometry import grid_patch_origin
+from ._patch_source import one_thread, resample_region
+
+BLOCK_PX = 256  # side of a resampled block (output pixels); a band is a row of blocks
+
+
+@dataclass
+class BandStats:
+    """What a run of :func:`band_patches` did: blocks resampled and the most held at once."""
+
+    blocks_resampled: int = 0
+    peak_blocks: int = 0
+    block_px: int = BLOCK_PX
+
+
+@dataclass
+class Schedule:
+    """Per batch: the patches' top-left global pixels, the blocks first needed there and last needed there."""
+
+    origins: list[np.ndarray]
+    new: list[list[tuple[int, int]]]
+    free: list[list[tuple[int, int]]]
+    needs: list[set[tuple[int, int]]]
+    block: int = BLOCK_PX
+    n_blocks: int = field(default=0)
+
+
+def schedule(centres: list[np.ndarray], *, size: int, mpp: float, block: int = BLOCK_PX) -> Schedule:
+    """The block schedule of batches of patches centred on ``centres`` (micrometres, one array per batch,
+    all finite)."""
+    if any(not np.isfinite(c).all() for c in centres):
+        raise ValueError("band patches need finite centres: leave cells without a position out.")
+    origins, needs = [], []
+    first: dict[tuple[int, int], int] = {}
+    last: dict[tuple[int, int], int] = {}
+    for i, c in enumerate(centres):
+        o, _ = grid_patch_origin(c, size=size, mpp=mpp)
+        origins.append(o)
+        keys: set[tuple[int, int]] = set()
+        if len(o):
+            b0 = np.floor_divide(o, block)
+            b1 = np.floor_divide(o + size - 1, block)
+            for dy in range(int((b1[:, 1] - b0[:, 1]).max()) + 1):
+                for dx in range(int((b1[:, 0] - b0[:, 0]).max()) + 1):
+                    bx = np.minimum(b0[:, 0] + dx, b1[:, 0])
+                    by = np.minimum(b0[:, 1] + dy, b1[:, 1])
+                    keys.update(zip(bx.tolist(), by.tolist(), strict=True))
+        for k in keys:
+            first.setdefault(k, i)
+            last[k] = i
+        needs.append(keys)
+    new = [[] for _ in centres]
+    free = [[] for _ in centres]
+    for k, i in first.items():
+        new[i].append(k)
+    for k, i in last.items():
+        free[i].append(k)
+    for lst in new:
+        lst.sort(key=lambda k: (k[1], k[0]))
+    return Schedule(origins, new, free, needs, block=block, n_blocks=len(first))
+
+
+class BandItems:
+    """Map-style dataset: item ``i`` is ``(i, {block: pixels})`` for the blocks batch ``i`` is the first to need.
+
+    ``decode_only``: the blocks' decoded level pixels (:meth:`PatchSource.band_region`, resampled by the
+    consumer on its device); otherwise the resampled uint8 blocks (on this process's CPU)."""
+
+    def __init__(self, source, sched: Schedule, *, mpp: float, level: int, decode_only: bool = False):
+        self.source, self.sched, self.mpp, self.level, self.decode_only = source, sched, mpp, level, decode_only
+
+    def __len__(self) -> int:
+        return len(self.sched.new)
+
+    def __getitem__(self, i: int):
+        s, mpp = self.sched.block, self.mpp
+        out = {}
+        with one_thread():  # many small operations: extra threads only spin (and fight for shared cores)
+            for key in self.sched.new[i]:
+                out[key] = self._block(key, s, mpp)
+        return i, out
+
+    def _block(self, key, s, mpp):
+        import torch
+
+        bx, by = key
+        reg = self.source.band_region(bx * s * mpp, by * s * mpp, s, s, mpp=mpp, level=self.level)
+        if self.decode_only:
+            reg["region"] = torch.from_numpy(reg["region"])
+            if "grid" in reg:
+                reg["grid"] = torch.from_numpy(reg["grid"])
+            return reg
+        return resample_region(reg, s, s)
+
+
+def cut(store: dict, origins: np.ndarray, size: int, block: int):
+    """Patches ``(n, size, size, 3)`` uint8 from the blocks in ``store`` (torch tensors, one device).
+
+    On the CPU: one slice copy per patch and block it overlaps (memory copies); elsewhere one gather over
+    the stacked blocks of the batch (no loop over cells)."""
+    import torch
+
+    n = len(origins)
+    first = next(iter(store.values()))
+    dev = first.device
+    if n == 0:
+        return torch.empty((0, size, size, 3), dtype=torch.uint8, device=dev)
+    if dev.type == "cpu":
+        out = np.empty((n, size, size, 3), dtype=np.uint8)
+        arrays = {k: v.numpy() for k, v in store.items()}
+        for i, (ox, oy) in enumerate(origins.tolist()):
+            y = oy
+            while y < oy + size:
+                by, ry = divmod(y, block)
+                hh = min(block - ry, oy + size - y)
+                x = ox
+                while x < ox + size:
+                    bx, rx = divmod(x, block)
+                    ww = min(block - rx, ox + size - x)
+                    out[i, y - oy : y - oy + hh, x - ox : x - ox + ww] = arrays[(bx, by)][ry : ry + hh, rx : rx + ww]
+                    x += ww
+                y += hh
+        return torch.from_numpy(out)
+    return gather(store, origins, size, block)
+
+
+def gather(store: dict, origins: np.ndarray, size: int, block: int):
+    """:func:`cut` as one indexing operation (any device): blocks stacked, each output pixel's block and
+    offset computed from the patch origins."""
+    import torch
+
+    keys = list(store)
+    dev = store[keys[0]].device
+    stack = torch.stack([store[k] for k in keys])  # (nb, block, block, 3)
+    kx = np.array([k[0] for k in keys])
+    ky = np.array([k[1] for k in keys])
+    bx0, by0 = int(kx.min()), int(ky.min())
+    table = torch.full((int(ky.max()) - by0 + 1, int(kx.max()) - bx0 + 1), -1, dtype=torch.long, device=dev)
+    table[torch.as_tensor(ky - by0, device=dev), torch.as_tensor(kx - bx0, device=dev)] = torch.arange(len(keys), device=dev)
+    o = torch.as_tensor(origins, dtype=torch.long, device=dev)
+    r = torch.arange(size, device=dev)
+    gx = o[:, 0, None] + r[None, :]  # (n, size) global columns
+    gy = o[:, 1, None] + r[None, :]  # (n, size) global rows
+    slot = table[(gy // block - by0)[:, :, None], (gx // block - bx0)[:, None, :]]
+    return stack[slot, (gy % block)[:, :, None], (gx % block)[:, None, :]]
+
+
+def band_patches(
+    source,
+    centres: list[np.ndarray],
+    *,
+    size: int,
+    mpp: float,
+    level: int,
+    device: str = "cpu",
+    num_workers: int = 0,
+    stats: BandStats | None = None,
+    block: int = BLOCK_PX,
+    decode_only: bool | None = None,
+) -> Iterator[tuple[int, object]]:
+    """Yield ``(batch index, patches)`` for batches of patches centred on ``centres`` (micrometres), in order.
+
+    ``patches`` is a uint8 tensor ``(n, size, size, 3)``: on the CPU, or on ``device`` when that is a CUDA
+    device and the source has no stain transform (then the workers only decode and the GPU resamples and
+    cuts). Blocks are resampled once each, in ``num_workers`` DataLoader workers (or here), and freed after
+    the last batch that needs them. ``decode_only`` (default: on CUDA) has the workers only decode and this
+    process resample on ``device`` (the GPU path; ``device="cpu"`` runs it on the CPU, for tests)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    if not centres:
+        return
+    sched = schedule(centres, size=size, mpp=mpp, block=block)
+    cuda = str(device).startswith("cuda")
+    on_gpu = (cuda if decode_only is None else bool(decode_only)) and not source.has_transform
+    data = BandItems(source, sched, mpp=mpp, level=level, decode_only=on_gpu)
+    if num_workers > 0:
+        source.close()  # each worker opens its own handle
+    loader = DataLoader(
+        data, batch_size=None, shuffle=False, num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers > 0 else None, pin_memory=on_gpu and cuda,
+        prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
+    )  # fmt: skip
+    stats = BandStats(block_px=block) if stats is None else stats
+    store: dict = {}
+    for i, blocks in loader:
+        for k, v in blocks.items():
+            store[k] = resample_region(v, block, block, device=device) if on_gpu else v
+        stats.blocks_resampled += len(blocks)
+        stats.peak_blocks = max(stats.peak_blocks, len(store))
+        if len(sched.origins[i]):
+            need = {k: store[k] for k in sched.needs[i]}
+            with one_thread():
+                patches = cut(need, sched.origins[i], size, block)
+        else:
+            patches = torch.empty((0, size, size, 3), dtype=torch.uint8)
+        if source.has_transform:
+            patches = torch.from_numpy(np.ascontiguousarray(source.transform_patches(patches.cpu().numpy(), centres[i])))
+        for k in sched.free[i]:
+            store.pop(k, None)
+        yield i, patches
+
+
+def _worker_init(_):
+    """DataLoader workers: one torch thread each (the workers are the parallelism)."""
+    import torch
+
+    torch.set_num_threads(1)

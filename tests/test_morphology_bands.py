@@ -1,0 +1,259 @@
+"""Band extraction (the default of cs.pp.cell_patches / embed_morphology): agreement with the exact per-cell
+warp through rotated, flipped and non-rigid registrations, one resampling per block, memory bounded by a
+few bands, the cache fingerprint, and a damaged tile."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import tifffile
+from morphology_helpers import (
+    HE_MPP,
+    PIXEL_SIZE,
+    draw_disc,
+    make_mudata,
+    rotated_alignment,
+    write_he,
+)
+
+import cellsymphony as cs
+from cellsymphony._registration import he_px_to_um, um_to_he_px
+from cellsymphony.pp import _bands
+from cellsymphony.pp._patch_geometry import grid_patch_origin, spatial_order
+from cellsymphony.pp._patch_source import PatchSource, resample_region
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    cs.settings.progress = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*untrained.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+def _tissue_image(h: int, w: int, seed: int) -> np.ndarray:
+    """Tissue-like pixels: smooth stain variation, blurred grain and dark nuclei (no single-pixel noise, as
+    a scanner's optics never give)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    grain = gaussian_filter(rng.normal(0, 1, (h, w)), 1.5)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([225 + 15 * np.sin(xx / 23.0) + 40 * grain, 170 + 25 * np.cos(yy / 31.0) + 40 * grain,
+                    205 + 20 * np.sin((xx + yy) / 27.0) + 30 * grain], axis=-1)  # fmt: skip
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(60):
+        draw_disc(img, rng.uniform(20, [w - 20, h - 20]), rng.uniform(8, 18), (80, 40, 130))
+    return img
+
+
+def _cells(align, shape, n, seed, margin=120):
+    h, w = shape
+    rng = np.random.default_rng(seed)
+    return he_px_to_um(rng.uniform([margin, margin], [w - margin, h - margin], (n, 2)), align, PIXEL_SIZE)
+
+
+@pytest.mark.parametrize(("angle", "flip"), [(30.0, True), (-75.0, False), (180.0, True)])
+def test_band_patches_agree_with_the_exact_warp(tmp_path, angle, flip):
+    align = rotated_alignment(angle_deg=angle, scale=1.1, flip=flip)
+    img = _tissue_image(700, 800, seed=int(angle) % 7)
+    path = write_he(tmp_path / "t.ome.tif", img)
+    xy = _cells(align, img.shape[:2], 25, seed=1)
+    m = make_mudata(xy, path, align)
+    src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP)
+    inner = (slice(None), slice(2, -2), slice(2, -2))
+    for size, mpp in ((64, 0.5), (48, 1.0)):
+        band = cs.pp.cell_patches(m, size=size, mpp=mpp)
+        # today's exact warp on the band's own pixel grid: the same samples, within 2 grey levels ignoring a
+        # 2 px border (in fact the rounding of a few pixels)
+        origin, pos = grid_patch_origin(xy, size=size, mpp=mpp)
+        same = src.read((origin + size / 2) * mpp, size=size, mpp=mpp)
+        diff = np.abs(band.astype(int) - same)
+        assert diff[inner].mean() <= 2.0 and diff.max() <= 1 and diff.mean() < 0.05
+        # the exact warp centred on the nucleus samples the tissue up to half a pixel over: close, not equal
+        exact = cs.pp.cell_patches(m, size=size, mpp=mpp, exact=True)
+        shifted = np.abs(band[inner].astype(float) - exact[inner]).mean()
+        assert 0.1 < shifted < 8.0
+        # the nucleus's recorded position is where the slide has it: the patch pixel at pos maps back to it
+        px = um_to_he_px((origin + pos) * mpp, align, PIXEL_SIZE)
+        np.testing.assert_allclose(px, um_to_he_px(xy, align, PIXEL_SIZE), atol=1e-6)
+    src.close()
+
+
+def test_non_rigid_bands_follow_the_field(tmp_path):
+    """Under a non-rigid field a band is mapped pixel by pixel: it agrees with the exact warp (which uses the
+    field's local affine at each cell) and puts a marker where the field says."""
+    align = rotated_alignment(angle_deg=20.0, scale=1.0, flip=True)
+    img = _tissue_image(700, 800, seed=3)
+    ys, xs = np.mgrid[0:8, 0:9]
+    field = np.stack([6.0 * np.sin(xs / 2.5), 5.0 * np.cos(ys / 3.0)], axis=-1)  # micrometres
+    warp = {"grid_um": field, "origin_px": np.array([0.0, 0.0]), "step_px": 100.0}
+    centre_px = np.array([400.0, 350.0])
+    draw_disc(img, centre_px, 10.0, (0, 255, 0))
+    path = write_he(tmp_path / "w.ome.tif", img)
+    src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP, warp=warp)
+    xy = he_px_to_um(np.random.default_rng(2).uniform(150, 550, (12, 2)), align, PIXEL_SIZE, warp)
+    size, mpp = 64, 0.5
+    origin, pos = grid_patch_origin(xy, size=size, mpp=mpp)
+    sched_centres = [xy]
+    [(_, band)] = list(_bands.band_patches(src, sched_centres, size=size, mpp=mpp, level=src.level_for(mpp)))
+    band = band.numpy()
+    exact = src.read((origin + size / 2) * mpp, size=size, mpp=mpp)  # its local affine, on the band's grid
+    assert np.abs(band[:, 2:-2, 2:-2].astype(float) - exact[:, 2:-2, 2:-2]).mean() <= 2.0
+    assert np.abs(pos - size / 2).max() <= 0.5
+    # the green marker, through the field, lands at its micrometre position in a band
+    c_um = he_px_to_um(centre_px[None], align, PIXEL_SIZE, warp)[0]
+    x0, y0 = c_um - 16 * mpp
+    blk = src.read_band(x0, y0, 32, 32, mpp=mpp).astype(float)
+    wgt = (255 - blk[..., 0]) * (blk[..., 1] > 150) * (blk[..., 2] < 120)
+    rows, cols = np.mgrid[0:32, 0:32]
+    got = np.array([(cols * wgt).sum(), (rows * wgt).sum()]) / wgt.sum()
+    np.testing.assert_allclose(got, [15.5, 15.5], atol=0.35)
+    src.close()
+
+
+def test_each_block_once_and_a_few_bands_resident(tmp_path):
+    """Every block is resampled once and freed after its last batch; the most blocks held at once follows
+    the width of the tissue, not the number of cells (4x the cells on a 4x taller strip: the same peak)."""
+    align = rotated_alignment(angle_deg=0.0, scale=1.0, flip=False)
+    img = np.full((1600, 500, 3), 200, dtype=np.uint8)
+    path = write_he(tmp_path / "strip.ome.tif", img, n_sub=0)
+    src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP)
+    size, mpp, block = 32, 1.0, 32
+    peaks = []
+    for n, rows in ((150, 400), (600, 1600)):
+        rng = np.random.default_rng(n)
+        xy = he_px_to_um(rng.uniform([0, 0], [500, rows], (n, 2)), align, PIXEL_SIZE)
+        order = spatial_order(xy, band=block * mpp, anchor=0.0)
+        centres = [xy[order[k : k + 16]] for k in range(0, n, 16)]
+        stats = _bands.BandStats()
+        got = list(_bands.band_patches(src, centres, size=size, mpp=mpp, level=0, stats=stats, block=block))
+        sched = _bands.schedule(centres, size=size, mpp=mpp, block=block)
+        assert stats.blocks_resampled == sched.n_blocks  # each block once
+        assert [i for i, _ in got] == list(range(len(centres)))
+        for (_, p), c in zip(got[:3], centres[:3], strict=True):  # the windows are the exact warp's samples
+            origin, _ = grid_patch_origin(c, size=size, mpp=mpp)
+            assert np.abs(p.numpy().astype(int) - src.read((origin + size / 2) * mpp, size=size, mpp=mpp)).max() <= 1
+        peaks.append(stats.peak_blocks)
+    cols = int(np.ceil(500 * PIXEL_SIZE * 1.0 / PIXEL_SIZE * HE_MPP / (block * mpp))) + 2
+    assert peaks[1] <= peaks[0] + 2  # independent of the number of cells
+    assert peaks[1] <= 3 * cols  # about two bands of blocks (plus the turn of the serpentine)
+    src.close()
+
+
+def test_gather_equals_the_slice_copies():
+    """The GPU's one-gather cutting (run here on the CPU) gives the CPU's slice copies."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    store = {(bx, by): torch.from_numpy(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+             for bx in range(-1, 3) for by in range(4)}  # fmt: skip
+    big = np.concatenate([np.concatenate([store[(bx, by)].numpy() for bx in range(-1, 3)], axis=1) for by in range(4)])
+    for size in (10, 40):  # within 2 x 2 blocks, and patches larger than a block (3 x 3)
+        hi = 64 - size
+        origins = np.stack([rng.integers(-16, -16 + hi + 1, 30), rng.integers(0, hi + 1, 30)], axis=1)
+        a = _bands.cut(store, origins, size, 16).numpy()
+        np.testing.assert_array_equal(a, _bands.gather(store, origins, size, 16).numpy())
+        for i in (0, 4, 29):
+            ox, oy = origins[i]
+            np.testing.assert_array_equal(a[i], big[oy : oy + size, ox + 16 : ox + 16 + size])
+
+
+def test_decoded_regions_resample_as_read_band(tmp_path):
+    """The GPU path's split (workers decode, the device resamples) gives read_band's pixels; here on the CPU."""
+    import torch
+
+    align = rotated_alignment(angle_deg=40.0, scale=1.2, flip=True)
+    path = write_he(tmp_path / "t.ome.tif", _tissue_image(500, 500, seed=5))
+    src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP)
+    x0, y0 = he_px_to_um([[250.0, 250.0]], align, PIXEL_SIZE)[0]
+    reg = src.band_region(x0, y0, 40, 30, mpp=0.7)
+    reg["region"] = torch.from_numpy(reg["region"]).pin_memory() if torch.cuda.is_available() else torch.from_numpy(reg["region"])
+    np.testing.assert_array_equal(resample_region(reg, 40, 30, device="cpu").numpy(), src.read_band(x0, y0, 40, 30, mpp=0.7))
+    # the whole GPU pipeline (workers decode, the consumer resamples and cuts) run on the CPU: the same patches
+    xy = he_px_to_um(np.random.default_rng(0).uniform(150, 350, (20, 2)), align, PIXEL_SIZE)
+    centres = [xy[:7], xy[7:]]
+    kw = {"size": 24, "mpp": 0.7, "level": src.level_for(0.7)}
+    for (i, a), (j, b) in zip(_bands.band_patches(src, centres, **kw),
+                              _bands.band_patches(src, centres, **kw, decode_only=True, num_workers=1), strict=True):
+        assert i == j
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="width_px and height_px"):
+        src.read_band(x0, y0, 0, 30)
+    src.close()
+
+
+def test_exact_keeps_the_old_cache_fingerprint(tmp_path):
+    """exact=True names its cache as earlier versions did (their chunks are reused); bands name theirs apart."""
+    from cellsymphony.pp._embed_morphology import _cache_name
+
+    align = rotated_alignment()
+    img = _tissue_image(600, 600, seed=0)
+    path = write_he(tmp_path / "t.ome.tif", img)
+    xy = _cells(align, img.shape[:2], 10, seed=4)
+    m = make_mudata(xy, path, align)
+    kw = {"model": "tiny", "size": 56, "mpp": 1.0, "batch_size": 4, "chunk_size": 5, "cache_dir": tmp_path / "c"}
+    cs.pp.embed_morphology(m, **kw, exact=True, key_added="e")
+    cs.pp.embed_morphology(m, **kw, key_added="b")
+    folders = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert len(folders) == 2
+    old_params = {"model": "tiny", "weights_checksum": "random", "mode": "cell", "pool": "nucleus", "pool_radius_um": None,
+                  "layer": -1, "size": 56, "mpp": 1.0, "tile_stride": None, "batch_size": 4, "chunk_size": 5}  # fmt: skip
+    src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP, sample="s1")
+    names = m["morphology"].obs_names.to_numpy()
+    assert f"e-s1-{_cache_name(src, names, xy, old_params)}" in folders
+    e, b = m["morphology"].obsm["e"], m["morphology"].obsm["b"]
+    assert not np.array_equal(e, b)
+    cos = (e * b).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.98
+
+
+def _jpeg_slide(path, img, tile=128):
+    tifffile.imwrite(path, img, tile=(tile, tile), photometric="rgb", compression="jpeg",
+                     metadata={"axes": "YXS", "PhysicalSizeX": HE_MPP, "PhysicalSizeY": HE_MPP})  # fmt: skip
+    return path
+
+
+def test_a_damaged_tile_fails_with_its_position_and_file(tmp_path):
+    align = rotated_alignment(angle_deg=0.0, scale=1.0, flip=False)
+    img = _tissue_image(512, 512, seed=1)
+    path = _jpeg_slide(tmp_path / "broken.ome.tif", img)
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        off, n = page.dataoffsets[5], page.databytecounts[5]  # tile row 1, column 1 of a 4 x 4 grid
+    with open(path, "r+b") as fh:
+        fh.seek(off)
+        fh.write(b"\x00" * n)
+    inside = he_px_to_um([[190.0, 190.0]], align, PIXEL_SIZE)
+    elsewhere = he_px_to_um([[450.0, 60.0]], align, PIXEL_SIZE)
+    m = make_mudata(np.vstack([elsewhere, inside]), path, align)
+    msg = rf"{os.path.basename(path)}.*tile row 1, column 1.*band x .* um"
+    with pytest.raises(ValueError, match=msg):
+        cs.pp.cell_patches(m, size=32, mpp=0.5)
+    for workers in (0, 1):
+        with pytest.raises(ValueError, match=r"tile row 1, column 1"):
+            cs.pp.embed_morphology(m, model="tiny", size=56, mpp=0.5, num_workers=workers)
+    assert "X_tiny" not in m["morphology"].obsm  # nothing written: no silent NaN rows
+    # the cell away from the damaged tile reads fine on its own
+    ok = make_mudata(elsewhere, path, align)
+    assert cs.pp.cell_patches(ok, size=32, mpp=0.5).shape == (1, 32, 32, 3)
+
+
+def test_cells_without_a_position_are_white(tmp_path):
+    align = rotated_alignment()
+    img = _tissue_image(400, 400, seed=2)
+    path = write_he(tmp_path / "t.ome.tif", img)
+    xy = _cells(align, img.shape[:2], 3, seed=0, margin=100)
+    xy[1] = np.nan
+    m = make_mudata(xy, path, align)
+    band, exact = (cs.pp.cell_patches(m, size=32, mpp=0.5, exact=e) for e in (False, True))
+    assert (band[1] == 255).all() and (exact[1] == 255).all()
+    assert band[0].mean() < 250 and np.abs(band[[0, 2]].astype(float) - exact[[0, 2]]).mean() < 8
+    with pytest.raises(ValueError, match="finite centres"):
+        _bands.schedule([xy], size=32, mpp=0.5)

@@ -15,6 +15,7 @@ from .._utils import file_stamp, params_record
 from .._validate import check_choice, get_modality, is_mudata, set_latest
 from ..models.encoders import encoder_kind
 from ._chunks import Chunk, cache_folder, chunk_file, fingerprint, run_chunks
+from ._handcrafted_bands import BAND_PX, HandcraftedBandJob, plan_chunks
 from ._morphology_runner import embed_cells, plan, run_batches
 from ._patch_source import cell_centres, sample_sources
 
@@ -233,8 +234,10 @@ def embed_morphology(
         {mdata} H&E-only slides: :func:`cellsymphony.io.read_he_cells`.
     model
         ``"uni2-h"``, ``"uni"``, ``"tiny"`` (untrained, for tests), ``"handcrafted"`` (nucleus
-        morphometrics, stain and texture statistics of the central 32 um; no weights; cell mode only), any timm model
-        name, or an ``nn.Module`` (see :func:`cellsymphony.models.load_morphology_encoder`).
+        morphometrics, stain and texture statistics of the central 32 um; no weights; cell mode only; computed
+        per band of tissue, each band read once, with ``num_workers`` workers computing chunks; with ``stain=``
+        per cell patch), any timm model name, or an ``nn.Module`` (see
+        :func:`cellsymphony.models.load_morphology_encoder`).
     weights
         Checkpoint file or folder (``pytorch_model.bin`` / ``*.safetensors``); ``None`` looks in
         ``$CELLSYMPHONY_UNI2H_WEIGHTS`` (``$CELLSYMPHONY_UNI_WEIGHTS``) and the Hugging Face cache;
@@ -347,6 +350,8 @@ def embed_morphology(
     if handcrafted:
         # its features use only the central window: read no more than that
         size = min(size, 2 * int(np.ceil(encoder.window_um / mpp / 2)))
+    # handcrafted features by bands of tissue (pp/_handcrafted_bands.py); with stain= the per-cell patches
+    by_band = handcrafted and stain is None and hasattr(encoder, "features_in_band")
     key = key_added or encoder.key
     checksum = encoder.weights_checksum
     if checksum == "module" and cache_dir is not None:
@@ -363,6 +368,8 @@ def embed_morphology(
     )
     if stain_params is not None:
         run_params["stain"] = stain_params
+    if by_band:  # other values than the per-cell path (windows on one pixel lattice): other cache folders
+        run_params["band_px"] = BAND_PX
     dim = int(encoder.embed_dim)
     out = np.full((adata.n_obs, dim), np.nan, dtype=np.float32)
     in_image = np.zeros(adata.n_obs, dtype=bool)
@@ -378,6 +385,14 @@ def embed_morphology(
         if cache_dir is not None:
             fp = _cache_name(src, names[valid], xy[valid], run_params)
             folder = cache_folder(cache_dir, key, src.sample or "sample", fp)
+        if by_band:
+            for index, rows in plan_chunks(xy, valid, mpp=float(mpp), chunk_size=int(chunk_size)):
+                chunks.append(Chunk(
+                    index, rows, name=f"{src.sample or 'sample'}-{index:06d}",
+                    file=None if folder is None else chunk_file(folder, index), work=src,
+                ))  # fmt: skip
+            src.close()
+            continue
         for ch in plan(
             xy[valid], mode=mode, size=size, mpp=float(mpp), batch_size=batch_size, chunk_size=int(chunk_size),
             tile_stride=int(tile_stride),
@@ -398,10 +413,13 @@ def embed_morphology(
             import uuid
 
             enc_ref = client.submit(_identity, encoder, key=f"cs-morphology-module-{uuid.uuid4().hex[:10]}", pure=False)
-    job = _MorphologyJob(
-        encoder, out, xy, enc_ref=enc_ref, run=run_params, device=device, requested_device=requested_device,
-        num_workers=num_workers,
-    )
+    if by_band:
+        job = HandcraftedBandJob(encoder, xy, size=size, mpp=float(mpp), num_workers=num_workers, enc_ref=enc_ref)
+    else:
+        job = _MorphologyJob(
+            encoder, out, xy, enc_ref=enc_ref, run=run_params, device=device, requested_device=requested_device,
+            num_workers=num_workers,
+        )
     try:
         run_chunks(job, chunks, out, client=client)
     finally:

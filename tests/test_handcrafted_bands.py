@@ -15,7 +15,7 @@ from cellsymphony.pp._morphology_runner import embed_cells
 from cellsymphony.pp._patch_source import cell_centres, sample_sources
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-N_CELLS = 400
+N_CELLS = 300
 
 
 @pytest.fixture(scope="module")

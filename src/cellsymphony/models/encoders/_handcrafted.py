@@ -10,8 +10,10 @@ of a band of tissue and the cells' positions in it: the colour deconvolution, gr
 binary patterns are computed once per band pixel, and every per-cell step (smoothing, thresholds, the
 nucleus segmentation and its watershed, morphometrics, stain percentiles, co-occurrence matrices) runs
 as array operations over the stack of all the band's cell windows at once, each window treated as
-its own image, so the per-cell definition is kept. What differs is documented in
-:meth:`~HandcraftedEncoder.features_in_band`.
+its own image, so the per-cell definition is kept (what differs: see
+:meth:`~HandcraftedEncoder.features_in_band`). :meth:`HandcraftedEncoder.features_of_windows` is the same
+vectorised computation on given per-cell patches, which ``embed_morphology`` samples for each band from one
+decoded and low-pass filtered region of the slide (``cellsymphony.pp._handcrafted_bands``).
 """
 
 from __future__ import annotations
@@ -181,12 +183,15 @@ class HandcraftedEncoder:
 
         Returns
         -------
-        The rows :meth:`__call__` gives on each cell's patch, to these differences (all from the window's
-        edge or position, the "patch edge"): the window is cut at the whole band pixel nearest the
-        nucleus (within half a pixel of the per-cell patch centre, which is resampled for each cell);
-        the local binary patterns of the window's outermost pixels see the tissue beyond the window
-        (the per-cell patch pads it with black), so ``lbp_*`` differ by those 4 x ``window_px`` pixels.
-        Everything else is each window's own computation, vectorised over the band's cells.
+        :meth:`__call__` of each cell's window cut from the band. The band's pixels are shared, so a window
+        starts at the band pixel nearest ``pos - window_px / 2`` (up to half a pixel from the nucleus, where
+        a per-cell patch is resampled at the nucleus itself; several features of the per-cell definition
+        move with that sub-pixel phase: the ``lbp_*`` bins, solidity, extent, eccentricity). For the
+        per-cell patches' own pixels use :meth:`features_of_windows` on them.
+
+        On the same pixels the values are those of :meth:`__call__` except in a few percent of the cells,
+        from the vectorised segmentation: the distance transform of the chosen nucleus's object alone
+        (not of all objects), and ties of the nearest object broken in raster order.
         """
         from skimage.color import rgb2hed
 
@@ -373,7 +378,8 @@ class HandcraftedEncoder:
         cx = c - (c0 - mg) + xoff
 
         # peak_local_max(dist, min_distance=md, labels=comps, exclude_border=False) on each component
-        dist = np.where(sel, ndimage.distance_transform_edt(sel | (in_box & ~valid)), 0.0)
+        fg = valid & (comps[win, wrc, wcc] > 0)  # every object of the window, as the per-cell transform sees them
+        dist = np.where(sel, ndimage.distance_transform_edt(fg | (in_box & ~valid)), 0.0)
         bg = np.finfo(dist.dtype).min
         img = np.where(sel, dist, bg)
         peak = sel & (img == ndimage.maximum_filter(img, size=2 * md + 1, mode="nearest"))
@@ -514,6 +520,9 @@ def _lbp_codes(at, centre: np.ndarray, P: int, R: float) -> np.ndarray:
     for i in range(P):
         r0, r1, c0, c1 = int(np.floor(rp[i])), int(np.ceil(rp[i])), int(np.floor(cp[i])), int(np.ceil(cp[i]))
         fr, fc = rp[i] - r0, cp[i] - c0
+        if r0 == r1 and c0 == c1:  # on the pixel grid: the interpolation is the pixel itself
+            bits[i] = at(r0, c0) - centre >= 0
+            continue
         top = (1 - fc) * at(r0, c0) + fc * at(r0, c1)
         bottom = (1 - fc) * at(r1, c0) + fc * at(r1, c1)
         bits[i] = ((1 - fr) * top + fr * bottom) - centre >= 0
@@ -571,19 +580,19 @@ def _glcm_props(q: np.ndarray, levels: int) -> np.ndarray:
     i = np.arange(levels, dtype=np.float64)[None, :, None]
     j = np.arange(levels, dtype=np.float64)[None, None, :]
     res = {p: np.zeros(n) for p in GLCM_PROPS}
-    for off in offsets:
-        P = counts[off]
-        res["contrast"] += (P * (i - j) ** 2).sum((1, 2))
-        res["dissimilarity"] += (P * np.abs(i - j)).sum((1, 2))
-        res["homogeneity"] += (P / (1.0 + (i - j) ** 2)).sum((1, 2))
+    for off, times in zip(*np.unique(np.array(offsets), axis=0, return_counts=True), strict=True):
+        P = counts[tuple(int(v) for v in off)]
+        res["contrast"] += times * ((P * (i - j) ** 2).sum((1, 2)))
+        res["dissimilarity"] += times * ((P * np.abs(i - j)).sum((1, 2)))
+        res["homogeneity"] += times * ((P / (1.0 + (i - j) ** 2)).sum((1, 2)))
         asm = (P**2).sum((1, 2))
-        res["ASM"] += asm
-        res["energy"] += np.sqrt(asm)
+        res["ASM"] += times * (asm)
+        res["energy"] += times * (np.sqrt(asm))
         di = i - (i * P).sum((1, 2))[:, None, None]
         dj = j - (j * P).sum((1, 2))[:, None, None]
         std_i = np.sqrt((P * di**2).sum((1, 2)))
         std_j = np.sqrt((P * dj**2).sum((1, 2)))
         cov = (P * di * dj).sum((1, 2))
         flat = (std_i < 1e-15) | (std_j < 1e-15)
-        res["correlation"] += np.where(flat, 1.0, cov / np.where(flat, 1.0, std_i * std_j))
+        res["correlation"] += times * (np.where(flat, 1.0, cov / np.where(flat, 1.0, std_i * std_j)))
     return np.column_stack([res[p] / len(offsets) for p in GLCM_PROPS])

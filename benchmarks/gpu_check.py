@@ -216,7 +216,8 @@ def check_classifier(sz: Sizes, device: str) -> list[dict]:
     epoch = sz.classifier_cells / r["train cells/s"]
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    size = (f"{sz.classifier_cells:,} cells, d_model {d['d_model']}, {d['n_layers']} layers, {d['n_heads']} heads, "
+    size = (f"{sz.classifier_cells:,} cells, d_model {d['d_model']}, {d['n_layers']} layer{'s' * (d['n_layers'] > 1)}, "
+            f"{d['n_heads']} heads, "
             f"{bench_classifier.GENE_DIM} + {bench_classifier.MORPH_DIM}-d inputs, batch 64")  # fmt: skip
     return [_row("dual classifier, one training epoch", size, epoch, "s/epoch", m),
             _row("dual classifier, prediction", f"{sz.classifier_cells:,} cells, batch 1024", r["predict cells/s"],
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return out
 
     try:
-        got, enc = timed("UNI2-h forward", check_uni, sz, device)
+        got, enc = timed("encoder forward", check_uni, sz, device)
         rows += got
         rows += timed("embed_morphology", check_embed, sz, device, enc, workers)
         del enc

@@ -3,6 +3,7 @@ tile mode and cs.pp.cell_patches in one run), cell vs tile mode, tile/cell agree
 memory at two dataset sizes. Prints markdown tables.
 
     PYTHONPATH=src python benchmarks/bench_morphology.py [--cells 2000] [--uni-cells 8] [--skip-uni]
+        [--only patches|modes|agreement|memory|handcrafted] [--handcrafted-cells 1000]
 
 Everything runs on the synthetic tissue of ``cs.datasets.synthetic`` (about 4,500 cells/mm^2, an H&E
 at 0.2738 um/px in 512 px JPEG tiles, quality 90, with a rotated registration). UNI2-h is built with random weights (timing only).
@@ -294,13 +295,64 @@ def bench_memory(sizes):
     )
 
 
+def bench_handcrafted(m, n_cells: int = 1000) -> dict:
+    """The handcrafted encoder's cells/s per cell (today's path: one resampled patch and scikit-image per
+    cell, ``_morphology_runner.embed_cells``) against by bands (``_handcrafted_bands.handcrafted_by_band``)
+    on the same ``n_cells`` cells of a central window, in one run, with the smallest per-feature correlation."""
+    from cellsymphony.models.encoders._handcrafted import HandcraftedEncoder
+    from cellsymphony.pp._handcrafted_bands import handcrafted_by_band, warp_windows
+    from cellsymphony.pp._morphology_runner import embed_cells
+    from cellsymphony.pp._patch_source import cell_centres, sample_sources
+
+    sub = _window(m, n_cells)
+    mod = sub["morphology"]
+    [(src, _)] = sample_sources(sub, mod, np.arange(mod.n_obs), None)
+    xy = cell_centres(mod)
+    xy = xy[src.in_image(xy)]
+    n = len(xy)
+    enc = HandcraftedEncoder(0.5)
+    level = src.level_for(0.5)
+    timings = {}
+
+    def timed(name, fn):
+        src.close()  # a cold tile cache for each: decoding is part of both paths
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        timings[name] = (time.perf_counter() - t, time.process_time() - c)
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = timed("cell", lambda: embed_cells(enc, src, xy, mode="cell", size=64, mpp=0.5, batch_size=64))
+        band = timed("band", lambda: handcrafted_by_band(enc, src, xy, size=64, mpp=0.5))
+        patches = timed("read cell", lambda: src.read(xy, size=64, mpp=0.5, level=level))
+        timed("read band", lambda: warp_windows(src, xy, size=64, mpp=0.5, level=level))
+        timed("features cell", lambda: enc(patches))
+        timed("features band", lambda: enc.features_of_windows(patches))
+    src.close()
+    corr = [np.corrcoef(ref[:, j], band[:, j])[0, 1] for j in range(ref.shape[1]) if ref[:, j].std() > 0]
+    rows = []
+    for what, a, b in (("whole path (read + features)", "cell", "band"), ("reading the 64 px windows", "read cell", "read band"),
+                       ("features of the windows", "features cell", "features band")):  # fmt: skip
+        (wa, ca), (wb, cb) = timings[a], timings[b]
+        rows.append([what, f"{n / wa:.0f}", f"{n / wb:.0f}", f"{wa / wb:.1f}", f"{n / ca:.0f}", f"{n / cb:.0f}", f"{ca / cb:.1f}"])
+    _table(
+        f"Handcrafted features per cell vs by bands ({n} cells, 64 px windows at 0.5 um/px, bands of 192 um; "
+        f"smallest per-feature correlation {min(corr):.4f})",
+        ["stage", "per cell cells/s", "by band cells/s", "ratio", "per cell cells/CPU-s", "by band cells/CPU-s", "CPU ratio"],
+        rows,
+    )
+    return {"cells": n, "cell_s": timings["cell"][0], "band_s": timings["band"][0], "min_corr": float(min(corr))}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cells", type=int, default=2000)
     ap.add_argument("--uni-cells", type=int, default=12)
     ap.add_argument("--skip-uni", action="store_true")
     ap.add_argument("--device", default=None, help="torch device for the encoders, e.g. cuda (bf16 autocast)")
-    ap.add_argument("--only", choices=["patches", "modes", "agreement", "memory"], default=None)
+    ap.add_argument("--only", choices=["patches", "modes", "agreement", "memory", "handcrafted"], default=None)
+    ap.add_argument("--handcrafted-cells", type=int, default=1000, help="cells timed per cell and by bands")
     ap.add_argument("--agreement-model", default="tiny", help="encoder for the agreement table, e.g. uni2-h")
     ap.add_argument("--weights", default=None, help="its checkpoint (the agreement is only meaningful with trained weights)")
     ap.add_argument("--agreement-cells", type=int, default=None, help="use the N cells of a central window")
@@ -319,6 +371,8 @@ def main():
         bench_agreement(_mdata(args.cells), args.agreement_model, args.weights, args.agreement_cells)
     if args.only in (None, "memory"):
         bench_memory([args.cells // 4, args.cells])
+    if args.only in (None, "handcrafted"):
+        bench_handcrafted(m, args.handcrafted_cells)
 
 
 def suite(quick: bool = True) -> list[dict]:

@@ -24,6 +24,7 @@ from .._validate import (
 )
 from ..models.encoders import encoder_kind
 from ._chunks import Chunk, cache_folder, chunk_file, fingerprint, run_chunks
+from ._handcrafted_bands import BAND_PX, HandcraftedBandJob, plan_chunks
 from ._morphology_runner import embed_cells, plan, run_batches
 from ._patch_source import cell_centres, sample_sources
 
@@ -254,8 +255,10 @@ def embed_morphology(
         {mdata} H&E-only slides: :func:`cellsymphony.io.read_he_cells`.
     model
         ``"uni2-h"``, ``"uni"``, ``"tiny"`` (untrained, for tests), ``"handcrafted"`` (nucleus
-        morphometrics, stain and texture statistics of the central 32 um; no weights; cell mode only), any timm model
-        name, or an ``nn.Module`` (see :func:`cellsymphony.models.load_morphology_encoder`).
+        morphometrics, stain and texture statistics of the central 32 um; no weights; cell mode only; computed
+        per band of tissue, each band read once, with ``num_workers`` workers computing chunks; with ``stain=``
+        per cell patch), any timm model name, or an ``nn.Module`` (see
+        :func:`cellsymphony.models.load_morphology_encoder`).
     weights
         Checkpoint file or folder (``pytorch_model.bin`` / ``*.safetensors``); ``None`` looks in
         ``$CELLSYMPHONY_UNI2H_WEIGHTS`` (``$CELLSYMPHONY_UNI_WEIGHTS``) and the Hugging Face cache;
@@ -306,6 +309,8 @@ def embed_morphology(
         extraction and cache fingerprints of earlier versions). Band patches are the exact warp's samples on
         the band grid; against patches centred on the nucleus they differ by up to half a pixel of phase
         (about 4 grey levels mean absolute difference on JPEG-tiled tissue). Their caches are kept apart.
+        With ``model="handcrafted"``, ``False`` computes the features band by band (each cell's window still
+        sampled at its exact position) and ``True`` runs the per-cell path of earlier versions.
     copy
         {copy}
 
@@ -374,6 +379,8 @@ def embed_morphology(
     if handcrafted:
         # its features use only the central window: read no more than that
         size = min(size, 2 * int(np.ceil(encoder.window_um / mpp / 2)))
+    # handcrafted features by bands of tissue (pp/_handcrafted_bands.py); with stain= the per-cell patches
+    by_band = handcrafted and stain is None and not exact and hasattr(encoder, "features_in_band")
     key = key_added or encoder.key
     checksum = encoder.weights_checksum
     if checksum == "module" and cache_dir is not None:
@@ -390,6 +397,8 @@ def embed_morphology(
     )
     if stain_params is not None:
         run_params["stain"] = stain_params
+    if by_band:  # other values than the per-cell path (windows on one pixel lattice): other cache folders
+        run_params["band_px"] = BAND_PX
     # the cache fingerprint: exact=True keeps that of earlier versions (their caches are reused); band
     # patches differ slightly from exact ones, so their caches are named apart
     fp_params = dict(run_params) if exact else {**run_params, "extraction": "bands"}
@@ -409,6 +418,14 @@ def embed_morphology(
         if cache_dir is not None and len(valid):  # no folder for a sample without a cell on its image
             fp = _cache_name(src, names[valid], xy[valid], fp_params)
             folder = cache_folder(cache_dir, key, src.sample or "sample", fp)
+        if by_band:
+            for index, rows in plan_chunks(xy, valid, mpp=float(mpp), chunk_size=int(chunk_size)):
+                chunks.append(Chunk(
+                    index, rows, name=f"{src.sample or 'sample'}-{index:06d}",
+                    file=None if folder is None else chunk_file(folder, index), work=src,
+                ))  # fmt: skip
+            src.close()
+            continue
         for ch in plan(
             xy[valid], mode=mode, size=size, mpp=float(mpp), batch_size=batch_size, chunk_size=int(chunk_size),
             tile_stride=int(tile_stride), exact=bool(exact),
@@ -437,10 +454,13 @@ def embed_morphology(
             import uuid
 
             enc_ref = client.submit(_identity, encoder, key=f"cs-morphology-module-{uuid.uuid4().hex[:10]}", pure=False)
-    job = _MorphologyJob(
-        encoder, out, xy, enc_ref=enc_ref, run=run_params, device=device, requested_device=requested_device,
-        num_workers=num_workers,
-    )
+    if by_band:
+        job = HandcraftedBandJob(encoder, xy, size=size, mpp=float(mpp), num_workers=num_workers, enc_ref=enc_ref)
+    else:
+        job = _MorphologyJob(
+            encoder, out, xy, enc_ref=enc_ref, run=run_params, device=device, requested_device=requested_device,
+            num_workers=num_workers,
+        )
     try:
         run_chunks(job, chunks, out, client=client)
     finally:

@@ -43,7 +43,7 @@ def per_cell(section):
     _, src, xy, inside = section
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return embed_cells(HandcraftedEncoder(0.5), src, xy[inside], mode="cell", size=64, mpp=0.5, batch_size=64)
+        return embed_cells(HandcraftedEncoder(0.5), src, xy[inside], mode="cell", size=64, mpp=0.5, batch_size=64, exact=True)
 
 
 def _correlations(a: np.ndarray, b: np.ndarray, names) -> dict:

@@ -75,10 +75,12 @@ def _skip_torch_module_members(app, what, name, obj, skip, options):
     import sys
 
     torch = sys.modules.get("torch")
-    if torch is None or what != "class":
+    if torch is None:
         return None
     base = torch.nn.Module
-    if name in getattr(base, "__annotations__", {}) or (name in vars(base) and vars(base)[name] is obj):
+    if name in vars(base) and vars(base)[name] is obj:  # the very object nn.Module defines: not overridden
+        return True
+    if name in getattr(base, "__annotations__", {}) and not callable(obj):  # e.g. ``training``
         return True
     return None
 

@@ -128,19 +128,28 @@ def align_contrastive(
         share no ``obs_names``, or when too few paired cells with finite rows remain.
     """
     from ..models.contrastive import ContrastiveAligner
-    from ._stain_augmentation import augmentation_spec, fit_aligner
+    from ._stain_augmentation import augmentation_spec, augmented_fit
 
     aligner = ContrastiveAligner(
         dim=dim, hidden=hidden, dropout=dropout, temperature=temperature, learn_temperature=learn_temperature
     )
-    fit = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, test_size=test_size,
-               retrieval_cells=retrieval_cells, early_stopping=early_stopping, patience=patience, seed=seed,
-               device=device)  # fmt: skip
     spec = augmentation_spec(stain_augmentation, seed)
-    if spec is None:
-        aligner.fit(mdata, gene_rep=gene_rep, morph_rep=morph_rep, **fit)
-    else:
-        fit_aligner(aligner, mdata, spec, gene_rep=gene_rep, morph_rep=morph_rep, **fit)
+    fit = aligner.fit if spec is None else augmented_fit(aligner, spec)
+    fit(
+        mdata,
+        gene_rep=gene_rep,
+        morph_rep=morph_rep,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        test_size=test_size,
+        retrieval_cells=retrieval_cells,
+        early_stopping=early_stopping,
+        patience=patience,
+        seed=seed,
+        device=device,
+    )
     from .._results import METRICS_TABLE, record_outputs, retrieval_frame
 
     z = {mod: aligner.transform(mdata, mod) for mod in (MOD_RNA, MOD_MORPH)}

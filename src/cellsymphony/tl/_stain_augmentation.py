@@ -100,20 +100,25 @@ def fit_classifier(model, mdata, label_key: str, training, spec: dict) -> None:
                                               "n_train_rows": int((rows == TRAIN).sum())}  # fmt: skip
 
 
-def fit_aligner(aligner, mdata, spec: dict, *, gene_rep, morph_rep, test_size: float, seed: int, **fit) -> None:
-    """Fit ``aligner`` (a ``ContrastiveAligner``) on ``mdata`` and the stain-jittered copies of its training
-    cells: the held-out cells are those the aligner would hold out without augmentation, without copies."""
+def augmented_fit(aligner, spec: dict):
+    """A stand-in for ``aligner.fit`` (a ``ContrastiveAligner``, same arguments) that fits on ``mdata`` and the
+    stain-jittered copies of its training cells: the held-out cells are those the aligner would hold out
+    without augmentation, without their copies."""
     from ..models.contrastive._data import paired_inputs
     from ..models.contrastive._model import held_out_split
 
-    data = paired_inputs(mdata, gene_rep, morph_rep)
-    test_idx, _ = held_out_split(data["n_used"], test_size, seed)
-    test_names = pd.Index(data["obs_names"][test_idx])
-    aug, origin, copy = augmented(mdata, spec, data["morph_rep"])
-    keep = (copy == 0) | ~mdata.obs_names[origin].isin(test_names)
-    if not keep.all():
-        aug = aug[keep].copy()
-    aligner.fit(aug, gene_rep=data["gene_rep"], morph_rep=data["morph_rep"], test_size=test_size, seed=seed,
-                test_obs_names=test_names, **fit)  # fmt: skip
-    aligner.fit_params["stain_augmentation"] = {**spec, "morph_rep": str(data["morph_rep"]),
-                                                "n_train_rows": int(aligner.fit_info["n_train"])}  # fmt: skip
+    def fit(mdata, *, gene_rep=None, morph_rep=None, test_size: float = 0.1, seed: int = 0, **kwargs):
+        data = paired_inputs(mdata, gene_rep, morph_rep)
+        test_idx, _ = held_out_split(data["n_used"], test_size, seed)
+        test_names = pd.Index(data["obs_names"][test_idx])
+        aug, origin, copy = augmented(mdata, spec, data["morph_rep"])
+        keep = (copy == 0) | ~mdata.obs_names[origin].isin(test_names)
+        if not keep.all():
+            aug = aug[keep].copy()
+        aligner.fit(aug, gene_rep=data["gene_rep"], morph_rep=data["morph_rep"], test_size=test_size, seed=seed,
+                    test_obs_names=test_names, **kwargs)  # fmt: skip
+        aligner.fit_params["stain_augmentation"] = {**spec, "morph_rep": str(data["morph_rep"]),
+                                                    "n_train_rows": int(aligner.fit_info["n_train"])}  # fmt: skip
+        return aligner
+
+    return fit

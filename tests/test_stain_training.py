@@ -16,7 +16,7 @@ import cellsymphony as cs
 cs.settings.progress = False
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-N = 240
+N = 150
 TINY = {"arch": "morphology", "epochs": 2, "d_model": 16, "n_layers": 1, "n_heads": 2, "lr": 1e-3, "batch_size": 64}
 ALIGN = {"epochs": 2, "dim": 8, "hidden": 16, "batch_size": 64}
 
@@ -69,12 +69,14 @@ def fits(monkeypatch):
 @pytest.mark.parametrize("split", ["random", "spatial"])
 def test_classifier_trains_on_the_copies_and_writes_the_original_cells(split, fits, tmp_path):
     a = section()
-    clf = cs.tl.train_classifier(a, "truth", morph_rep="X_raw", split=split, stain_augmentation=2, seed=1, **TINY)
+    n_copies = {"random": 2, "spatial": 1}[split]
+    clf = cs.tl.train_classifier(a, "truth", morph_rep="X_raw", split=split, stain_augmentation=n_copies, seed=1,
+                                 **TINY)  # fmt: skip
     names, rows = fits[-1]
     rows = np.asarray(rows, dtype=object)
-    assert len(names) == 3 * N  # the originals and two stain-jittered copies of each
+    assert len(names) == (1 + n_copies) * N  # the originals and the stain-jittered copies of each
     n_train = int((a.obs["cs_pred_split"] == "train").sum())
-    assert (rows == "train").sum() == 3 * n_train  # trained on more rows: each training cell three times
+    assert (rows == "train").sum() == (1 + n_copies) * n_train  # trained on more rows: each training cell and copies
     # outputs: the original cells of the user's MuData, nothing else
     assert a.n_obs == N and not a.obs_names.str.contains("-stain").any()
     assert a.obs["cs_pred"].notna().all() and a.obsm["cs_pred_proba"].shape == (N, len(clf.classes))
@@ -90,26 +92,25 @@ def test_classifier_trains_on_the_copies_and_writes_the_original_cells(split, fi
     assert (plain.obs["p_split"].to_numpy() == a.obs["cs_pred_split"].to_numpy()).all()
     # recorded with the outputs and in the saved model
     rec = a.uns["cs_pred"]["params"]["stain_augmentation"]
-    assert (rec["n_copies"], rec["strength"], rec["seed"], str(rec["morph_rep"])) == (2, 0.15, 1, "X_raw")
-    assert rec["n_train_rows"] == 3 * n_train
+    assert (rec["n_copies"], rec["strength"], rec["seed"], str(rec["morph_rep"])) == (n_copies, 0.15, 1, "X_raw")
+    assert rec["n_train_rows"] == (1 + n_copies) * n_train
     assert a.uns["cs_pred"]["params"]["split"] == split
     clf.save(tmp_path / "clf")
     saved = json.loads((tmp_path / "clf" / "config.json").read_text())["fit_params"]["stain_augmentation"]
-    assert saved == {"n_copies": 2, "strength": 0.15, "seed": 1, "morph_rep": "X_raw", "n_train_rows": 3 * n_train}
+    assert saved == {"n_copies": n_copies, "strength": 0.15, "seed": 1, "morph_rep": "X_raw",
+                     "n_train_rows": (1 + n_copies) * n_train}  # fmt: skip
     back = cs.models.CellTypeClassifier.load(tmp_path / "clf")
-    assert back.fit_params["stain_augmentation"]["n_copies"] == 2
+    assert back.fit_params["stain_augmentation"]["n_copies"] == n_copies
     a.write(tmp_path / "a.h5mu")
     assert md.read_h5mu(tmp_path / "a.h5mu").uns["cs_pred"]["params"]["stain_augmentation"]["strength"] == 0.15
 
 
-def test_classifier_stain_augmentation_dict_and_bad_values(fits):
-    a = section()
-    cs.tl.train_classifier(a, "truth", morph_rep="X_raw", stain_augmentation={"n_copies": 1, "strength": 0.3, "seed": 7},
-                           **TINY)  # fmt: skip
-    names, _ = fits[-1]
-    assert len(names) == 2 * N
-    rec = a.uns["cs_pred"]["params"]["stain_augmentation"]
-    assert (rec["n_copies"], rec["strength"], rec["seed"]) == (1, 0.3, 7)
+def test_classifier_stain_augmentation_settings_and_bad_values(fits):
+    from cellsymphony.tl._stain_augmentation import augmentation_spec
+
+    assert augmentation_spec(None, 0) is None
+    assert augmentation_spec(3, 5) == {"n_copies": 3, "strength": 0.15, "seed": 5}  # augment_stain's defaults
+    assert augmentation_spec({"strength": 0.3, "seed": 7}, 0) == {"n_copies": 2, "strength": 0.3, "seed": 7}
     fresh = section()
     for bad, msg in (("two", "stain_augmentation='two'"), (0, "n_copies=0"), ({"copies": 2}, r"unknown keys \['copies'\]"),
                      ({"strength": 1.5}, "strength=1.5"), (True, "stain_augmentation=True")):
@@ -119,17 +120,17 @@ def test_classifier_stain_augmentation_dict_and_bad_values(fits):
         cs.tl.train_classifier(fresh, "truth", **{**TINY, "arch": "unimodal"}, gene_rep="X_pca", stain_augmentation=1)
     with pytest.raises(ValueError, match="stain normalisation"):  # augment the patches as scanned
         cs.tl.train_classifier(fresh, "truth", morph_rep="X_norm", stain_augmentation=1, **TINY)
-    assert "cs_pred" not in fresh.obs and "cs_pred" not in fresh.uns
+    assert "cs_pred" not in fresh.obs and "cs_pred" not in fresh.uns and not fits  # refused before any fit
 
 
 # --------------------------------------------------------------------------- the aligner
 def test_aligner_holds_out_original_cells_without_their_copies(tmp_path):
     a = section()
-    aligner = cs.tl.align_contrastive(a, gene_rep="X_pca", morph_rep="X_raw", stain_augmentation=2, seed=2, **ALIGN)
+    aligner = cs.tl.align_contrastive(a, gene_rep="X_pca", morph_rep="X_raw", stain_augmentation=1, seed=2, **ALIGN)
     test, train = set(aligner.test_obs_names), set(aligner.train_obs_names)
     assert test and not any("-stain" in n for n in test)  # held out: original cells only
     assert not test & set(_origin(list(train)))  # no copy of a held-out cell trained on
-    assert len(train) == 3 * (N - len(test))  # each training cell and its two copies
+    assert len(train) == 2 * (N - len(test))  # each training cell and its copy
     plain = section()
     ref = cs.tl.align_contrastive(plain, gene_rep="X_pca", morph_rep="X_raw", seed=2, **ALIGN)
     assert test == set(ref.test_obs_names)  # the cells held out without augmentation
@@ -140,10 +141,10 @@ def test_aligner_holds_out_original_cells_without_their_copies(tmp_path):
     assert a.n_obs == N and set(a.uns["X_cs_contrastive"]["test_obs_names"]) == test
     assert a.uns["X_cs_contrastive"]["n_cells"]["n_test"] == len(test)
     rec = a.uns["X_cs_contrastive"]["params"]["stain_augmentation"]
-    assert (rec["n_copies"], rec["seed"], rec["n_train_rows"]) == (2, 2, len(train))
+    assert (rec["n_copies"], rec["seed"], rec["n_train_rows"]) == (1, 2, len(train))
     aligner.save(tmp_path / "al")
     back = cs.models.ContrastiveAligner.load(tmp_path / "al")
-    assert back.fit_params["stain_augmentation"]["n_copies"] == 2
+    assert back.fit_params["stain_augmentation"]["n_copies"] == 1
     with pytest.raises(ValueError, match="unknown keys"):
         cs.tl.align_contrastive(plain, gene_rep="X_pca", morph_rep="X_raw", stain_augmentation={"n": 1}, **ALIGN)
 

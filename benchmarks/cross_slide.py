@@ -12,8 +12,9 @@ each slide B:
 - ``raw``: the morphology classifier on the embedding of the patches as scanned;
 - ``normalised``: ``cs.pp.normalize_stain`` (Macenko) on A, the same reference for each B, embeddings of the
   normalised patches;
-- ``augmented``: trained on A plus 2 stain-jittered copies of each cell (``cs.pp.augment_stain``), applied
-  to B's raw embedding;
+- ``augmented``: trained on A plus 2 stain-jittered copies of each training cell
+  (``train_classifier(stain_augmentation=...)``, which calls ``cs.pp.augment_stain``; scored on A's original
+  held-out cells), applied to B's raw embedding;
 - ``shared space``: the classifier trained on the aligner's morphology projection (``align_contrastive``
   on A's expression PCA and its normalised embedding), applied to B's normalised embedding through
   ``aligner.transform``.
@@ -37,13 +38,13 @@ def run(n_cells: int = 2000, shifts=(0.0, 0.5, 1.0), seed: int = 0) -> list[dict
     cs.pp.embed_morphology(a, model="handcrafted", num_workers=0, key_added="X_raw")
     cs.pp.normalize_stain(a)
     cs.pp.embed_morphology(a, model="handcrafted", num_workers=0, key_added="X_norm", stain="stain")
-    aug = cs.pp.augment_stain(a, morph_rep="X_raw", n_copies=2, strength=0.2, seed=seed)
 
     fit = dict(CLASSIFIER, split="spatial", seed=seed)
     models = {
         "raw": cs.tl.train_classifier(a, "truth", morph_rep="X_raw", key_added="p_raw", **fit),
         "normalised": cs.tl.train_classifier(a, "truth", morph_rep="X_norm", key_added="p_norm", **fit),
-        "augmented": cs.tl.train_classifier(aug, "truth", morph_rep="X_raw", key_added="p_aug", **fit),
+        "augmented": cs.tl.train_classifier(a, "truth", morph_rep="X_raw", key_added="p_aug", **fit,
+                                            stain_augmentation={"n_copies": 2, "strength": 0.2, "seed": seed}),
     }
     expression_pca(a)
     aligner = cs.tl.align_contrastive(a, gene_rep="X_pca", morph_rep="X_norm", seed=seed, **ALIGNER)

@@ -65,3 +65,25 @@ nitpicky = False
 suppress_warnings = ["mystnb.unknown_mime_type"]
 
 os.environ.setdefault("CELLSYMPHONY_CACHE", str(HERE / "_build" / "cellsymphony_cache"))
+
+
+def _skip_torch_module_members(app, what, name, obj, skip, options):
+    """Leave out what the ``nn.Module`` classes of the API (``CellClassifierModule``, ``ContrastiveModule``) inherit
+    from torch unchanged (``add_module``, ``named_parameters``, hooks, ...): torch documents those, and their
+    docstrings are not numpydoc (their tables made docutils report indentation errors). Members these classes
+    define or override (``forward``, ``set_standardization``, ...) are documented as usual."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    base = torch.nn.Module
+    if name in vars(base) and vars(base)[name] is obj:  # the very object nn.Module defines: not overridden
+        return True
+    if name in getattr(base, "__annotations__", {}) and not callable(obj):  # e.g. ``training``
+        return True
+    return None
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_torch_module_members)

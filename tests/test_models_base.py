@@ -263,7 +263,8 @@ def test_the_three_classifier_entry_points_share_one_settings_definition():
     fit = params(CellTypeClassifier.fit, common)
     assert fit == train_fields
     assert params(CellTypeClassifier.__init__, {"self"}) == arch_fields
-    train = params(cs.tl.train_classifier, common)
+    # stain_augmentation builds the training rows from the section (tl.train_classifier only; the model fits rows)
+    train = params(cs.tl.train_classifier, common | {"stain_augmentation"})
     assert train == {**train_fields, **arch_fields}
     compare = params(cs.tl.compare_classifiers, common | {"archs", "baselines"})
     assert compare == {**train_fields, **{k: v for k, v in arch_fields.items() if k != "arch"}}

@@ -204,3 +204,20 @@ def test_patch_gallery_groups_keep_their_stored_colours(mdata):
     fig = cs.pl.patch_gallery(data, "cell_type", groups=[cats[2]], n=2, size=32, mpp=1.0)
     assert to_hex(fig.axes[0].yaxis.label.get_color()) == "#00ff00"
     assert to_hex(next(iter(fig.axes[0].spines.values())).get_edgecolor()) == "#00ff00"
+
+
+def test_show_none_leaves_a_given_figure_to_the_caller(mdata, monkeypatch):
+    # in a notebook (an interactive backend), drawing one panel of the caller's figure must not show it:
+    # the inline backend closes a shown figure, and the later panels would be lost
+    shown = []
+    monkeypatch.setattr(matplotlib, "get_backend", lambda: "module://matplotlib_inline.backend_inline")
+    monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(1))
+    fig, axes = plt.subplots(1, 2)
+    cs.pl.spatial(mdata, "cell_type", ax=axes[0], he=False)
+    cs.pl.spatial(mdata, "cell_type", ax=axes[1], he=False)
+    assert shown == [] and len(axes[1].collections) == 1
+    cs.pl.spatial(mdata, "cell_type", he=False)  # a figure of its own is shown
+    assert shown == [1]
+    cs.pl.spatial(mdata, "cell_type", ax=axes[0], he=False, show=True)  # asked for
+    assert shown == [1, 1]
+    plt.close("all")

@@ -28,7 +28,10 @@ DOC_PARAMS = {
     ),
     # the plotting functions' last three parameters
     "ax": "Axes to draw into; default a new figure.",
-    "show": "Show the figure; ``None`` shows it only with an interactive backend and when not saving.",
+    "show": (
+        "Show the figure; ``None`` shows it only with an interactive backend, when not saving and when not "
+        "drawing into a given ``ax`` (its figure is the caller's to show)."
+    ),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,11 +30,16 @@ _TAB20 = [
 ]  # fmt: skip
 
 
+# figures the caller handed in (through ``ax=``): the caller shows them, once all its panels are drawn
+_GIVEN_FIGURES: weakref.WeakSet = weakref.WeakSet()
+
+
 def new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     """Return ``(figure, axes)``: the given Axes and its figure, or a new figure with one Axes."""
     import matplotlib.pyplot as plt
 
     if ax is not None:
+        _GIVEN_FIGURES.add(ax.figure)
         return ax.figure, ax
     fig, ax = plt.subplots(figsize=figsize, layout="constrained")
     return fig, ax
@@ -42,8 +48,10 @@ def new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axe
 def finish(fig: Figure, *, show: bool | None, save: str | os.PathLike | bool | None, name: str) -> None:
     """Save ``fig`` (``save`` = a path, or ``True`` for ``figures/<name>.png``) and show it when asked.
 
-    ``show=None`` shows the figure only with an interactive backend and when it is not being saved,
-    so plotting functions are safe under the Agg backend (scripts, tests, the docs build).
+    ``show=None`` shows the figure only with an interactive backend, when it is not being saved and when
+    the function made it: so plotting functions are safe under the Agg backend (scripts, tests, the docs
+    build), and drawing into one panel of the caller's figure (``ax=``) does not show (and, in a notebook,
+    close) that figure before its other panels are drawn.
     """
     import matplotlib
     import matplotlib.pyplot as plt
@@ -57,7 +65,7 @@ def finish(fig: Figure, *, show: bool | None, save: str | os.PathLike | bool | N
         logger.info("saved figure to %s", path)
     if show is None:
         interactive = matplotlib.get_backend().lower() not in {"agg", "pdf", "svg", "ps", "cairo", "template"}
-        show = interactive and not save
+        show = interactive and not save and fig not in _GIVEN_FIGURES
     if show:
         plt.show()
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 COPY_KEY = "stain_copy"
 _JITTER_KEY = "_stain_jitter"
 _EMBED_ARGS = ("mode", "pool", "layer", "size", "mpp")
+N_COPIES, STRENGTH = 2, 0.15  # the defaults, also of the trainers' stain_augmentation=
 
 
 def _embed_kwargs(params: dict, rep: str) -> dict:
@@ -41,8 +42,8 @@ def _embed_kwargs(params: dict, rep: str) -> dict:
 def augment_stain(
     mdata: MuData,
     *,
-    n_copies: int = 2,
-    strength: float = 0.15,
+    n_copies: int = N_COPIES,
+    strength: float = STRENGTH,
     morph_rep: str | None = None,
     model: str | nn.Module | None = None,
     weights: str | None = None,

@@ -41,10 +41,13 @@ def stain_reference(reference: Any, method: str, key: str = STAIN_KEY) -> dict:
     """The reference stain record held by ``reference``.
 
     ``reference`` is a stain record (dict with ``method``), the ``uns`` entry of :func:`normalize_stain`
-    (dict with ``reference``), an embedding's ``params`` (with ``stain``) or a MuData / AnnData whose
+    (dict with ``reference``), an embedding's ``params`` (with ``stain``), a MuData / AnnData whose
     morphology modality holds a :func:`normalize_stain` result under ``key`` or an embedding made with
-    ``stain=``.
+    ``stain=``, or a trained model (a classifier or aligner, loaded or not) whose morphology input was
+    embedded with ``stain=`` (the reference recorded in its provenance).
     """
+    if hasattr(reference, "provenance") and not hasattr(reference, "uns"):  # a trained model
+        reference = model_stain_reference(reference)
     if isinstance(reference, dict):
         if "stain" in reference and isinstance(reference["stain"], dict):  # an embedding's params
             reference = reference["stain"]
@@ -71,6 +74,22 @@ def stain_reference(reference: Any, method: str, key: str = STAIN_KEY) -> dict:
         raise ValueError(f"The reference stain was estimated with method={rec['method']!r}, not {method!r}: "
                          f"pass method={rec['method']!r}.")
     return rec
+
+
+def model_stain_reference(model) -> dict:
+    """The reference stain a model's morphology input was normalised to (``provenance["morphology"]``: the
+    ``params["stain"]`` its embedding recorded), as a stain record."""
+    entry = (getattr(model, "provenance", None) or {}).get(MOD_MORPH) or {}
+    stain = (entry.get("params") or {}).get("stain")
+    if not (isinstance(stain, dict) and isinstance(stain.get("reference"), dict)):
+        what = "no morphology input" if not entry else f"the morphology embedding {entry.get('key')!r}"
+        raise ValueError(
+            f"The {type(model).__name__} was trained on {what}, which records no stain reference (embedded without "
+            "stain=, stain-augmented, or a projection): there is no stain to normalise to. Pass the training section "
+            "as reference=, or train on an embedding made with cs.pp.normalize_stain + "
+            "cs.pp.embed_morphology(stain=...)."
+        )
+    return stain["reference"]
 
 
 @inject_docs()
@@ -103,8 +122,10 @@ def normalize_stain(
     reference
         The stain to normalise to: ``None`` uses the first sample's own stain (this section becomes the
         reference: do it on the training section); a MuData / AnnData normalised before (the training
-        section: its reference is reused, so a new slide matches it); or a stain record / ``uns`` entry /
-        embedding ``params`` dict holding one.
+        section: its reference is reused, so a new slide matches it); a model trained on a normalised
+        embedding (a ``CellTypeClassifier`` or ``ContrastiveAligner``, e.g. loaded from its folder: the
+        reference recorded in its provenance, so the slide is embedded as the model expects); or a stain
+        record / ``uns`` entry / embedding ``params`` dict holding one.
     n_cells
         Cells per sample whose surrounding pixels are used.
     patch_um

@@ -108,15 +108,15 @@ def niches(
 
     Returns
     -------
-    None, or a modified copy with ``copy=True``. Writes:
+    None, or a modified copy with ``copy=True``; writes
 
-    - ``obs[key_added]`` on the modality (categorical niche labels ``'0'``, ``'1'``, ..., NaN for left-out
-      cells) and, for a MuData, the same column in ``mdata.obs`` and in every other modality's ``obs``
+    - ``obs[key_added]`` on the modality: categorical niche labels ``'0'``, ``'1'``, ..., NaN for left-out
+      cells; for a MuData also the same column in ``mdata.obs`` and in every other modality's ``obs``
       (a joint per-cell result, kept in sync on every run);
-    - ``obsp[f"{{neighbors_key}}_connectivities"]`` and ``obsp[f"{{neighbors_key}}_distances"]`` on the
-      modality (``(n_cells, n_cells)`` CSR; left-out cells have no edges) and ``uns[neighbors_key]`` with
+    - ``obsp[f"{{neighbors_key}}_connectivities"]`` and ``obsp[f"{{neighbors_key}}_distances"]``: on the
+      modality, ``(n_cells, n_cells)`` CSR, left-out cells without edges; and ``uns[neighbors_key]`` with
       ``connectivities_key``, ``distances_key`` and scanpy's ``params``;
-    - ``obsm[key_added + '_umap']`` on the modality when ``umap=True`` (NaN rows for left-out cells);
+    - ``obsm[key_added + '_umap']`` on the modality, when ``umap=True``: NaN rows for left-out cells;
     - ``uns[key_added]`` on the modality: ``params``, ``n_niches`` and ``n_excluded``.
     """
     check_choice("method", method, ["leiden"])

@@ -23,6 +23,7 @@ def train_classifier(
     arch: Literal["unimodal", "spatial", "dual", "multi_input", "morphology"] = "dual",
     gene_rep: str | None = None,
     morph_rep: str | None = None,
+    stain_augmentation: int | dict | None = None,
     exclude: Sequence[str] = ("ambiguous",),
     confident_key: str | None = None,
     split: Literal["random", "spatial", "sample"] | Sequence[str] = "random",
@@ -72,6 +73,15 @@ def train_classifier(
         {gene_rep}
     morph_rep
         {morph_rep}
+    stain_augmentation
+        Train on the cells and stain-jittered copies of them, embedded again from perturbed patches by
+        :func:`cellsymphony.pp.augment_stain` (so the model sees each cell under several stains and transfers
+        better to slides stained and scanned elsewhere): ``None`` (off), the number of copies per cell, or a
+        dict with ``n_copies`` (2), ``strength`` (0.15) and ``seed`` (default ``seed``). The split is drawn
+        on the original cells; copies of training cells are trained on, copies of test cells are left out,
+        so the metrics and the outputs are those of the original cells. Needs a morphology input embedded
+        from the patches as scanned, by an encoder named in its params. Recorded in
+        ``params["stain_augmentation"]`` and in the saved model.
     exclude
         Labels left out of training and evaluation (e.g. ``"ambiguous"``). Cells with a missing
         label, not confident, or with missing / NaN inputs are left out too; the log counts each.
@@ -149,12 +159,17 @@ def train_classifier(
     from .._results import write_classifier
     from ..models.classifier._config import training_from
     from ..models.classifier._model import CellTypeClassifier
+    from ._stain_augmentation import augmentation_spec, fit_classifier
 
     model = CellTypeClassifier(
         arch, d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=dropout, dim_feedforward=dim_feedforward,
         wavelengths_um=wavelengths_um,
     )  # fmt: skip
     training = training_from(locals())
-    model._fit(mdata, label_key, training)
+    spec = augmentation_spec(stain_augmentation, seed)
+    if spec is None:
+        model._fit(mdata, label_key, training)
+    else:
+        fit_classifier(model, mdata, label_key, training, spec)
     write_classifier(mdata, model, key_added)
     return model

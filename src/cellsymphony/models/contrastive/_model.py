@@ -6,6 +6,7 @@ import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -33,6 +34,14 @@ MODALITIES = (MOD_RNA, MOD_MORPH)
 
 
 RETRIEVAL_CELLS = 10_000  # held-out cells among which retrieval is scored (a fixed candidate pool)
+
+
+def held_out_split(n: int, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out and training rows (sorted) of ``n`` paired cells: ``test_size`` of them, at least 2 when
+    ``test_size > 0``, drawn with ``seed`` (the one rule of :meth:`ContrastiveAligner.fit`)."""
+    n_test = max(int(round(test_size * n)), 2) if test_size > 0 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[:n_test]), np.sort(order[n_test:])
 
 
 @dataclasses.dataclass
@@ -179,6 +188,7 @@ class ContrastiveAligner(BaseModel):
         patience: int = 5,
         seed: int = 0,
         device: str | None = None,
+        test_obs_names: Sequence[str] | None = None,
     ) -> ContrastiveAligner:
         """Train on the cells present in both modalities, holding out ``test_size`` of them.
 
@@ -218,6 +228,10 @@ class ContrastiveAligner(BaseModel):
             Seed of the split, initial weights, shuffling and dropout (the global random state is left as it was).
         device
             Torch device; ``None`` uses ``cs.settings.device``.
+        test_obs_names
+            The cells to hold out, by name, instead of drawing ``test_size`` of them (the stain-augmented
+            training of :func:`cellsymphony.tl.align_contrastive` holds out original cells this way); names
+            that are not paired cells with finite embeddings are ignored.
 
         Returns
         -------
@@ -242,8 +256,12 @@ class ContrastiveAligner(BaseModel):
                 f"with NaN rows in {data['gene_rep']!r}, {data['n_nan_morphology']} in {data['morph_rep']!r}). "
                 "Use a larger section or several sections."
             )
-        n_test = max(int(round(test_size * n)), 2) if test_size > 0 else 0
-        n_train = n - n_test
+        if test_obs_names is None:
+            test_idx, train_idx = held_out_split(n, test_size, seed)
+        else:
+            is_test = pd.Index(data["obs_names"]).isin(pd.Index(np.asarray(test_obs_names, dtype=str)))
+            test_idx, train_idx = np.flatnonzero(is_test), np.flatnonzero(~is_test)
+        n_test, n_train = len(test_idx), len(train_idx)
         if n_train < 2:
             raise ValueError(
                 f"test_size={test_size} holds out {n_test} of the {n} paired cells, leaving {n_train} to train on "
@@ -261,8 +279,6 @@ class ContrastiveAligner(BaseModel):
         self.n_gene, self.n_morph = data["x_gene"].shape[1], data["x_morph"].shape[1]
         self._record_inputs(mdata, {"rna": (self.gene_rep, self.n_gene), "morphology": (self.morph_rep, self.n_morph)})
 
-        order = np.random.default_rng(seed).permutation(n)
-        test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
         self.train_obs_names = data["obs_names"][train_idx]
         self.test_obs_names = data["obs_names"][test_idx]
 

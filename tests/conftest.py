@@ -31,10 +31,8 @@ def produced(tmp_path_factory):
 def one_torch_thread():
     """Tiny networks: one torch thread is as fast, and far faster than two on a loaded 2-core machine.
     Modules of such tests use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
-    import torch
+    from cellsymphony.pp._patch_source import one_thread
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 

@@ -132,11 +132,7 @@ def tissue(folder: str, n_cells: int = 40, seed: int = 0, axes: str = "YXS"):
 def one_torch_thread():
     """Generator for an autouse fixture: one torch thread (the tiny models gain nothing from more, and
     on a shared 2-core machine extra threads only spin), restored afterwards."""
-    import torch
+    from cellsymphony.pp._patch_source import one_thread
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         yield
-    finally:
-        torch.set_num_threads(before)

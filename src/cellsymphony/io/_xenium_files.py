@@ -77,6 +77,15 @@ def to_cell_ids(values, source: str) -> tuple[np.ndarray, str]:
     return out, "string"
 
 
+def zarr_cell_ids(raw: np.ndarray, path) -> np.ndarray:
+    """The cell ids of a zarr file's ``cell_id`` array (``cells.zarr.zip``, ``cell_feature_matrix.zarr.zip``):
+    ``(prefix, suffix)`` pairs (Xenium 1.3 on) or one column of string / integer ids."""
+    raw = np.asarray(raw)
+    if raw.ndim == 2 and raw.shape[1] == 2:
+        return cell_id_from_prefix_suffix(raw)
+    return to_cell_ids(raw.ravel(), str(path))[0]
+
+
 def cell_id_from_prefix_suffix(ids: np.ndarray) -> np.ndarray:
     """Xenium's ``(prefix, suffix)`` uint32 pairs (zarr files from 1.3 on) as ``aaabbbcc-1`` strings.
 
@@ -298,10 +307,7 @@ def check_cells_zarr_ids(folder: Path, table_ids: np.ndarray, table_path: Path) 
             raw = np.asarray(root["cell_id"][...])
         finally:
             store.close()
-        if raw.ndim == 2 and raw.shape[1] == 2:
-            ids = cell_id_from_prefix_suffix(raw)
-        else:
-            ids, _ = to_cell_ids(raw.ravel(), str(path))
+        ids = zarr_cell_ids(raw, path)
     tab, seg = pd.Index(table_ids), pd.Index(ids)
     if tab.equals(seg):
         return
@@ -501,10 +507,7 @@ def _read_zarr(path: Path):
         indptr = _int_array(g["indptr"][...], "indptr", path)
     finally:
         store.close()
-    if raw_ids.ndim == 2 and raw_ids.shape[1] == 2:
-        ids = cell_id_from_prefix_suffix(raw_ids)
-    else:
-        ids, _ = to_cell_ids(raw_ids.ravel(), str(path))
+    ids = zarr_cell_ids(raw_ids, path)
     n_cells, n_feat = len(ids), len(names)
     if len(indptr) == n_feat + 1:  # rows are features (the layout 10x writes)
         x = sparse.csr_matrix((data, indices, indptr), shape=(n_feat, n_cells)).T.tocsr()

@@ -68,7 +68,7 @@ def warp_windows(source, xy_um: np.ndarray, *, size: int, mpp: float, level: int
     import torch.nn.functional as F
 
     from ._patch_geometry import patch_to_um, um_to_level
-    from ._patch_source import PatchSource, _blur, _read_level
+    from ._patch_source import PatchSource, _blur, _read_level, one_thread
 
     xy = np.asarray(xy_um, dtype=np.float64).reshape(-1, 2)
     if source.warp is not None or type(source).read is not PatchSource.read:
@@ -90,14 +90,10 @@ def warp_windows(source, xy_um: np.ndarray, *, size: int, mpp: float, level: int
         img = _blur(img, sigma)
     h, w = img.shape[:2]
     grid = np.stack([(gx - x0) / (w - 1) * 2 - 1, (gy - y0) / (h - 1) * 2 - 1], axis=-1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # every cell's samples as the rows of one tall output image
+    with one_thread():  # every cell's samples as the rows of one tall output image
         src_t = torch.from_numpy(img.astype(np.float64)).permute(2, 0, 1).unsqueeze(0)
         out = F.grid_sample(src_t, torch.from_numpy(grid.reshape(1, -1, size, 2)), mode="bilinear",
                             padding_mode="border", align_corners=True)[0]  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
     out = out.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return np.ascontiguousarray(out.reshape(len(xy), size, size, 3))
 

@@ -107,19 +107,13 @@ class PatchSource:
             local = np.zeros((len(xy), 3, 3))
             local[ok] = lvl @ local_um_to_he_affine(xy[ok], self.alignment, self.pixel_size, self.warp)
         out = np.full((len(xy), size, size, 3), 255, dtype=np.uint8)
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one small warp per patch: extra threads only add overhead
-        try:
+        with one_thread():  # one small warp per patch: extra threads only add overhead
             for i, (cx, cy) in enumerate(xy):
                 if not (np.isfinite(cx) and np.isfinite(cy)):
                     continue
                 shift = np.array([[1.0, 0, cx], [0, 1.0, cy], [0, 0, 1.0]])
                 m = to_level if local is None else local[i]
                 out[i] = _warp_patch(he, level, m @ shift @ patch_to_um(size, mpp), size)
-        finally:
-            torch.set_num_threads(threads)
         return out
 
 

@@ -8,6 +8,7 @@ CYX, 2 x 2 block-averaged levels); the MuData is built with the registry layout 
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -135,4 +136,16 @@ def one_torch_thread():
     from cellsymphony.pp._patch_source import one_thread
 
     with one_thread():
+        yield
+
+
+def quiet_morphology():
+    """Generator for an autouse fixture: no progress bars, and the untrained-encoder and FutureWarning
+    messages the morphology tests provoke on purpose silenced, restored afterwards."""
+    import cellsymphony as cs
+
+    cs.settings.progress = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*untrained.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
         yield

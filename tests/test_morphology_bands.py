@@ -5,7 +5,6 @@ few bands, the cache fingerprint, and a damaged tile."""
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from morphology_helpers import (
     PIXEL_SIZE,
     draw_disc,
     make_mudata,
+    quiet_morphology,
     rotated_alignment,
     write_he,
 )
@@ -30,11 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(autouse=True)
 def _quiet():
-    cs.settings.progress = False
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*untrained.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        yield
+    yield from quiet_morphology()
 
 
 def _tissue_image(h: int, w: int, seed: int) -> np.ndarray:

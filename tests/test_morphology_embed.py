@@ -16,6 +16,7 @@ from morphology_helpers import (
     draw_disc,
     make_mudata,
     one_torch_thread,
+    quiet_morphology,
     rotated_alignment,
     tissue,
     write_he,
@@ -38,11 +39,7 @@ SIZE, MPP = 112, 1.0  # 8 x 8 tokens of 14 px: quick on two CPU cores
 
 @pytest.fixture(autouse=True)
 def _quiet():
-    cs.settings.progress = False
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*untrained.*")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        yield
+    yield from quiet_morphology()
 
 
 @pytest.fixture(scope="module")

@@ -277,6 +277,12 @@ class HEImage:
                 ]
         return out
 
+    def forget_tiles(self, keys) -> None:
+        """Drop these decoded tiles ``(level, row, column)`` from memory (a reader that knows it is done with them)."""
+        with self._lock:
+            for key in keys:
+                self._cache.pop(tuple(key), None)
+
     def clear_cache(self) -> None:
         """Drop the decoded tiles kept in memory."""
         with self._lock:

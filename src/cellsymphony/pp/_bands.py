@@ -13,8 +13,9 @@ computes each block exactly once, for the first batch that needs it; the consume
 batch to its last one. Batches come in serpentine order along the bands, so a few bands are resident at
 any time, whatever the number of cells (:attr:`BandStats.peak_blocks`).
 
-On CUDA the workers only decode (the level pixels of each new block, handed over in pinned memory) and the
-low-pass, the warp and the cutting run on the GPU, the cutting as one gather per batch.
+On the CPU a block is low-passed and warped by OpenCV; on CUDA the workers only decode (the level pixels of
+each new block, handed over in pinned memory) and the low-pass, the warp (torch) and the cutting run on the
+GPU, the cutting as one gather per batch.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ BLOCK_PX = 256  # side of a resampled block (output pixels); a band is a row of 
 
 @dataclass
 class BandStats:
-    """What a run of :func:`band_patches` did: blocks resampled and the most held at once."""
+    """What a run of :func:`band_patches` did: blocks resampled, the most held at once, and the most decoded
+    tiles its plan holds in one process."""
 
     blocks_resampled: int = 0
     peak_blocks: int = 0
     block_px: int = BLOCK_PX
+    peak_tiles: int = 0  # decoded slide tiles held at most by one process (TilePlan.peak)
 
 
 @dataclass
@@ -86,14 +89,49 @@ def schedule(centres: list[np.ndarray], *, size: int, mpp: float, block: int = B
     return Schedule(origins, new, free, needs, block=block, n_blocks=len(first))
 
 
+@dataclass
+class TilePlan:
+    """Which decoded slide tiles each item of :class:`BandItems` is the last (in its process) to need.
+
+    Items go to ``workers`` processes in turn (item ``i`` to process ``i % workers``, as the DataLoader hands
+    them out), each with its own tile cache: a tile is dropped from a process's cache after the last item of
+    that process that decodes it, so each tile is decoded once per process that needs it and the cache holds
+    ``peak`` tiles at most (the tiles under about two bands), whatever the size of the slide."""
+
+    free: list[list[tuple[int, int, int]]]
+    peak: int
+
+
+def tile_plan(source, sched: Schedule, *, mpp: float, level: int, workers: int) -> TilePlan:
+    """The :class:`TilePlan` of ``sched`` read from ``source`` at ``level`` by ``workers`` processes (0: this one)."""
+    s, w = sched.block, max(1, int(workers))
+    last: dict[tuple[int, tuple], int] = {}
+    first: dict[tuple[int, tuple], int] = {}
+    for i, keys in enumerate(sched.new):
+        for bx, by in keys:
+            for t in source.band_tiles(bx * s * mpp, by * s * mpp, s, s, mpp=mpp, level=level):
+                first.setdefault((i % w, t), i)
+                last[(i % w, t)] = i
+    free: list[list] = [[] for _ in sched.new]
+    per_worker = np.zeros((w, len(sched.new) + 1), dtype=np.int64)
+    for (wk, t), i in last.items():
+        free[i].append(t)
+        per_worker[wk, first[(wk, t)]] += 1
+        per_worker[wk, i + 1] -= 1
+    live = per_worker.cumsum(axis=1).max() if len(last) else 0
+    return TilePlan(free, int(live))
+
+
 class BandItems:
     """Map-style dataset: item ``i`` is ``(i, {block: pixels})`` for the blocks batch ``i`` is the first to need.
 
     ``decode_only``: the blocks' decoded level pixels (:meth:`PatchSource.band_region`, resampled by the
     consumer on its device); otherwise the resampled uint8 blocks (on this process's CPU)."""
 
-    def __init__(self, source, sched: Schedule, *, mpp: float, level: int, decode_only: bool = False):
+    def __init__(self, source, sched: Schedule, *, mpp: float, level: int, decode_only: bool = False,
+                 tiles: TilePlan | None = None):
         self.source, self.sched, self.mpp, self.level, self.decode_only = source, sched, mpp, level, decode_only
+        self.tiles = tiles
 
     def __len__(self) -> int:
         return len(self.sched.new)
@@ -104,6 +142,8 @@ class BandItems:
         with one_thread():  # many small operations: extra threads only spin (and fight for shared cores)
             for key in self.sched.new[i]:
                 out[key] = self._block(key, s, mpp)
+        if self.tiles is not None:  # the decoded tiles no later item of this process needs
+            self.source.he.forget_tiles(self.tiles.free[i])
         return i, out
 
     def _block(self, key, s, mpp):
@@ -190,16 +230,34 @@ def band_patches(
     device and the source has no stain transform (then the workers only decode and the GPU resamples and
     cuts). Blocks are resampled once each, in ``num_workers`` DataLoader workers (or here), and freed after
     the last batch that needs them. ``decode_only`` (default: on CUDA) has the workers only decode and this
-    process resample on ``device`` (the GPU path; ``device="cpu"`` runs it on the CPU, for tests)."""
-    import torch
-    from torch.utils.data import DataLoader
-
+    process resample on ``device`` (the GPU path; ``device="cpu"`` runs it on the CPU, for tests). Each
+    process decodes a slide tile once and drops it after the last block it needs it for (:func:`tile_plan`)."""
     if not centres:
         return
     sched = schedule(centres, size=size, mpp=mpp, block=block)
     cuda = str(device).startswith("cuda")
     on_gpu = (cuda if decode_only is None else bool(decode_only)) and not source.has_transform
-    data = BandItems(source, sched, mpp=mpp, level=level, decode_only=on_gpu)
+    stats = BandStats(block_px=block) if stats is None else stats
+    tiles, cache_before = None, source.cache_tiles
+    if source.warp is None:  # (under a non-rigid field the tiles a block needs are known only by mapping it)
+        tiles = tile_plan(source, sched, mpp=mpp, level=level, workers=num_workers)
+        stats.peak_tiles = tiles.peak
+        source.cache_tiles = source.he.cache_tiles = tiles.peak + 8  # what the plan holds, and a little slack
+    try:
+        yield from _stream(source, sched, centres, size=size, block=block, level=level, device=device, mpp=mpp,
+                           num_workers=num_workers, on_gpu=on_gpu, cuda=cuda, tiles=tiles, stats=stats)
+    finally:
+        source.cache_tiles = cache_before
+        if source._he is not None:
+            source._he.cache_tiles = cache_before
+
+
+def _stream(source, sched, centres, *, size, block, level, device, mpp, num_workers, on_gpu, cuda, tiles, stats):
+    """:func:`band_patches` once its schedule and tile plan are made."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    data = BandItems(source, sched, mpp=mpp, level=level, decode_only=on_gpu, tiles=tiles)
     if num_workers > 0:
         source.close()  # each worker opens its own handle
     loader = DataLoader(
@@ -207,11 +265,10 @@ def band_patches(
         worker_init_fn=_worker_init if num_workers > 0 else None, pin_memory=on_gpu and cuda,
         prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
     )  # fmt: skip
-    stats = BandStats(block_px=block) if stats is None else stats
     store: dict = {}
     for i, blocks in loader:
         for k, v in blocks.items():
-            store[k] = resample_region(v, block, block, device=device) if on_gpu else v
+            store[k] = resample_region(v, block, block, device=device, engine="torch") if on_gpu else v
         stats.blocks_resampled += len(blocks)
         stats.peak_blocks = max(stats.peak_blocks, len(store))
         if len(sched.origins[i]):
@@ -228,7 +285,9 @@ def band_patches(
 
 
 def _worker_init(_):
-    """DataLoader workers: one torch thread each (the workers are the parallelism)."""
+    """DataLoader workers: one torch and one OpenCV thread each (the workers are the parallelism)."""
+    import cv2
     import torch
 
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)

@@ -400,8 +400,9 @@ def embed_morphology(
     if by_band:  # other values than the per-cell path (windows on one pixel lattice): other cache folders
         run_params["band_px"] = BAND_PX
     # the cache fingerprint: exact=True keeps that of earlier versions (their caches are reused); band
-    # patches differ slightly from exact ones, so their caches are named apart
-    fp_params = dict(run_params) if exact else {**run_params, "extraction": "bands"}
+    # patches differ slightly from exact ones, so their caches are named apart ("bands-opencv": since the CPU
+    # resampling moved to OpenCV, whose rounding differs from the earlier torch resampling in a few pixels)
+    fp_params = dict(run_params) if exact else {**run_params, "extraction": "bands-opencv"}
     run_params["exact"] = bool(exact)
     dim = int(encoder.embed_dim)
     out = np.full((adata.n_obs, dim), np.nan, dtype=np.float32)

@@ -20,6 +20,7 @@ GPU, the cutting as one gather per batch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -238,18 +239,30 @@ def band_patches(
     cuda = str(device).startswith("cuda")
     on_gpu = (cuda if decode_only is None else bool(decode_only)) and not source.has_transform
     stats = BandStats(block_px=block) if stats is None else stats
-    tiles, cache_before = None, source.cache_tiles
-    if source.warp is None:  # (under a non-rigid field the tiles a block needs are known only by mapping it)
-        tiles = tile_plan(source, sched, mpp=mpp, level=level, workers=num_workers)
-        stats.peak_tiles = tiles.peak
-        source.cache_tiles = source.he.cache_tiles = tiles.peak + 8  # what the plan holds, and a little slack
-    try:
+    with tile_cache(source, sched, mpp=mpp, level=level, workers=num_workers, stats=stats) as tiles:
         yield from _stream(source, sched, centres, size=size, block=block, level=level, device=device, mpp=mpp,
                            num_workers=num_workers, on_gpu=on_gpu, cuda=cuda, tiles=tiles, stats=stats)
+
+
+@contextlib.contextmanager
+def tile_cache(source, sched: Schedule, *, mpp: float, level: int, workers: int, stats: BandStats | None = None):
+    """Within: ``source`` (and the processes it is shipped to) holds the tiles of :func:`tile_plan` (yielded,
+    for :class:`BandItems`), its cache sized to the plan's peak; the source's own ``cache_tiles`` after. Under a
+    non-rigid field (the tiles a block needs are known only by mapping it) the plan is ``None``: the cache."""
+    if source.warp is not None:
+        yield None
+        return
+    tiles = tile_plan(source, sched, mpp=mpp, level=level, workers=workers)
+    if stats is not None:
+        stats.peak_tiles = tiles.peak
+    before = source.cache_tiles
+    source.cache_tiles = source.he.cache_tiles = tiles.peak + 8  # what the plan holds, and a little slack
+    try:
+        yield tiles
     finally:
-        source.cache_tiles = cache_before
+        source.cache_tiles = before
         if source._he is not None:
-            source._he.cache_tiles = cache_before
+            source._he.cache_tiles = before
 
 
 def _stream(source, sched, centres, *, size, block, level, device, mpp, num_workers, on_gpu, cuda, tiles, stats):

@@ -61,7 +61,7 @@ def warp_windows(source, xy_um: np.ndarray, *, size: int, mpp: float, level: int
     filtering the band's region of the slide once (:meth:`~cellsymphony.pp._patch_source.PatchSource.band_region`,
     as the band patches): every cell's window is then sampled bilinearly at its exact centre from that one
     region (:func:`~cellsymphony.pp._patch_source.sample_region`), as ``_patch_source._warp_patch`` samples its
-    own region, so the pixels are the per-cell patches' (1 grey level apart in a few pixels per 1,000: OpenCV's
+    own region, so the pixels are the per-cell patches' (1 grey level apart in about 3 pixels per 10,000: OpenCV's
     1/32 px sampling lattice, and the low-pass taps under 1e-4 left out). A non-rigid registration (its own
     scale at each cell) or a source with its own ``read`` (stain transforms) is read cell by cell."""
     from ._patch_source import PatchSource, sample_region

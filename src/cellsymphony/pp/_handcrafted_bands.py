@@ -49,13 +49,6 @@ def band_chunks(xy_um: np.ndarray, *, mpp: float, chunk_size: int, band_px: int 
     return chunks
 
 
-def read_band(source, x0_um: float, y0_um: float, side_px: int, *, mpp: float, level: int) -> np.ndarray:
-    """``(side_px, side_px, 3)`` uint8 image whose pixel ``(u, v)`` is centred at ``(x0_um + (u + 0.5) mpp,
-    y0_um + (v + 0.5) mpp)``: one patch of the source centred on the band (its usual antialiased warp)."""
-    centre = np.array([[x0_um + side_px * mpp / 2.0, y0_um + side_px * mpp / 2.0]])
-    return source.read(centre, size=int(side_px), mpp=mpp, level=level)[0]
-
-
 def warp_windows(source, xy_um: np.ndarray, *, size: int, mpp: float, level: int) -> np.ndarray:
     """``source.read(xy_um, size=size, mpp=mpp, level=level)`` for the cells of one band, decoding and low-pass
     filtering the band's region of the slide once (:meth:`~cellsymphony.pp._patch_source.PatchSource.band_region`,

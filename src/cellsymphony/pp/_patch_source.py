@@ -250,7 +250,7 @@ def resample_region(region: dict, width_px: int, height_px: int, *, device=None,
     non-rigid ``grid``) gives, edges replicated. ``engine``:
 
     - ``"opencv"`` (the default on the CPU): ``cv2.sepFilter2D`` in float32 and ``cv2.warpAffine`` /
-      ``cv2.remap``, vectorised C++ a few times faster than torch's CPU kernels. OpenCV places each sample
+      ``cv2.remap``, vectorised C++ about twice as fast as torch's CPU kernels. OpenCV places each sample
       on a 1/32 pixel lattice, so its pixels differ from the torch engine's by at most 1 grey level in a few
       pixels per 100,000.
     - ``"torch"`` (the default elsewhere, i.e. on CUDA): the low-pass as shifted sums kept to the pixels the
@@ -290,7 +290,7 @@ def _resample_opencv(region: dict, width_px: int, height_px: int) -> np.ndarray:
     g = g.numpy() if hasattr(g, "numpy") else np.asarray(g)
     missing = ~np.isfinite(g).all(axis=-1)
     g = np.nan_to_num(g, nan=0.0).astype(np.float32)
-    out = _to_uint8(cv2.remap(img, g[..., 0], g[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
+    out = _to_uint8(_remap(img, g[..., 0], g[..., 1]))
     out[missing] = 255
     return out
 
@@ -298,20 +298,25 @@ def _resample_opencv(region: dict, width_px: int, height_px: int) -> np.ndarray:
 def sample_region(region: dict, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """A :meth:`PatchSource.band_region` (with an ``affine``) low-passed and sampled bilinearly at band pixel
     coordinates ``(cols, rows)`` (any shape ``S``, fractional): uint8 ``S + (3,)``, OpenCV on the CPU."""
-    import cv2
-
     a = np.asarray(region["affine"], dtype=np.float64).reshape(2, 3)
     shape = np.shape(cols)
     u, v = np.asarray(cols, dtype=np.float64).reshape(-1), np.asarray(rows, dtype=np.float64).reshape(-1)
     side = shape[-1] if len(shape) > 1 else 1
     mx = (a[0, 0] * u + a[0, 1] * v + a[0, 2]).astype(np.float32).reshape(-1, side)
     my = (a[1, 0] * u + a[1, 1] * v + a[1, 2]).astype(np.float32).reshape(-1, side)
-    img = _blurred(region)
     with one_thread():
-        step = CV_MAX_SIDE  # OpenCV's images are under 32,767 px a side: the samples as rows of tall images
-        out = np.concatenate([cv2.remap(img, mx[i : i + step], my[i : i + step], cv2.INTER_LINEAR,
-                                        borderMode=cv2.BORDER_REPLICATE) for i in range(0, len(mx), step)])  # fmt: skip
+        out = _remap(_blurred(region), mx, my)
     return _to_uint8(out).reshape(*shape, 3)
+
+
+def _remap(img: np.ndarray, mx: np.ndarray, my: np.ndarray) -> np.ndarray:
+    """``cv2.remap`` (bilinear, edges replicated) of ``img`` at float32 maps ``(rows, cols)``; maps taller than
+    OpenCV's 32,767 px limit in slices of rows."""
+    import cv2
+
+    step = CV_MAX_SIDE
+    return np.concatenate([cv2.remap(img, mx[i : i + step], my[i : i + step], cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_REPLICATE) for i in range(0, len(mx), step)])  # fmt: skip
 
 
 def _blurred(region: dict) -> np.ndarray:

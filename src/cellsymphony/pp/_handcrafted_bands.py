@@ -73,7 +73,7 @@ def warp_windows(source, xy_um: np.ndarray, *, size: int, mpp: float, level: int
     a = np.arange(size, dtype=np.float64)
     u = (xy[:, 0, None, None] - x0) / mpp - size / 2.0 + a[None, None, :]
     v = (xy[:, 1, None, None] - y0) / mpp - size / 2.0 + a[None, :, None]
-    return sample_region(region, np.broadcast_to(u, (len(xy), size, size)), np.broadcast_to(v, (len(xy), size, size)))
+    return sample_region(region, u, v)
 
 
 def handcrafted_by_band(

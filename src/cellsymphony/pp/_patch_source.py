@@ -297,10 +297,11 @@ def _resample_opencv(region: dict, width_px: int, height_px: int) -> np.ndarray:
 
 def sample_region(region: dict, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """A :meth:`PatchSource.band_region` (with an ``affine``) low-passed and sampled bilinearly at band pixel
-    coordinates ``(cols, rows)`` (any shape ``S``, fractional): uint8 ``S + (3,)``, OpenCV on the CPU."""
+    coordinates ``(cols, rows)`` (fractional, broadcast together to a shape ``S``, e.g. ``(n, 1, w)`` and
+    ``(n, h, 1)`` for ``n`` windows: the full grids are never built): uint8 ``S + (3,)``, OpenCV on the CPU."""
     a = np.asarray(region["affine"], dtype=np.float64).reshape(2, 3)
-    shape = np.shape(cols)
-    u, v = np.asarray(cols, dtype=np.float64).reshape(-1), np.asarray(rows, dtype=np.float64).reshape(-1)
+    u, v = np.asarray(cols, dtype=np.float64), np.asarray(rows, dtype=np.float64)
+    shape = np.broadcast_shapes(u.shape, v.shape)
     side = shape[-1] if len(shape) > 1 else 1
     mx = (a[0, 0] * u + a[0, 1] * v + a[0, 2]).astype(np.float32).reshape(-1, side)
     my = (a[1, 0] * u + a[1, 1] * v + a[1, 2]).astype(np.float32).reshape(-1, side)

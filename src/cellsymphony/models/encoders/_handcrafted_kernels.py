@@ -147,31 +147,27 @@ def _fill_holes(mask, seen, sy, sx):
 
 
 @njit(cache=True, nogil=True)
-def _kept(mask, lab4, sizes, nid, y, x, min_size, stack):
-    """Whether pixel ``(y, x)`` of ``mask`` survives ``remove_small_objects(min_size)`` (its 4-connected
-    component has ``min_size`` pixels or more), the components labelled lazily into ``lab4`` (ids from
-    ``nid[0] + 1``, sizes in ``sizes``)."""
-    if not mask[y, x]:
-        return False
-    if lab4[y, x] == 0:
-        s0, s1 = mask.shape
-        nid[0] += 1
-        i = nid[0]
-        lab4[y, x] = i
-        stack[0] = y * s1 + x
-        top, count = 1, 1
-        while top > 0:
-            top -= 1
-            py, px = stack[top] // s1, stack[top] % s1
-            for t in range(4):
-                qy, qx = py + _N4[t, 0], px + _N4[t, 1]
-                if 0 <= qy < s0 and 0 <= qx < s1 and mask[qy, qx] and lab4[qy, qx] == 0:
-                    lab4[qy, qx] = i
-                    stack[top] = qy * s1 + qx
-                    top += 1
-                    count += 1
-        sizes[i] = count
-    return sizes[lab4[y, x]] >= min_size
+def _label4(mask, lab4, sizes, nid, y, x, stack):
+    """Label the 4-connected component of ``mask`` at the unlabelled pixel ``(y, x)`` into ``lab4`` (the next
+    id, ``nid[0] + 1``) and its size into ``sizes``: the components ``remove_small_objects`` sizes, labelled
+    where they are met (a pixel survives when ``sizes[lab4[y, x]] >= min_size``; ``sizes[0]`` is 0)."""
+    s0, s1 = mask.shape
+    nid[0] += 1
+    i = nid[0]
+    lab4[y, x] = i
+    stack[0] = y * s1 + x
+    top, count = 1, 1
+    while top > 0:
+        top -= 1
+        py, px = stack[top] // s1, stack[top] % s1
+        for t in range(4):
+            qy, qx = py + _N4[t, 0], px + _N4[t, 1]
+            if 0 <= qy < s0 and 0 <= qx < s1 and mask[qy, qx] and lab4[qy, qx] == 0:
+                lab4[qy, qx] = i
+                stack[top] = qy * s1 + qx
+                top += 1
+                count += 1
+    sizes[i] = count
 
 
 @njit(cache=True, nogil=True)
@@ -300,16 +296,15 @@ def nuclei(smooth, hema, eosin, thr, ok, c, min_size, md, grow, search_px, mpp, 
     lab4 = np.zeros((s0, s1), np.int64)
     ws = np.zeros((s0, s1), np.int64)
     depth = np.zeros((s0, s1), np.int64)
-    dist = np.zeros((s0, s1))
-    rowmax = np.zeros((s0, s1))
-    vm = np.zeros((s0, s1))
+    rowmax = np.zeros((s0, s1), np.int64)
+    vm = np.zeros((s0, s1), np.int64)
     qnext = np.full(npix, -1, np.int64)
     sizes = np.zeros(npix + 1, np.int64)
     nid = np.zeros(1, np.int64)
     stack = np.zeros(npix + 8, np.int64)
     cy_, cx_ = np.empty(npix, np.int64), np.empty(npix, np.int64)
     peaks = np.empty(npix, np.int64)
-    val = np.empty(npix)
+    val = np.empty(npix, np.int64)
     ky, kx = np.empty(npix, np.int64), np.empty(npix, np.int64)
     gv = np.zeros((s0, s1), np.int64)
     d2a = np.zeros((s0, s1), np.int64)
@@ -336,7 +331,7 @@ def nuclei(smooth, hema, eosin, thr, ok, c, min_size, md, grow, search_px, mpp, 
                 d2 = (y - c) * (y - c) + (x - c) * (x - c)
                 if d2 < best and mask[y, x]:
                     if lab4[y, x] == 0:
-                        _kept(mask, lab4, sizes, nid, y, x, min_size, stack)  # label its component
+                        _label4(mask, lab4, sizes, nid, y, x, stack)
                     if sizes[lab4[y, x]] >= min_size:
                         best, py0, px0 = d2, y, x
         if py0 < 0 or np.sqrt(best) > search_px:
@@ -354,7 +349,7 @@ def nuclei(smooth, hema, eosin, thr, ok, c, min_size, md, grow, search_px, mpp, 
                 if not (0 <= qy < s0 and 0 <= qx < s1) or obj[qy, qx] or not mask[qy, qx]:
                     continue
                 if lab4[qy, qx] == 0:
-                    _kept(mask, lab4, sizes, nid, qy, qx, min_size, stack)  # label its component
+                    _label4(mask, lab4, sizes, nid, qy, qx, stack)
                 if sizes[lab4[qy, qx]] >= min_size:
                     obj[qy, qx] = True
                     cy_[m], cx_[m] = qy, qx
@@ -370,7 +365,7 @@ def nuclei(smooth, hema, eosin, thr, ok, c, min_size, md, grow, search_px, mpp, 
         for y in range(y0, y1):
             for x in range(x0, x1):
                 if mask[y, x] and lab4[y, x] == 0:
-                    _kept(mask, lab4, sizes, nid, y, x, min_size, stack)  # label its component
+                    _label4(mask, lab4, sizes, nid, y, x, stack)
                 gv[y, x] = 1 if mask[y, x] and sizes[lab4[y, x]] >= min_size else 0
         for x in range(x0, x1):
             run = far
@@ -391,32 +386,27 @@ def nuclei(smooth, hema, eosin, thr, ok, c, min_size, md, grow, search_px, mpp, 
                 if gg < far:
                     best2 = min(best2, (x - xx) * (x - xx) + gg * gg)
             d2a[y, x] = best2
-            dist[y, x] = np.sqrt(best2)
         # peak_local_max(dist, min_distance=md, labels=...): the object's pixels equal to the object's
-        # maximum within md (Chebyshev), a separable running maximum over the box
+        # maximum within md (Chebyshev), a separable running maximum over the box (of the squared distances,
+        # which order and tie as the distances do)
         for y in range(y0, y1):
             for x in range(x0, x1):
-                vm[y, x] = dist[y, x] if obj[y, x] else -1.0  # off the object: below any distance
+                vm[y, x] = d2a[y, x] if obj[y, x] else -1  # off the object: below any distance
         for y in range(y0, y1):
             for x in range(x0, x1):
-                top = -1.0
+                top = -1
                 for xx in range(max(x0, x - md), min(x1, x + md + 1)):
                     top = max(top, vm[y, xx])
                 rowmax[y, x] = top
+        order = np.argsort(cy_[:m] * s1 + cx_[:m])  # the object's pixels in raster order, as np.nonzero
+        cy_[:m], cx_[:m] = cy_[:m][order], cx_[:m][order]
         npk = 0
-        for i in range(m):  # raster order of the object's pixels is needed below: sort them
-            peaks[i] = cy_[i] * s1 + cx_[i]
-        order = np.argsort(peaks[:m])
-        for i in range(m):
-            ky[i], kx[i] = cy_[order[i]], cx_[order[i]]
-        for i in range(m):
-            cy_[i], cx_[i] = ky[i], kx[i]
         for i in range(m):
             y, x = cy_[i], cx_[i]
-            top = -1.0
+            top = -1
             for yy in range(max(y0, y - md), min(y1, y + md + 1)):
                 top = max(top, rowmax[yy, x])
-            if dist[y, x] == top:
+            if d2a[y, x] == top:
                 peaks[npk] = i
                 npk += 1
         if npk == m:  # a flat object: its isolated pixels (not in its opening by the cross) are the peaks
@@ -427,13 +417,13 @@ def nuclei(smooth, hema, eosin, thr, ok, c, min_size, md, grow, search_px, mpp, 
                     npk += 1
         # highest first (stable: raster order), at least md apart (Chebyshev), then the markers in raster order
         for j in range(npk):
-            val[j] = -dist[cy_[peaks[j]], cx_[peaks[j]]]
+            val[j] = -d2a[cy_[peaks[j]], cx_[peaks[j]]]
         rank = np.argsort(val[:npk], kind="mergesort")
         nmark = 0
         for j in range(npk):
             i = peaks[rank[j]]
             y, x = cy_[i], cx_[i]
-            if not dist[y, x] > 0.0:
+            if d2a[y, x] <= 0:  # above peak_local_max's threshold, the image's minimum (0)
                 continue
             free = True
             for q in range(nmark):
@@ -464,9 +454,6 @@ def nuclei(smooth, hema, eosin, thr, ok, c, min_size, md, grow, search_px, mpp, 
                     best, pick = d2, ws[y, x]
             if pick == 0 or np.sqrt(best) > search_px:
                 continue
-        for i in range(m):  # the other regions of the object are no longer needed: mark them off
-            if ws[cy_[i], cx_[i]] != pick:
-                ws[cy_[i], cx_[i]] = 0
         _measure(ws, pick, cy_, cx_, m, hema[k], eosin[k], grow, mpp, depth, stack, out[k])
 
 

@@ -191,6 +191,34 @@ def test_gather_equals_the_slice_copies():
             np.testing.assert_array_equal(a[i], big[oy : oy + size, ox + 16 : ox + 16 + size])
 
 
+@pytest.mark.parametrize(("mpp", "blurred"), [(0.3, False), (1.2, True)])
+def test_opencv_resampling_one_tap_and_blurred_paths(tmp_path, mpp, blurred):
+    """A downsampling under about 1.47 has a one-tap kernel: the uint8 pixels are warped in OpenCV's fixed
+    point, without the low-pass; a larger one blurs in float32. Both agree with the torch engine and with
+    the exact per-patch warp on the same samples to the rounding (1 grey level, in few pixels)."""
+    import torch
+
+    from cellsymphony.pp._patch_source import PatchSource, blur_kernel, resample_region
+
+    align = rotated_alignment(angle_deg=25.0, scale=1.2, flip=True)
+    path = write_he(tmp_path / "t.ome.tif", _tissue_image(500, 500, seed=7))
+    src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP)
+    x0, y0 = he_px_to_um([[230.0, 240.0]], align, PIXEL_SIZE)[0]
+    reg = src.band_region(x0, y0, 48, 48, mpp=mpp, level=0)
+    assert (len(blur_kernel(reg["sigma"])) > 1) == blurred
+    band = src.read_band(x0, y0, 48, 48, mpp=mpp, level=0)
+    assert band.dtype == np.uint8 and band.shape == (48, 48, 3)
+    reg["region"] = torch.from_numpy(reg["region"])
+    d = np.abs(resample_region(reg, 48, 48, device="cpu", engine="torch").numpy().astype(int) - band)
+    assert d.max() <= 1 and d.mean() < 0.02
+    # the exact warp of the 32 px patch whose pixels are band pixels 8..39 (band pixel u centred at x0 + (u + 0.5) mpp)
+    exact = src.read(np.array([[x0 + 24 * mpp, y0 + 24 * mpp]]), size=32, mpp=mpp, level=0)[0]
+    cut = band[8:40, 8:40]
+    e = np.abs(exact.astype(int) - cut)[2:-2, 2:-2]
+    assert e.max() <= 1 and e.mean() < 0.05
+    assert len(blur_kernel(0.25)) > 1 and blur_kernel(0.2) == [1.0] and blur_kernel(0.0) == [1.0]
+
+
 def test_decoded_regions_resample_as_read_band(tmp_path):
     """The GPU path's split (workers decode, the device resamples in torch) gives read_band's pixels (OpenCV on
     the CPU) to the rounding of a few pixels; here both on the CPU."""

@@ -401,8 +401,9 @@ def embed_morphology(
         run_params["band_px"] = BAND_PX
     # the cache fingerprint: exact=True keeps that of earlier versions (their caches are reused); band
     # patches differ slightly from exact ones, so their caches are named apart ("bands-opencv": since the CPU
-    # resampling moved to OpenCV, whose rounding differs from the earlier torch resampling in a few pixels)
-    fp_params = dict(run_params) if exact else {**run_params, "extraction": "bands-opencv"}
+    # resampling moved to OpenCV, whose rounding differs from the earlier torch resampling in a few pixels;
+    # "-u8": one-tap low-passes warp the uint8 pixels in fixed point, rounded otherwise in a few pixels)
+    fp_params = dict(run_params) if exact else {**run_params, "extraction": "bands-opencv-u8"}
     if by_band:  # the compiled kernels break watershed ties otherwise than the earlier vectorised features
         fp_params["features"] = "compiled"
     run_params["exact"] = bool(exact)

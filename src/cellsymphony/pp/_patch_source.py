@@ -378,8 +378,8 @@ def _resample_torch(region: dict, width_px: int, height_px: int, dev):
 
 def blur_kernel(sigma: float) -> list[float]:
     """The taps of :func:`_blur`'s Gaussian (truncated at 4 sigma) less those that weigh under 1e-4 (a change
-    below 0.03 grey levels each), renormalised; ``[1.0]`` (no low-pass) for sigma below about 0.23, where the full Gaussian of
-    :meth:`PatchSource.read` changes no pixel by more than 0.05 grey levels."""
+    below 0.03 grey levels each), renormalised; ``[1.0]`` (no low-pass) for sigma below about 0.23, where the
+    full Gaussian of :meth:`PatchSource.read` changes no pixel by more than 0.05 grey levels."""
     if sigma <= 0.05:
         return [1.0]
     radius = max(1, int(4.0 * sigma + 0.5))

@@ -164,6 +164,23 @@ def test_from_spatialdata_matches_read_xenium(string_bundle, tmp_path):
     tifffile.imwrite(other, np.zeros((64, 64, 3), np.uint8), photometric="rgb", tile=(32, 32))
     with pytest.raises(ValueError, match=r"other\.tif' is 64 x 64 pixels but the image element .*he_path="):
         cs.io.from_spatialdata(sdata, he_path=other, he_mpp=0.5)
+    # implausible scales: an inverted alignment warns with the fix, a pixel size in nanometres is refused,
+    # and so is a coordinate system whose shapes imply one
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cs.io.from_spatialdata(sdata, he_alignment=np.linalg.inv(want["alignment"]))
+    assert any("alignment looks inverted (its inverse implies" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match=r"pixel_size=212\.5 is out of range"):
+        cs.io.from_spatialdata(sdata, pixel_size=212.5)
+    from spatialdata.transformations import Identity, Scale, set_transformation
+
+    for name in sdata.shapes:
+        set_transformation(sdata.shapes[name], Scale([1000.0, 1000.0], axes=("x", "y")), to_coordinate_system="nm")
+    with pytest.raises(ValueError, match=r"to 'nm' implies 0\.001 um per morphology pixel.*pixel_size="):
+        cs.io.from_spatialdata(sdata, coordinate_system="nm")
+    set_transformation(sdata.images["he_image"], Identity(), to_coordinate_system="image only")
+    with pytest.raises(ValueError, match="no shapes element has a transformation to 'image only'.*he_alignment="):
+        cs.io.from_spatialdata(sdata, coordinate_system="image only", pixel_size=0.2125)
     # an element held in memory (or read back from .zarr) does not say which file it came from
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import get_transformation

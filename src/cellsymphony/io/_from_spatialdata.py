@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._constants import MPP_RANGE
 from .._settings import logger
+from .._validate import check_mpp
 from ._build import Section, build
-from ._he import HEImage
-from ._read_xenium import _nothing_he
+from ._read_xenium import _nothing_he, he_fields
 from ._xenium_files import (
     EXPERIMENT_FILE,
     GENE_EXPRESSION,
@@ -128,7 +129,14 @@ def from_spatialdata(
                 f"{coordinate_system!r}. Pass pixel_size= (micrometres per morphology pixel, 0.2125 for Xenium)."
             )
         pixel_size = float(1.0 / np.sqrt(abs(np.linalg.det(um_to_cs[:2, :2]))))
-    pixel_size = float(pixel_size)
+        lo, hi = MPP_RANGE
+        if not lo <= pixel_size <= hi:
+            raise ValueError(
+                f"The transformation of the shapes to {coordinate_system!r} implies {pixel_size:.4g} um per morphology "
+                f"pixel, outside [{lo}, {hi}]: the shapes are not in micrometres or {coordinate_system!r} is not the "
+                "Xenium pixel frame. Pass coordinate_system= or pixel_size= (0.2125 for Xenium)."
+            )
+    pixel_size = check_mpp("pixel_size", pixel_size)
 
     # counts: the table's features, split by type like the reader does
     x = sparse.csr_matrix(table.X, dtype=np.float64)
@@ -276,25 +284,18 @@ def _he_from_element(sdata, image_key, he_path, cs, um_to_cs, pixel_size, he_mpp
         from ._xenium_files import read_alignment
 
         alignment = read_alignment(he_alignment)
+    elif um_to_cs is None:
+        raise ValueError(
+            f"Cannot place image {image_key!r} on the cells: no shapes element has a transformation to "
+            f"{cs!r}. Pass he_alignment= (10x's *_he_imagealignment.csv), or image_key=False."
+        )
     else:
         # H&E pixel -> coordinate system -> micrometres -> morphology pixels
         alignment = np.diag([1 / pixel_size, 1 / pixel_size, 1.0]) @ np.linalg.inv(um_to_cs) @ he_to_cs
         alignment = check_alignment(alignment, source=f"transformation of image {image_key!r}")
-    with HEImage(he_path, mpp=he_mpp, cache_tiles=0) as he:
-        shape = level0.shape
-        dims = list(getattr(level0, "dims", ("c", "y", "x")))
-        hw = (int(shape[dims.index("y")]), int(shape[dims.index("x")]))
-        if tuple(he.shapes[0]) != hw:
-            raise ValueError(
-                f"{str(he.path)!r} is {he.shapes[0][1]} x {he.shapes[0][0]} pixels but the image element {image_key!r} "
-                f"is {hw[1]} x {hw[0]}: pass the file the element was read from as he_path=."
-            )
-        return {
-            "he_path": str(he.path.resolve()),
-            "he_shape": he.shapes[0],
-            "he_mpp": float(he.mpp),
-            "alignment": alignment,
-        }
+    dims = list(getattr(level0, "dims", ("c", "y", "x")))
+    hw = (int(level0.shape[dims.index("y")]), int(level0.shape[dims.index("x")]))
+    return he_fields(he_path, alignment, pixel_size, he_mpp=he_mpp, expect_shape=hw, element=str(image_key))
 
 
 def _level0(element) -> Any:

@@ -222,7 +222,19 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp, pixel_size: float) 
                 "*_he_imagealignment.csv, or a 3 x 3 array mapping H&E pixels to Xenium morphology pixels), "
                 "he_alignment='auto' to register the H&E automatically, or he_image=False to read without the H&E."
             )
-    alignment = read_alignment(he_alignment)
+    return he_fields(he_image, read_alignment(he_alignment), pixel_size, he_mpp=he_mpp)
+
+
+def he_fields(he_image, alignment: np.ndarray, pixel_size: float, *, he_mpp: float | None = None,
+              expect_shape: tuple[int, int] | None = None, element: str = "") -> dict:
+    """The Section fields of an H&E (``he_path``, ``he_shape``, ``he_mpp``, ``alignment``) whose ``alignment``
+    (checked) maps its level-0 pixels to Xenium morphology pixels of ``pixel_size`` um.
+
+    The one plausibility check of an attached H&E, for :func:`read_xenium` and
+    :func:`~cellsymphony.io.from_spatialdata`: a file whose level 0 is not ``expect_shape`` (height, width; that
+    of the image ``element`` the file should hold) is refused; one that records no pixel size takes the one
+    the alignment implies; one that records another (beyond 10 %) warns, saying when the alignment looks
+    inverted."""
     # micrometres per H&E pixel implied by the alignment's scale
     mpp_from_alignment = 1.0 / he_px_per_um(alignment, pixel_size)
     if isinstance(he_image, HEImage):
@@ -252,6 +264,12 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp, pixel_size: float) 
     }
     if not isinstance(he_image, HEImage):
         he.close()
+    if expect_shape is not None and tuple(out["he_shape"]) != tuple(expect_shape):
+        (h, w), (eh, ew) = out["he_shape"], expect_shape
+        raise ValueError(
+            f"{out['he_path']!r} is {w} x {h} pixels but the image element {element!r} is {ew} x {eh}: pass the "
+            "file the element was read from as he_path=."
+        )
     ratio = out["he_mpp"] / mpp_from_alignment
     if not 0.9 < ratio < 1.1:
         # the inverse matrix (morphology pixel -> H&E pixel) implies pixel_size**2 / mpp instead
@@ -266,7 +284,7 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp, pixel_size: float) 
             f"The H&E image {out['he_path']!r} has {out['he_mpp']:.4g} um per pixel but the alignment implies "
             f"{mpp_from_alignment:.4g} (with the Xenium pixel size {pixel_size}).{hint}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return out
 

@@ -3,7 +3,7 @@ tile mode and cs.pp.cell_patches in one run), cell vs tile mode, tile/cell agree
 memory at two dataset sizes. Prints markdown tables.
 
     PYTHONPATH=src python benchmarks/bench_morphology.py [--cells 2000] [--he-mpp 0.2125] [--uni-cells 8] [--skip-uni]
-        [--only patches|modes|agreement|memory|handcrafted] [--handcrafted-cells 1000]
+        [--only patches|modes|agreement|memory|handcrafted|chunks] [--handcrafted-cells 1000]
 
 Everything runs on the synthetic tissue of ``cs.datasets.synthetic`` (about 4,500 cells/mm^2, an H&E
 at 0.2738 um/px in 512 px JPEG tiles, quality 90, with a rotated registration). UNI2-h is built with random weights (timing only).
@@ -367,6 +367,49 @@ def bench_handcrafted(m, n_cells: int = 1000, repeat: int = 3) -> dict:
     return {"cells": n, "cell_s": timings["cell"][0], "band_s": timings["band"][0], "min_corr": float(min(corr))}
 
 
+def bench_chunks(m, sizes=(2048, 8192), repeat: int = 3):
+    """What a cluster's chunk tasks repeat: each chunk (``chunk_size`` cells, one task) streams its own bands,
+    so neighbouring chunks resample and decode the blocks and tiles their patches share; in one process all
+    chunks share one stream. Cell mode by bands, on one worker-like source (its tile cache kept across
+    chunks), against the one-pass stream in the same run."""
+    from cellsymphony.pp._bands import BandStats, band_patches
+    from cellsymphony.pp._morphology_runner import plan
+    from cellsymphony.pp._patch_source import cell_centres, sample_sources
+
+    size, mpp = 224, 0.5
+    mod = m["morphology"]
+    xy = cell_centres(mod)
+    [(src, pos)] = sample_sources(m, mod, np.arange(mod.n_obs), None)
+    xy = xy[pos[src.in_image(xy[pos])]]
+    level = src.level_for(mpp)
+    n = len(xy)
+
+    def run(chunk_size):
+        stats = BandStats()
+        for ch in plan(xy, mode="cell", size=size, mpp=mpp, batch_size=64, chunk_size=chunk_size, exact=False):
+            for _ in band_patches(src, [b.centres for b in ch.work], size=size, mpp=mpp, level=level, stats=stats):
+                pass
+        return stats.blocks_resampled
+
+    def timed(chunk_size):
+        src.close()
+        return _timed(lambda: (run(chunk_size), src.he.tiles_decoded), repeat, src.close)
+
+    timed(n)  # warm-up (imports, first allocations), not in the figures
+    base_s, _, (base_blocks, base_tiles) = timed(n)
+    rows = [["one pass (this process: every chunk in one stream)", 1, base_blocks, base_tiles, f"{base_s:.2f}", "1.00"]]
+    for c in sizes:
+        t, _, (blocks, tiles) = timed(c)
+        k = -(-n // c)
+        rows.append([f"chunk_size={c} (one task per chunk)", k, blocks, tiles, f"{t:.2f}", f"{t / base_s:.2f}"])
+    src.close()
+    _table(
+        f"Chunk tasks vs one stream ({n} cells, cell mode by bands, one worker-like source)",
+        ["run", "chunks", "blocks resampled", "tiles decoded", "seconds", "x one pass"],
+        rows,
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cells", type=int, default=2000)
@@ -375,7 +418,7 @@ def main():
     ap.add_argument("--uni-cells", type=int, default=12)
     ap.add_argument("--skip-uni", action="store_true")
     ap.add_argument("--device", default=None, help="torch device for the encoders, e.g. cuda (bf16 autocast)")
-    ap.add_argument("--only", choices=["patches", "modes", "agreement", "memory", "handcrafted"], default=None)
+    ap.add_argument("--only", choices=["patches", "modes", "agreement", "memory", "handcrafted", "chunks"], default=None)
     ap.add_argument("--handcrafted-cells", type=int, default=1000, help="cells timed per cell and by bands")
     ap.add_argument("--agreement-model", default="tiny", help="encoder for the agreement table, e.g. uni2-h")
     ap.add_argument("--weights", default=None, help="its checkpoint (the agreement is only meaningful with trained weights)")
@@ -398,6 +441,8 @@ def main():
         bench_memory([args.cells // 4, args.cells])
     if args.only in (None, "handcrafted"):
         bench_handcrafted(m, args.handcrafted_cells, args.repeat)
+    if args.only in (None, "chunks"):
+        bench_chunks(m, repeat=args.repeat)
 
 
 def suite(quick: bool = True) -> list[dict]:

@@ -318,3 +318,34 @@ def test_cells_without_a_position_are_white(tmp_path):
     assert band[0].mean() < 250 and np.abs(band[[0, 2]].astype(float) - exact[[0, 2]]).mean() < 8
     with pytest.raises(ValueError, match="finite centres"):
         _bands.schedule([xy], size=32, mpp=0.5)
+
+
+def test_patches_into_a_memory_map_and_too_many_for_memory_refused(tmp_path, monkeypatch):
+    """out= (a memory-mapped .npy) gets the same patches, white where a cell has none whatever it held; a new
+    array larger than the memory available is refused before anything is read, naming out=."""
+    import cellsymphony._memory as memory
+
+    align = rotated_alignment()
+    img = _tissue_image(400, 400, seed=3)
+    path = write_he(tmp_path / "t.ome.tif", img)
+    xy = _cells(align, img.shape[:2], 5, seed=1, margin=100)
+    xy[3] = np.nan
+    m = make_mudata(xy, path, align)
+    want = cs.pp.cell_patches(m, size=32, mpp=0.5)
+    for exact in (False, True):
+        mm = np.lib.format.open_memmap(tmp_path / f"p{exact}.npy", mode="w+", dtype=np.uint8, shape=(5, 32, 32, 3))
+        mm[...] = 7
+        got = cs.pp.cell_patches(m, size=32, mpp=0.5, out=mm, exact=exact)
+        assert got is mm
+        mm.flush()
+        back = np.load(tmp_path / f"p{exact}.npy")
+        assert (back[3] == 255).all()
+        if not exact:
+            np.testing.assert_array_equal(back, want)
+    with pytest.raises(ValueError, match=r"out= must be a uint8 array of shape \(5, 32, 32, 3\)"):
+        cs.pp.cell_patches(m, size=32, mpp=0.5, out=np.zeros((5, 32, 32, 3), np.float32))
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10_000)
+    with pytest.raises(ValueError, match=r"5 patches of 32 x 32 px are 0\.0 GB, but 0\.0 GB .*open_memmap"):
+        cs.pp.cell_patches(m, size=32, mpp=0.5)
+    mm = np.zeros((5, 32, 32, 3), np.uint8)
+    np.testing.assert_array_equal(cs.pp.cell_patches(m, size=32, mpp=0.5, out=mm), want)  # out=: no check

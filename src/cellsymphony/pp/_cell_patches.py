@@ -28,6 +28,7 @@ def cell_patches(
     mpp: float = 0.5,
     sample: str | None = None,
     exact: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """H&E patches centred on each cell's nucleus, resampled into the Xenium frame.
 
@@ -63,18 +64,33 @@ def cell_patches(
     exact
         ``True``: one warp per patch, the nucleus exactly at its centre; ``False``: windows of bands
         resampled once.
+    out
+        The uint8 array ``(n_cells, size, size, 3)`` to write the patches into, e.g. a memory-mapped
+        ``.npy`` file (``numpy.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=...)``) for more
+        patches than fit in memory: a patch of 224 px is 150 KB, so 460,000 cells are 69 GB. ``None``: a new
+        array, refused (before anything is read) when it would not fit in the memory available.
 
     Returns
     -------
-    uint8 array ``(n_cells, size, size, 3)`` (RGB). Nothing is written to ``mdata``.
+    uint8 array ``(n_cells, size, size, 3)`` (RGB): ``out`` when given. Nothing is written to ``mdata``.
     """
     adata = get_modality(mdata, MOD_MORPH)
     size = check_int("size", size, min=1, hint="patch side in pixels")
     mpp = check_mpp("mpp", mpp)
     rows = select_cells(adata, cells)
     xy = cell_centres(adata)
+    shape = (len(rows), size, size, 3)
+    if out is None:
+        _check_fits(shape)
+    elif getattr(out, "dtype", None) != np.uint8 or tuple(getattr(out, "shape", ())) != shape:
+        raise ValueError(
+            f"out= must be a uint8 array of shape {shape} (cells, size, size, RGB), got "
+            f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}."
+        )
     groups = sample_sources(mdata, adata, rows, sample)
-    out = np.full((len(rows), size, size, 3), 255, dtype=np.uint8)
+    if out is None:  # filled first: faulting its pages in one pass is faster than while the patches land
+        out = np.full(shape, 255, dtype=np.uint8)
+    written = np.zeros(len(rows), dtype=bool)
     from tqdm.auto import tqdm
 
     with tqdm(total=len(rows), desc="patches", unit="cell", disable=not settings.progress or len(rows) < 256) as bar:
@@ -85,6 +101,7 @@ def cell_patches(
                 for k in range(0, len(order), 64):
                     sel = where[order[k : k + 64]]
                     out[sel] = src.read(xy[rows[sel]], size=size, mpp=mpp, level=level)
+                    written[sel] = True
                     bar.update(len(sel))
             else:  # cells without a finite centre stay white, as in the exact path
                 where = where[np.isfinite(xy[rows[where]]).all(axis=1)]
@@ -92,6 +109,25 @@ def cell_patches(
                 sels = [where[order[k : k + 64]] for k in range(0, len(order), 64)]
                 for i, patches in band_patches(src, [xy[rows[sel]] for sel in sels], size=size, mpp=mpp, level=level):
                     out[sels[i]] = patches.numpy()
+                    written[sels[i]] = True
                     bar.update(len(sels[i]))
             src.close()
+    out[np.flatnonzero(~written)] = 255  # cells without a patch (no finite centre) are white, in out= too
     return out
+
+
+def _check_fits(shape: tuple[int, ...]) -> None:
+    """Refuse a patch array that would not fit in the memory available (a ``ValueError`` saying its size and
+    the ways out), rather than start filling it until the system kills the process."""
+    from .._memory import GB, available_bytes
+
+    need = int(np.prod(shape, dtype=np.int64))
+    avail = available_bytes()
+    if avail is None or need <= avail:
+        return
+    raise ValueError(
+        f"cs.pp.cell_patches: {shape[0]:,} patches of {shape[1]} x {shape[2]} px are {need / GB:.1f} GB, but "
+        f"{avail / GB:.1f} GB of memory is available. Select fewer cells (cells=), write them to disk with "
+        "out=numpy.lib.format.open_memmap('patches.npy', mode='w+', dtype='uint8', shape="
+        f"{tuple(shape)}), or embed them without keeping the patches (cs.pp.embed_morphology)."
+    )

@@ -228,7 +228,8 @@ def _attach_he(folder: Path, he_image, he_alignment, he_mpp, pixel_size: float) 
 def he_fields(he_image, alignment: np.ndarray, pixel_size: float, *, he_mpp: float | None = None,
               expect_shape: tuple[int, int] | None = None, element: str = "") -> dict:
     """The Section fields of an H&E (``he_path``, ``he_shape``, ``he_mpp``, ``alignment``) whose ``alignment``
-    (checked) maps its level-0 pixels to Xenium morphology pixels of ``pixel_size`` um.
+    (a 3 x 3 affine already through :func:`~cellsymphony._registration.check_alignment`) maps its level-0
+    pixels to Xenium morphology pixels of ``pixel_size`` um.
 
     The one plausibility check of an attached H&E, for :func:`read_xenium` and
     :func:`~cellsymphony.io.from_spatialdata`: a file whose level 0 is not ``expect_shape`` (height, width; that

@@ -370,9 +370,10 @@ def bench_handcrafted(m, n_cells: int = 1000, repeat: int = 3) -> dict:
 def bench_chunks(m, sizes=(2048, 8192), repeat: int = 3):
     """What a cluster's chunk tasks repeat: each chunk (``chunk_size`` cells, one task) streams its own bands,
     so neighbouring chunks resample and decode the blocks and tiles their patches share; in one process all
-    chunks share one stream. Cell mode by bands, on one worker-like source (its tile cache kept across
-    chunks), against the one-pass stream in the same run."""
-    from cellsymphony.pp._bands import BandStats, band_patches
+    chunks share one stream. Cell mode by bands, chunk after chunk on one worker-like source, dropping each
+    chunk's tiles (as before workers kept them) and keeping ``WORKER_KEEP_TILES`` (what a worker does),
+    against the one-pass stream in the same run."""
+    from cellsymphony.pp._bands import WORKER_KEEP_TILES, BandStats, band_patches
     from cellsymphony.pp._morphology_runner import plan
     from cellsymphony.pp._patch_source import cell_centres, sample_sources
 
@@ -399,9 +400,13 @@ def bench_chunks(m, sizes=(2048, 8192), repeat: int = 3):
     base_s, _, (base_blocks, base_tiles) = timed(n)
     rows = [["one pass (this process: every chunk in one stream)", 1, base_blocks, base_tiles, f"{base_s:.2f}", "1.00"]]
     for c in sizes:
-        t, _, (blocks, tiles) = timed(c)
-        k = -(-n // c)
-        rows.append([f"chunk_size={c} (one task per chunk)", k, blocks, tiles, f"{t:.2f}", f"{t / base_s:.2f}"])
+        for keep in (0, WORKER_KEEP_TILES):
+            src.keep_tiles = keep
+            t, _, (blocks, tiles) = timed(c)
+            what = f"keeping {keep} tiles between chunks (a worker)" if keep else "dropping each chunk's tiles"
+            rows.append([f"chunk_size={c}, one task per chunk, {what}", -(-n // c), blocks, tiles, f"{t:.2f}",
+                         f"{t / base_s:.2f}"])  # fmt: skip
+    src.keep_tiles = 0
     src.close()
     _table(
         f"Chunk tasks vs one stream ({n} cells, cell mode by bands, one worker-like source)",

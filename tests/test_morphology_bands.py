@@ -173,6 +173,41 @@ def test_each_tile_decoded_once_and_dropped_after_its_last_block(tmp_path):
     assert peaks[1][0] <= peaks[0][0] + 4  # independent of the number of cells
 
 
+def test_a_workers_source_keeps_tiles_for_its_next_chunk(tmp_path):
+    """A cluster worker streams its chunks one by one: with keep_tiles (what the worker cache sets) the tiles
+    neighbouring chunks share are decoded once for all of them, not once per chunk, and the patches are the
+    same; the cache holds at most the plan's peak and keep_tiles more."""
+    from cellsymphony._distributed import WorkerCache
+    from cellsymphony.pp._morphology_runner import plan
+
+    align = rotated_alignment(angle_deg=20.0, scale=1.0, flip=True)
+    path = write_he(tmp_path / "t.ome.tif", _tissue_image(900, 500, seed=4), n_sub=0, tile=64)
+    rng = np.random.default_rng(0)
+    xy = he_px_to_um(rng.uniform([40, 40], [460, 860], (900, 2)), align, PIXEL_SIZE)
+    chunks = plan(xy, mode="cell", size=32, mpp=1.0, batch_size=16, chunk_size=100, exact=False)
+    assert len(chunks) >= 6
+    got = {}
+    for keep in (False, True):
+        src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP)
+        if keep:
+            src = WorkerCache().source(src)
+            assert src.keep_tiles == _bands.WORKER_KEEP_TILES
+        peak, patches = 0, []
+        for ch in chunks:
+            stats = _bands.BandStats()
+            for _, p in _bands.band_patches(src, [b.centres for b in ch.work], size=32, mpp=1.0, level=0,
+                                            stats=stats, block=32):  # fmt: skip
+                patches.append(p.numpy())
+            peak = max(peak, stats.peak_tiles)
+            assert len(src.he._cache) <= peak + 8 + src.keep_tiles
+        got[keep] = (src.he.tiles_decoded, np.concatenate(patches))
+        src.close()
+    needed = {t for ch in chunks for keys in _bands.schedule([b.centres for b in ch.work], size=32, mpp=1.0, block=32).new
+              for bx, by in keys for t in src.band_tiles(bx * 32.0, by * 32.0, 32, 32, mpp=1.0, level=0)}  # fmt: skip
+    assert got[True][0] == len(needed) < got[False][0]  # once each, against once per chunk
+    np.testing.assert_array_equal(got[True][1], got[False][1])
+
+
 def test_gather_equals_the_slice_copies():
     """The GPU's one-gather cutting (run here on the CPU) gives the CPU's slice copies."""
     import torch

@@ -109,6 +109,9 @@ class WorkerCache(WorkerPlugin):
             if key in self._sources:
                 self._sources.move_to_end(key)
                 return self._sources[key]
+            from .pp._bands import WORKER_KEEP_TILES
+
+            src.keep_tiles = WORKER_KEEP_TILES  # its chunks come one by one: keep what neighbours share
             self._sources[key] = src
             while len(self._sources) > self.max_sources:
                 _, old = self._sources.popitem(last=False)

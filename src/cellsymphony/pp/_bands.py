@@ -30,6 +30,9 @@ from ._patch_geometry import grid_patch_origin
 from ._patch_source import one_thread, resample_region
 
 BLOCK_PX = 256  # side of a resampled block (output pixels); a band is a row of blocks
+#: decoded tiles a cluster worker's slide keeps between its chunks (about 200 MB of 512 px RGB tiles): the
+#: tiles its neighbouring chunks share are decoded once per worker, not once per chunk (bench_morphology --only chunks)
+WORKER_KEEP_TILES = 256
 
 
 @dataclass
@@ -248,15 +251,22 @@ def band_patches(
 def tile_cache(source, sched: Schedule, *, mpp: float, level: int, workers: int, stats: BandStats | None = None):
     """Within: ``source`` (and the processes it is shipped to) holds the tiles of :func:`tile_plan` (yielded,
     for :class:`BandItems`), its cache sized to the plan's peak; the source's own ``cache_tiles`` after. Under a
-    non-rigid field (the tiles a block needs are known only by mapping it) the plan is ``None``: the cache."""
+    non-rigid field (the tiles a block needs are known only by mapping it) the plan is ``None``: the cache.
+
+    A source with ``keep_tiles`` (a cluster worker's, :data:`WORKER_KEEP_TILES`) drops nothing by the plan: its
+    cache holds the plan's peak and ``keep_tiles`` more, least recently used out first, so the tiles the
+    stream used last are still decoded when the worker's next chunk (often a neighbour) needs them."""
     if source.warp is not None:
         yield None
         return
     tiles = tile_plan(source, sched, mpp=mpp, level=level, workers=workers)
     if stats is not None:
         stats.peak_tiles = tiles.peak
+    keep = max(0, int(source.keep_tiles))
+    if keep:
+        tiles = TilePlan([[] for _ in tiles.free], tiles.peak)
     before = source.cache_tiles
-    source.cache_tiles = source.he.cache_tiles = tiles.peak + 8  # what the plan holds, and a little slack
+    source.cache_tiles = source.he.cache_tiles = tiles.peak + 8 + keep  # what the plan holds, and a little slack
     try:
         yield tiles
     finally:

@@ -32,6 +32,9 @@ class PatchSource:
     sample: str = ""
     cache_tiles: int = 512
     warp: dict | None = None  # the registry's non-rigid field (cs.io.register_he(nonrigid=True)), if any
+    # decoded tiles a band stream leaves cached for the next one (a cluster worker's source, whose chunks come
+    # one by one and share tiles with their neighbours; see _bands.tile_cache); 0: each stream drops its tiles
+    keep_tiles: int = 0
     _he: object = field(default=None, init=False, repr=False, compare=False)
     _pid: int = field(default=-1, init=False, repr=False, compare=False)
 

@@ -371,9 +371,10 @@ def bench_chunks(m, sizes=(2048, 8192), repeat: int = 3):
     """What a cluster's chunk tasks repeat: each chunk (``chunk_size`` cells, one task) streams its own bands,
     so neighbouring chunks resample and decode the blocks and tiles their patches share; in one process all
     chunks share one stream. Cell mode by bands, chunk after chunk on one worker-like source, dropping each
-    chunk's tiles (as before workers kept them) and keeping ``WORKER_KEEP_TILES`` (what a worker does),
-    against the one-pass stream in the same run."""
-    from cellsymphony.pp._bands import WORKER_KEEP_TILES, BandStats, band_patches
+    chunk's tiles and blocks (as before workers kept them) and keeping ``WORKER_KEEP_TILES`` tiles and
+    ``WORKER_KEEP_BLOCKS`` blocks (what a worker does), against the one-pass stream in the same run (each run
+    from a closed source: nothing decoded or kept)."""
+    from cellsymphony.pp._bands import WORKER_KEEP_BLOCKS, WORKER_KEEP_TILES, BandStats, band_patches
     from cellsymphony.pp._morphology_runner import plan
     from cellsymphony.pp._patch_source import cell_centres, sample_sources
 
@@ -403,7 +404,8 @@ def bench_chunks(m, sizes=(2048, 8192), repeat: int = 3):
         for keep in (0, WORKER_KEEP_TILES):
             src.keep_tiles = keep
             t, _, (blocks, tiles) = timed(c)
-            what = f"keeping {keep} tiles between chunks (a worker)" if keep else "dropping each chunk's tiles"
+            what = (f"keeping {keep} tiles and {WORKER_KEEP_BLOCKS} blocks between chunks (a worker)" if keep
+                    else "dropping each chunk's tiles and blocks")
             rows.append([f"chunk_size={c}, one task per chunk, {what}", -(-n // c), blocks, tiles, f"{t:.2f}",
                          f"{t / base_s:.2f}"])  # fmt: skip
     src.keep_tiles = 0

@@ -174,9 +174,9 @@ def test_each_tile_decoded_once_and_dropped_after_its_last_block(tmp_path):
 
 
 def test_a_workers_source_keeps_tiles_for_its_next_chunk(tmp_path):
-    """A cluster worker streams its chunks one by one: with keep_tiles (what the worker cache sets) the tiles
-    neighbouring chunks share are decoded once for all of them, not once per chunk, and the patches are the
-    same; the cache holds at most the plan's peak and keep_tiles more."""
+    """A cluster worker streams its chunks one by one: with keep_tiles (what the worker cache sets) the blocks
+    and tiles that neighbouring chunks share are resampled and decoded once for all of them, not once per
+    chunk, and the patches are the same; the tile cache holds at most the plan's peak and keep_tiles more."""
     from cellsymphony._distributed import WorkerCache
     from cellsymphony.pp._morphology_runner import plan
 
@@ -192,20 +192,23 @@ def test_a_workers_source_keeps_tiles_for_its_next_chunk(tmp_path):
         if keep:
             src = WorkerCache().source(src)
             assert src.keep_tiles == _bands.WORKER_KEEP_TILES
-        peak, patches = 0, []
+        peak, patches, resampled = 0, [], 0
         for ch in chunks:
             stats = _bands.BandStats()
             for _, p in _bands.band_patches(src, [b.centres for b in ch.work], size=32, mpp=1.0, level=0,
                                             stats=stats, block=32):  # fmt: skip
                 patches.append(p.numpy())
             peak = max(peak, stats.peak_tiles)
+            resampled += stats.blocks_resampled
             assert len(src.he._cache) <= peak + 8 + src.keep_tiles
-        got[keep] = (src.he.tiles_decoded, np.concatenate(patches))
+        got[keep] = (src.he.tiles_decoded, resampled, np.concatenate(patches))
         src.close()
-    needed = {t for ch in chunks for keys in _bands.schedule([b.centres for b in ch.work], size=32, mpp=1.0, block=32).new
-              for bx, by in keys for t in src.band_tiles(bx * 32.0, by * 32.0, 32, 32, mpp=1.0, level=0)}  # fmt: skip
-    assert got[True][0] == len(needed) < got[False][0]  # once each, against once per chunk
-    np.testing.assert_array_equal(got[True][1], got[False][1])
+    scheds = [_bands.schedule([b.centres for b in ch.work], size=32, mpp=1.0, block=32) for ch in chunks]
+    blocks = {k for sc in scheds for keys in sc.new for k in keys}
+    tiles = {t for bx, by in blocks for t in src.band_tiles(bx * 32.0, by * 32.0, 32, 32, mpp=1.0, level=0)}
+    assert got[True][1] == len(blocks) < got[False][1] == sum(sc.n_blocks for sc in scheds)  # once each
+    assert got[True][0] == len(tiles) < got[False][0]
+    np.testing.assert_array_equal(got[True][2], got[False][2])
 
 
 def test_gather_equals_the_slice_copies():

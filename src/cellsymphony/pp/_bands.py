@@ -33,6 +33,8 @@ BLOCK_PX = 256  # side of a resampled block (output pixels); a band is a row of 
 #: decoded tiles a cluster worker's slide keeps between its chunks (about 200 MB of 512 px RGB tiles): the
 #: tiles its neighbouring chunks share are decoded once per worker, not once per chunk (bench_morphology --only chunks)
 WORKER_KEEP_TILES = 256
+#: resampled blocks the same source keeps between its chunks (about 100 MB of 256 px blocks)
+WORKER_KEEP_BLOCKS = 512
 
 
 @dataclass
@@ -242,9 +244,36 @@ def band_patches(
     cuda = str(device).startswith("cuda")
     on_gpu = (cuda if decode_only is None else bool(decode_only)) and not source.has_transform
     stats = BandStats(block_px=block) if stats is None else stats
+    kept = _reuse_kept(source, sched, (mpp, level, block)) if source.keep_tiles and not on_gpu else None
     with tile_cache(source, sched, mpp=mpp, level=level, workers=num_workers, stats=stats) as tiles:
         yield from _stream(source, sched, centres, size=size, block=block, level=level, device=device, mpp=mpp,
-                           num_workers=num_workers, on_gpu=on_gpu, cuda=cuda, tiles=tiles, stats=stats)
+                           num_workers=num_workers, on_gpu=on_gpu, cuda=cuda, tiles=tiles, stats=stats, kept=kept)
+
+
+def _reuse_kept(source, sched: Schedule, tag: tuple) -> dict:
+    """The blocks of ``sched`` that an earlier stream of ``source`` resampled and kept (a cluster worker's source,
+    ``keep_tiles`` set): taken out of the schedule's ``new`` lists (nothing decodes or resamples them again)
+    and returned, to seed the stream's store."""
+    kept = source.kept_blocks
+    reused = {}
+    for i, keys in enumerate(sched.new):
+        hit = [k for k in keys if (*tag, k) in kept]
+        for k in hit:
+            reused[k] = kept[(*tag, k)]
+            kept.move_to_end((*tag, k))
+        if hit:
+            sched.new[i] = [k for k in keys if k not in reused]
+    return reused
+
+
+def _keep(source, tag: tuple, blocks: dict) -> None:
+    """Add resampled blocks to ``source.kept_blocks`` (least recently used out beyond WORKER_KEEP_BLOCKS)."""
+    kept = source.kept_blocks
+    for k, v in blocks.items():
+        kept[(*tag, k)] = v
+        kept.move_to_end((*tag, k))
+    while len(kept) > WORKER_KEEP_BLOCKS:
+        kept.popitem(last=False)
 
 
 @contextlib.contextmanager
@@ -275,8 +304,10 @@ def tile_cache(source, sched: Schedule, *, mpp: float, level: int, workers: int,
             source._he.cache_tiles = before
 
 
-def _stream(source, sched, centres, *, size, block, level, device, mpp, num_workers, on_gpu, cuda, tiles, stats):
-    """:func:`band_patches` once its schedule and tile plan are made."""
+def _stream(source, sched, centres, *, size, block, level, device, mpp, num_workers, on_gpu, cuda, tiles, stats,
+            kept=None):
+    """:func:`band_patches` once its schedule and tile plan are made; ``kept``: blocks an earlier stream of the
+    source resampled (see :func:`_reuse_kept`), this stream's own added to them as they come."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -288,10 +319,12 @@ def _stream(source, sched, centres, *, size, block, level, device, mpp, num_work
         worker_init_fn=_worker_init if num_workers > 0 else None, pin_memory=on_gpu and cuda,
         prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
     )  # fmt: skip
-    store: dict = {}
+    store: dict = dict(kept or {})
     for i, blocks in loader:
         for k, v in blocks.items():
             store[k] = resample_region(v, block, block, device=device, engine="torch") if on_gpu else v
+        if kept is not None:
+            _keep(source, (mpp, level, block), blocks)
         stats.blocks_resampled += len(blocks)
         stats.peak_blocks = max(stats.peak_blocks, len(store))
         if len(sched.origins[i]):

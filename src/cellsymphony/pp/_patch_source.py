@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,11 +37,13 @@ class PatchSource:
     # one by one and share tiles with their neighbours; see _bands.tile_cache); 0: each stream drops its tiles
     keep_tiles: int = 0
     _he: object = field(default=None, init=False, repr=False, compare=False)
+    # resampled blocks kept between band streams where keep_tiles is set ((mpp, level, block, key) -> pixels)
+    kept_blocks: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
     _pid: int = field(default=-1, init=False, repr=False, compare=False)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_he"], state["_pid"] = None, -1
+        state["_he"], state["_pid"], state["kept_blocks"] = None, -1, OrderedDict()
         return state
 
     @property
@@ -54,10 +57,11 @@ class PatchSource:
         return self._he
 
     def close(self) -> None:
-        """Close the slide (it reopens on next use)."""
+        """Close the slide (it reopens on next use) and drop the blocks kept from it."""
         if self._he is not None and self._pid == os.getpid():
             self._he.close()
         self._he, self._pid = None, -1
+        self.kept_blocks.clear()
 
     @property
     def um_per_px(self) -> float:

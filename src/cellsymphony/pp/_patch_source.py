@@ -33,8 +33,9 @@ class PatchSource:
     sample: str = ""
     cache_tiles: int = 512
     warp: dict | None = None  # the registry's non-rigid field (cs.io.register_he(nonrigid=True)), if any
-    # decoded tiles a band stream leaves cached for the next one (a cluster worker's source, whose chunks come
-    # one by one and share tiles with their neighbours; see _bands.tile_cache); 0: each stream drops its tiles
+    # decoded tiles a band stream leaves cached for the next one, and with them its resampled blocks
+    # (kept_blocks): a cluster worker's source, whose chunks come one by one and share both with their
+    # neighbours (see _bands.tile_cache, _bands.WORKER_KEEP_BLOCKS); 0: each stream drops its own
     keep_tiles: int = 0
     _he: object = field(default=None, init=False, repr=False, compare=False)
     # resampled blocks kept between band streams where keep_tiles is set ((mpp, level, block, key) -> pixels)

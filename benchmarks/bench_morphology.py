@@ -65,6 +65,18 @@ def _timed(fn, repeat: int = 1, before=None):
     return best
 
 
+def _cells_on_slide(m, mpp: float = 0.5):
+    """The section's one patch source, the rows and centres (um) of its cells inside the H&E, and the level
+    read at ``mpp``."""
+    from cellsymphony.pp._patch_source import cell_centres, sample_sources
+
+    mod = m["morphology"]
+    xy = cell_centres(mod)
+    [(src, pos)] = sample_sources(m, mod, np.arange(mod.n_obs), None)
+    rows = pos[src.in_image(xy[pos])]
+    return src, rows, xy[rows], src.level_for(mpp)
+
+
 def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
     """Extraction against the decode-every-tile-once floor, in one run: cell mode, tile mode and
     cs.pp.cell_patches from bands (the default) and with the exact per-cell warp, and the agreement of the
@@ -73,14 +85,9 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
     from cellsymphony.pp._bands import band_patches
     from cellsymphony.pp._morphology_runner import plan
     from cellsymphony.pp._patch_geometry import grid_patch_origin
-    from cellsymphony.pp._patch_source import cell_centres, sample_sources
 
     size, mpp = 224, 0.5
-    mod = m["morphology"]
-    xy = cell_centres(mod)
-    [(src, pos)] = sample_sources(m, mod, np.arange(mod.n_obs), None)
-    xy = xy[pos[src.in_image(xy[pos])]]
-    level = src.level_for(mpp)
+    src, rows_in, xy, level = _cells_on_slide(m, mpp)
     he = cs.io.read_he(src.he_path, cache_tiles=0)
     th, tw = he.tile_shape(level)
     h, w = he.shapes[level]
@@ -144,7 +151,7 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
     results["cell_decode_only_cpu_s"] = c
     src.close()
     t, c, _ = _timed(lambda: cs.pp.cell_patches(m, size=size, mpp=mpp), repeat)
-    add("cs.pp.cell_patches, bands", t, c, mod.n_obs)
+    add("cs.pp.cell_patches, bands", t, c, m["morphology"].n_obs)
     results["api_s"], results["api_cpu_s"] = t, c
     k = n if exact_cells is None else min(n, exact_cells)
     t, c, _ = _timed(lambda: run_exact("cell", k))
@@ -165,7 +172,7 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
     )
     # agreement with the exact warp on 200 cells spread over the section
     sel = np.linspace(0, n - 1, min(n, 200)).astype(int)
-    band = cs.pp.cell_patches(m, cells=pos[src.in_image(cell_centres(mod)[pos])][sel], size=size, mpp=mpp)
+    band = cs.pp.cell_patches(m, cells=rows_in[sel], size=size, mpp=mpp)
     exact = src.read(xy[sel], size=size, mpp=mpp, level=level)
     origin, _ = grid_patch_origin(xy[sel], size=size, mpp=mpp)
     same = src.read((origin + size / 2) * mpp, size=size, mpp=mpp, level=level)
@@ -376,14 +383,9 @@ def bench_chunks(m, sizes=(2048, 8192), repeat: int = 3):
     from a closed source: nothing decoded or kept)."""
     from cellsymphony.pp._bands import WORKER_KEEP_BLOCKS, WORKER_KEEP_TILES, BandStats, band_patches
     from cellsymphony.pp._morphology_runner import plan
-    from cellsymphony.pp._patch_source import cell_centres, sample_sources
 
     size, mpp = 224, 0.5
-    mod = m["morphology"]
-    xy = cell_centres(mod)
-    [(src, pos)] = sample_sources(m, mod, np.arange(mod.n_obs), None)
-    xy = xy[pos[src.in_image(xy[pos])]]
-    level = src.level_for(mpp)
+    src, _, xy, level = _cells_on_slide(m, mpp)
     n = len(xy)
 
     def run(chunk_size):

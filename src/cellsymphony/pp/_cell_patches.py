@@ -90,7 +90,6 @@ def cell_patches(
     groups = sample_sources(mdata, adata, rows, sample)
     if out is None:  # filled first: faulting its pages in one pass is faster than while the patches land
         out = np.full(shape, 255, dtype=np.uint8)
-    written = np.zeros(len(rows), dtype=bool)
     from tqdm.auto import tqdm
 
     with tqdm(total=len(rows), desc="patches", unit="cell", disable=not settings.progress or len(rows) < 256) as bar:
@@ -101,18 +100,17 @@ def cell_patches(
                 for k in range(0, len(order), 64):
                     sel = where[order[k : k + 64]]
                     out[sel] = src.read(xy[rows[sel]], size=size, mpp=mpp, level=level)
-                    written[sel] = True
                     bar.update(len(sel))
-            else:  # cells without a finite centre stay white, as in the exact path
-                where = where[np.isfinite(xy[rows[where]]).all(axis=1)]
+            else:
+                finite = np.isfinite(xy[rows[where]]).all(axis=1)
+                out[where[~finite]] = 255  # cells without a finite centre are white, as in the exact path (out= too)
+                where = where[finite]
                 order = spatial_order(xy[rows[where]], band=BLOCK_PX * mpp, anchor=0.0)
                 sels = [where[order[k : k + 64]] for k in range(0, len(order), 64)]
                 for i, patches in band_patches(src, [xy[rows[sel]] for sel in sels], size=size, mpp=mpp, level=level):
                     out[sels[i]] = patches.numpy()
-                    written[sels[i]] = True
                     bar.update(len(sels[i]))
             src.close()
-    out[np.flatnonzero(~written)] = 255  # cells without a patch (no finite centre) are white, in out= too
     return out
 
 

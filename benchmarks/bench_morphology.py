@@ -82,7 +82,7 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
     cs.pp.cell_patches from bands (the default) and with the exact per-cell warp, and the agreement of the
     two (mean absolute difference, 2 px border ignored)."""
     import cellsymphony as cs
-    from cellsymphony.pp._bands import band_patches
+    from cellsymphony.pp._bands import BLOCK_PX, band_patches
     from cellsymphony.pp._morphology_runner import plan
     from cellsymphony.pp._patch_geometry import grid_patch_origin
 
@@ -131,6 +131,20 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
                      f"{seconds / floor:.1f}", f"{cpu / floor_cpu:.1f}"])
 
     results = {"cells": n, "floor_s": floor, "floor_cpu_s": floor_cpu, "tiles": n_tiles}
+
+    def copy_bound():  # writing n uint8 patches in batches of 64, from a canvas of 2 x 3 blocks (in cache)
+        b = BLOCK_PX
+        rng = np.random.default_rng(0)
+        canvas = rng.integers(0, 256, (2 * b, 3 * b, 3), dtype=np.uint8)
+        ox, oy = rng.integers(0, 3 * b - size, n), rng.integers(0, 2 * b - size, n)
+        for s in range(0, n, 64):
+            out = np.empty((min(64, n - s), size, size, 3), dtype=np.uint8)
+            for i in range(len(out)):
+                out[i] = canvas[oy[s + i] : oy[s + i] + size, ox[s + i] : ox[s + i] + size]
+
+    t, c, _ = _timed(copy_bound, repeat)
+    add(f"reference: write {n} patches' bytes ({n * size * size * 3 / 1e9:.2f} GB), no decoding", t, c, n)
+    results["copy_bound_cpu_s"] = c
     for mode in ("cell", "tile"):
         t, c, (_, k) = _timed(lambda mode=mode: run_bands(mode), repeat, src.close)
         add(f"{mode} mode, bands", t, c, k, src.he.tiles_decoded)

@@ -211,8 +211,9 @@ def test_a_workers_source_keeps_tiles_for_its_next_chunk(tmp_path):
     np.testing.assert_array_equal(got[True][2], got[False][2])
 
 
-def test_gather_equals_the_slice_copies():
-    """The GPU's one-gather cutting (run here on the CPU) gives the CPU's slice copies."""
+def test_gather_equals_the_canvas_and_the_slice_copies():
+    """The GPU's one-gather cutting (run here on the CPU) gives the CPU's canvas windows, and both give the
+    slice copies a sparse batch (blocks far apart, beyond CANVAS_SLACK) takes."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -224,6 +225,9 @@ def test_gather_equals_the_slice_copies():
         origins = np.stack([rng.integers(-16, -16 + hi + 1, 30), rng.integers(0, hi + 1, 30)], axis=1)
         a = _bands.cut(store, origins, size, 16).numpy()
         np.testing.assert_array_equal(a, _bands.gather(store, origins, size, 16).numpy())
+        far = {**store, (40, 40): store[(0, 0)]}  # a 42 x 41 rectangle for 17 blocks: sliced, not a canvas
+        assert _bands.CANVAS_SLACK * len(far) < 42 * 41
+        np.testing.assert_array_equal(_bands.cut(far, origins, size, 16).numpy(), a)
         for i in (0, 4, 29):
             ox, oy = origins[i]
             np.testing.assert_array_equal(a[i], big[oy : oy + size, ox + 16 : ox + 16 + size])

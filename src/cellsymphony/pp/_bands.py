@@ -35,6 +35,9 @@ BLOCK_PX = 256  # side of a resampled block (output pixels); a band is a row of 
 WORKER_KEEP_TILES = 256
 #: resampled blocks the same source keeps between its chunks (about 100 MB of 256 px blocks)
 WORKER_KEEP_BLOCKS = 512
+#: on the CPU a batch's patches are cut from one canvas of its blocks unless the canvas' rectangle holds more
+#: than this many times the blocks the batch needs (then, slice by slice: the canvas would copy empty area)
+CANVAS_SLACK = 2.0
 
 
 @dataclass
@@ -168,8 +171,10 @@ class BandItems:
 def cut(store: dict, origins: np.ndarray, size: int, block: int):
     """Patches ``(n, size, size, 3)`` uint8 from the blocks in ``store`` (torch tensors, one device).
 
-    On the CPU: one slice copy per patch and block it overlaps (memory copies); elsewhere one gather over
-    the stacked blocks of the batch (no loop over cells)."""
+    On the CPU the batch's blocks are laid side by side in one canvas (a batch in serpentine order needs a
+    near-full rectangle of blocks) and every patch is one window of it, all taken by one indexing operation;
+    a sparse batch (blocks far apart) copies a slice per patch and block instead. Elsewhere one gather over
+    the stacked blocks of the batch. No loop over cells on either path."""
     import torch
 
     n = len(origins)
@@ -177,23 +182,38 @@ def cut(store: dict, origins: np.ndarray, size: int, block: int):
     dev = first.device
     if n == 0:
         return torch.empty((0, size, size, 3), dtype=torch.uint8, device=dev)
-    if dev.type == "cpu":
-        out = np.empty((n, size, size, 3), dtype=np.uint8)
-        arrays = {k: v.numpy() for k, v in store.items()}
-        for i, (ox, oy) in enumerate(origins.tolist()):
-            y = oy
-            while y < oy + size:
-                by, ry = divmod(y, block)
-                hh = min(block - ry, oy + size - y)
-                x = ox
-                while x < ox + size:
-                    bx, rx = divmod(x, block)
-                    ww = min(block - rx, ox + size - x)
-                    out[i, y - oy : y - oy + hh, x - ox : x - ox + ww] = arrays[(bx, by)][ry : ry + hh, rx : rx + ww]
-                    x += ww
-                y += hh
-        return torch.from_numpy(out)
-    return gather(store, origins, size, block)
+    if dev.type != "cpu":
+        return gather(store, origins, size, block)
+    kx = [k[0] for k in store]
+    ky = [k[1] for k in store]
+    bx0, by0 = min(kx), min(ky)
+    nbx, nby = max(kx) - bx0 + 1, max(ky) - by0 + 1
+    if nbx * nby > CANVAS_SLACK * len(store):
+        return torch.from_numpy(_cut_slices({k: v.numpy() for k, v in store.items()}, origins, size, block))
+    canvas = np.empty((nby * block, nbx * block, 3), dtype=np.uint8)  # blocks no patch touches stay unset
+    for (bx, by), v in store.items():
+        y, x = (by - by0) * block, (bx - bx0) * block
+        canvas[y : y + block, x : x + block] = v.numpy()
+    windows = np.lib.stride_tricks.sliding_window_view(canvas, (size, size, 3))[:, :, 0]
+    return torch.from_numpy(windows[origins[:, 1] - by0 * block, origins[:, 0] - bx0 * block])
+
+
+def _cut_slices(arrays: dict, origins: np.ndarray, size: int, block: int) -> np.ndarray:
+    """:func:`cut` on the CPU by one slice copy per patch and block it overlaps (a batch whose blocks are far apart)."""
+    out = np.empty((len(origins), size, size, 3), dtype=np.uint8)
+    for i, (ox, oy) in enumerate(origins.tolist()):
+        y = oy
+        while y < oy + size:
+            by, ry = divmod(y, block)
+            hh = min(block - ry, oy + size - y)
+            x = ox
+            while x < ox + size:
+                bx, rx = divmod(x, block)
+                ww = min(block - rx, ox + size - x)
+                out[i, y - oy : y - oy + hh, x - ox : x - ox + ww] = arrays[(bx, by)][ry : ry + hh, rx : rx + ww]
+                x += ww
+            y += hh
+    return out
 
 
 def gather(store: dict, origins: np.ndarray, size: int, block: int):

@@ -182,6 +182,65 @@ def test_grey_and_uint16_become_rgb8(tmp_path):
     np.testing.assert_array_equal(out[..., 1], expected)
 
 
+def _every_tile_both_ways(he) -> tuple[list[bool], int]:
+    """Each level's use of the direct tile decoding, after checking every tile of every level against
+    tifffile's zarr store (the path of the other layouts)."""
+    used = [lay["page"] is not None for lay in he._layouts]
+    n = 0
+    for level, lay in enumerate(he._layouts):
+        th, tw = he.tile_shape(level)
+        h, w = he.shapes[level]
+        for ty in range(-(-h // th)):
+            for tx in range(-(-w // tw)):
+                direct = he._tile(level, ty, tx)
+                page, lay["page"] = lay["page"], None
+                try:
+                    store = he._tile(level, ty, tx)
+                finally:
+                    lay["page"] = page
+                assert direct.shape == store.shape == (min(th, h - ty * th), min(tw, w - tx * tw), 3)
+                np.testing.assert_array_equal(direct, store, err_msg=f"{he.path.name} level {level} tile {ty},{tx}")
+                n += 1
+    return used, n
+
+
+@pytest.mark.parametrize(
+    ("kind", "direct"),
+    [("jpeg", True), ("zlib", True), ("rgba", True), ("grey16", True), ("planar", False), ("strips", False)],
+)
+def test_tiles_decoded_from_the_file_equal_tifffiles_store(tmp_path, kind, direct):
+    """A tiled, interleaved page's tiles are decoded straight from the file (the codec without the zarr store's
+    round trip); they equal the store's, edge tiles cropped, on every level. Planar and stripped files keep
+    the store."""
+    img = _rgb(300, 457)
+    p = tmp_path / f"{kind}.tif"
+    if kind in ("jpeg", "zlib"):
+        with tifffile.TiffWriter(p, ome=True) as w:
+            w.write(img, subifds=1, tile=(128, 128), photometric="rgb", compression=kind,
+                    metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+            w.write(img[::2, ::2], subfiletype=1, tile=(128, 128), photometric="rgb", compression=kind)
+    elif kind == "rgba":
+        tifffile.imwrite(p, np.concatenate([img, np.full((300, 457, 1), 255, np.uint8)], -1), tile=(64, 64),
+                         photometric="rgb", extrasamples=["unassalpha"], compression="zlib")
+    elif kind == "grey16":
+        tifffile.imwrite(p, img[..., 0].astype(np.uint16) * 257, tile=(64, 64))
+    elif kind == "planar":
+        tifffile.imwrite(p, np.moveaxis(img, -1, 0), tile=(64, 64), photometric="rgb", planarconfig="separate")
+    else:
+        tifffile.imwrite(p, img, photometric="rgb", rowsperstrip=16)
+    he = cs.io.read_he(p, mpp=0.25, cache_tiles=0)
+    used, n = _every_tile_both_ways(he)
+    assert used == [direct] * he.n_levels and n >= 8
+    if kind in ("zlib", "rgba", "planar", "strips"):  # lossless: the pixels written
+        np.testing.assert_array_equal(he.read_region(0, 0, 457, 300), img)
+
+
+def test_real_slide_tiles_decoded_from_the_file_equal_tifffiles_store(svs):
+    """The Aperio slide (JPEG tiles with shared JPEG tables) through the direct decoding: every tile as the store's."""
+    used, n = _every_tile_both_ways(cs.io.read_he(svs, cache_tiles=0))
+    assert all(used) and n > 100
+
+
 def test_pickle_reopens(ome_files):
     path, levels = ome_files["YXS"]
     he = cs.io.read_he(path, cache_tiles=8)

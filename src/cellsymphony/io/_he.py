@@ -92,6 +92,7 @@ class HEImage:
                 arr = zarr.open(series.aszarr(level=index), mode="r")
                 lay = _layout(series.levels[index].axes, arr.shape, path)
                 lay["tile"] = (int(arr.chunks[lay["y"]]), int(arr.chunks[lay["x"]]))
+                lay["page"] = _direct_page(series.levels[index], lay)
                 self._arrays.append(arr)
                 self._layouts.append(lay)
             self.shapes = [(lay["shape"][0], lay["shape"][1]) for lay in self._layouts]
@@ -224,7 +225,12 @@ class HEImage:
             if lay["c"] is not None:
                 index[lay["c"]] = slice(None)
             try:
-                raw = np.asarray(self._arrays[level][tuple(index)])
+                page = lay["page"]
+                if page is not None:
+                    raw = _decode_tile(page, ty, tx, ys, xs)
+                    lay = _PAGE_LAYOUT
+                else:
+                    raw = np.asarray(self._arrays[level][tuple(index)])
             except Exception as err:
                 raise ValueError(
                     f"Cannot decode a tile of H&E image {str(self.path)!r} (level {level}, tile row {ty}, column "
@@ -361,6 +367,49 @@ def _layout(axes: str, shape: tuple, path: Path) -> dict:
         "n_channels": int(n_channels),
         "tile": None,
     }
+
+
+#: the axes of a tile decoded straight from its page (:func:`_decode_tile`): y, x, samples
+_PAGE_LAYOUT = {"y": 0, "x": 1, "c": 2}
+
+
+def _direct_page(level, lay: dict):
+    """The TIFF page whose tiles :func:`_decode_tile` decodes straight from the file for this level, or ``None``
+    (the level goes through tifffile's zarr store): one tiled page, samples interleaved, tiles of the level's
+    chunk shape and no extra axis. Decoding a tile straight is the same codec call without the zarr store's
+    asynchronous round trip per chunk (about 0.6x the time per 512 px JPEG tile)."""
+    import tifffile
+
+    pages = level.pages
+    page = pages[0] if len(pages) == 1 else None
+    if not isinstance(page, tifffile.TiffPage) or not page.is_tiled or page.tiledepth != 1 or page.parent.is_ndpi:
+        return None  # (NDPI's JPEG "tiles" are cut from one stream by tifffile's own reader)
+    contig = page.samplesperpixel == 1 or page.planarconfig == tifffile.PLANARCONFIG.CONTIG
+    axes = level.axes.upper()
+    if not contig or axes not in ("YX", "YXS") or lay["tile"] != (page.tilelength, page.tilewidth):
+        return None
+    if tuple(level.shape[:2]) != (page.imagelength, page.imagewidth):
+        return None
+    return page
+
+
+def _decode_tile(page, ty: int, tx: int, ys: slice, xs: slice) -> np.ndarray:
+    """Tile ``(ty, tx)`` of a :func:`_direct_page` page, ``(h, w, samples)`` cropped to the image (rows ``ys``,
+    columns ``xs`` of the level); an empty tile (no bytes in the file) is zeros, as tifffile's store fills it."""
+    across = -(-page.imagewidth // page.tilewidth)
+    i = ty * across + tx
+    h, w = ys.stop - ys.start, xs.stop - xs.start
+    offset, count = page.dataoffsets[i], page.databytecounts[i]
+    if not count:
+        return np.zeros((h, w, page.samplesperpixel), dtype=page.dtype)
+    fh = page.parent.filehandle
+    with fh.lock:
+        fh.seek(offset)
+        data = fh.read(count)
+    tile, _, _ = page.decode(data, i, jpegtables=page.jpegtables)
+    if tile is None:
+        raise ValueError("the tile holds no data")
+    return tile.reshape(page.tilelength, page.tilewidth, -1)[:h, :w]
 
 
 def _to_rgb8(raw: np.ndarray, lay: dict) -> np.ndarray:

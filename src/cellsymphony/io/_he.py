@@ -377,7 +377,7 @@ def _direct_page(level, lay: dict):
     """The TIFF page whose tiles :func:`_decode_tile` decodes straight from the file for this level, or ``None``
     (the level goes through tifffile's zarr store): one tiled page, samples interleaved, tiles of the level's
     chunk shape and no extra axis. Decoding a tile straight is the same codec call without the zarr store's
-    asynchronous round trip per chunk (about 0.6x the time per 512 px JPEG tile)."""
+    asynchronous round trip per chunk (about 0.65x the time per 512 px JPEG tile)."""
     import tifffile
 
     pages = level.pages

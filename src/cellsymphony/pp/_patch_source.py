@@ -8,6 +8,7 @@ its tile cache for the rest of its life.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections import OrderedDict
@@ -166,9 +167,9 @@ class PatchSource:
         ds = float(he.downsamples[level])
         # band pixel (u, v) -> micrometres: its centre (x0 + (u + 0.5) mpp, y0 + (v + 0.5) mpp)
         band_um = np.array([[mpp, 0.0, x0_um + 0.5 * mpp], [0.0, mpp, y0_um + 0.5 * mpp], [0.0, 0.0, 1.0]])
-        to_level = um_to_level(self.alignment, self.pixel_size, ds) @ band_um
+        to_level = _um_to_level_of(self.alignment, self.pixel_size, ds) @ band_um
         lin = to_level[:2, :2]
-        scale = math.sqrt(abs(np.linalg.det(lin)))  # level pixels per band pixel
+        scale = math.sqrt(abs(lin[0, 0] * lin[1, 1] - lin[0, 1] * lin[1, 0]))  # level pixels per band pixel
         sigma = max(0.0, (scale - 1.0) / 2.0)
         grid = None
         if self.warp is None:
@@ -384,19 +385,36 @@ def _resample_torch(region: dict, width_px: int, height_px: int, dev):
     return out
 
 
+def _um_to_level_of(alignment: np.ndarray, pixel_size: float, ds: float) -> np.ndarray:
+    """:func:`um_to_level`, computed once per registration and level (every block of a band stream asks)."""
+    a = np.ascontiguousarray(alignment, dtype=np.float64)
+    return _um_to_level_cached(a.tobytes(), a.shape, float(pixel_size), float(ds)).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _um_to_level_cached(alignment: bytes, shape: tuple, pixel_size: float, ds: float) -> np.ndarray:
+    return um_to_level(np.frombuffer(alignment, dtype=np.float64).reshape(shape), pixel_size, ds)
+
+
 def blur_kernel(sigma: float) -> list[float]:
     """The taps of :func:`_blur`'s Gaussian (truncated at 4 sigma) less those that weigh under 1e-4 (a change
     below 0.03 grey levels each), renormalised; ``[1.0]`` (no low-pass) for sigma below about 0.23, where the
     full Gaussian of :meth:`PatchSource.read` changes no pixel by more than 0.05 grey levels."""
+    return list(_blur_taps(float(sigma)))
+
+
+@functools.lru_cache(maxsize=256)
+def _blur_taps(sigma: float) -> tuple[float, ...]:
+    """:func:`blur_kernel`, once per sigma (each block of a band stream asks three times)."""
     if sigma <= 0.05:
-        return [1.0]
+        return (1.0,)
     radius = max(1, int(4.0 * sigma + 0.5))
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     k = np.exp(-0.5 * (x / sigma) ** 2)
     k = k / k.sum()
     keep = int(np.count_nonzero(k[radius + 1 :] >= 1e-4))
     k = k[radius - keep : radius + keep + 1]
-    return (k / k.sum()).astype(np.float32).tolist()
+    return tuple((k / k.sum()).astype(np.float32).tolist())
 
 
 def _blur_valid(img, k: list[float]):

@@ -55,6 +55,18 @@ def _cells(align, shape, n, seed, margin=120):
     return he_px_to_um(rng.uniform([margin, margin], [w - margin, h - margin], (n, 2)), align, PIXEL_SIZE)
 
 
+def _section(tmp_path, side: int, n: int, *, image_seed: int, cells_seed: int, margin: int = 120, missing=None):
+    """A square tissue slide under the default rotated registration and a section of ``n`` cells on it (the cell
+    ``missing`` without a position): ``(mudata, centres, alignment, slide path)``."""
+    align = rotated_alignment()
+    img = _tissue_image(side, side, seed=image_seed)
+    path = write_he(tmp_path / "t.ome.tif", img)
+    xy = _cells(align, img.shape[:2], n, seed=cells_seed, margin=margin)
+    if missing is not None:
+        xy[missing] = np.nan
+    return make_mudata(xy, path, align), xy, align, path
+
+
 @pytest.mark.parametrize(("angle", "flip"), [(30.0, True), (-75.0, False), (180.0, True)])
 def test_band_patches_agree_with_the_exact_warp(tmp_path, angle, flip):
     align = rotated_alignment(angle_deg=angle, scale=1.1, flip=flip)
@@ -296,11 +308,7 @@ def test_exact_keeps_the_old_cache_fingerprint(tmp_path):
     """exact=True names its cache as earlier versions did (their chunks are reused); bands name theirs apart."""
     from cellsymphony.pp._embed_morphology import _cache_name
 
-    align = rotated_alignment()
-    img = _tissue_image(600, 600, seed=0)
-    path = write_he(tmp_path / "t.ome.tif", img)
-    xy = _cells(align, img.shape[:2], 10, seed=4)
-    m = make_mudata(xy, path, align)
+    m, xy, align, path = _section(tmp_path, 600, 10, image_seed=0, cells_seed=4)
     kw = {"model": "tiny", "size": 56, "mpp": 1.0, "batch_size": 4, "chunk_size": 5, "cache_dir": tmp_path / "c"}
     cs.pp.embed_morphology(m, **kw, exact=True, key_added="e")
     cs.pp.embed_morphology(m, **kw, key_added="b")
@@ -349,12 +357,7 @@ def test_a_damaged_tile_fails_with_its_position_and_file(tmp_path):
 
 
 def test_cells_without_a_position_are_white(tmp_path):
-    align = rotated_alignment()
-    img = _tissue_image(400, 400, seed=2)
-    path = write_he(tmp_path / "t.ome.tif", img)
-    xy = _cells(align, img.shape[:2], 3, seed=0, margin=100)
-    xy[1] = np.nan
-    m = make_mudata(xy, path, align)
+    m, xy, *_ = _section(tmp_path, 400, 3, image_seed=2, cells_seed=0, margin=100, missing=1)
     band, exact = (cs.pp.cell_patches(m, size=32, mpp=0.5, exact=e) for e in (False, True))
     assert (band[1] == 255).all() and (exact[1] == 255).all()
     assert band[0].mean() < 250 and np.abs(band[[0, 2]].astype(float) - exact[[0, 2]]).mean() < 8
@@ -367,12 +370,7 @@ def test_patches_into_a_memory_map_and_too_many_for_memory_refused(tmp_path, mon
     array larger than the memory available is refused before anything is read, naming out=."""
     import cellsymphony._memory as memory
 
-    align = rotated_alignment()
-    img = _tissue_image(400, 400, seed=3)
-    path = write_he(tmp_path / "t.ome.tif", img)
-    xy = _cells(align, img.shape[:2], 5, seed=1, margin=100)
-    xy[3] = np.nan
-    m = make_mudata(xy, path, align)
+    m, *_ = _section(tmp_path, 400, 5, image_seed=3, cells_seed=1, margin=100, missing=3)
     want = cs.pp.cell_patches(m, size=32, mpp=0.5)
     for exact in (False, True):
         mm = np.lib.format.open_memmap(tmp_path / f"p{exact}.npy", mode="w+", dtype=np.uint8, shape=(5, 32, 32, 3))

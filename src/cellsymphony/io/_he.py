@@ -407,8 +407,6 @@ def _decode_tile(page, ty: int, tx: int, ys: slice, xs: slice) -> np.ndarray:
         fh.seek(offset)
         data = fh.read(count)
     tile, _, _ = page.decode(data, i, jpegtables=page.jpegtables)
-    if tile is None:
-        raise ValueError("the tile holds no data")
     return tile.reshape(page.tilelength, page.tilewidth, -1)[:h, :w]
 
 

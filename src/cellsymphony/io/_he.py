@@ -265,10 +265,11 @@ class HEImage:
         x, y, width, height = int(x), int(y), int(width), int(height)
         if width < 0 or height < 0:
             raise ValueError(f"width and height must be >= 0, got {width} x {height}.")
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
         h, w = self.shapes[level]
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, w), min(y + height, h)
+        inside = (x0, y0, x1, y1) == (x, y, x + width, y + height)  # the tiles below write every pixel
+        out = np.empty((height, width, 3), dtype=np.uint8) if inside else np.full((height, width, 3), 255, dtype=np.uint8)
         if x0 >= x1 or y0 >= y1:
             return out
         th, tw = self._layouts[level]["tile"]

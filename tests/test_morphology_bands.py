@@ -155,17 +155,24 @@ def test_each_block_once_and_a_few_bands_resident(tmp_path):
     src.close()
 
 
-def test_each_tile_decoded_once_and_dropped_after_its_last_block(tmp_path):
-    """The tile plan: through a rotated registration each slide tile is decoded once (whatever the cache size the
-    source was given), dropped after the last block that needs it, and at most the tiles under a few bands are
-    held: fewer than a third of a tall strip's tiles, the same for 4x the cells on a 4x taller strip."""
+@pytest.mark.parametrize("non_rigid", [False, True])
+def test_each_tile_decoded_once_and_dropped_after_its_last_block(tmp_path, non_rigid):
+    """The tile plan: through a rotated registration (and a non-rigid field on top of it, whose plan maps each
+    block's field lattice) each slide tile is decoded once (whatever the cache size the source was given),
+    dropped after the last block that needs it, and at most the tiles under a few bands are held: fewer than a
+    third of a tall strip's tiles, the same for 4x the cells on a 4x taller strip."""
     align = rotated_alignment(angle_deg=20.0, scale=1.0, flip=True)
     peaks = []
     for n, rows in ((150, 400), (600, 1600)):
         path = write_he(tmp_path / f"strip{rows}.ome.tif", np.full((rows, 500, 3), 200, dtype=np.uint8), n_sub=0, tile=64)
-        src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP, cache_tiles=4)  # an LRU far too small
+        warp = None
+        if non_rigid:
+            ys, xs = np.mgrid[0 : rows // 100 + 2, 0:7]
+            field = np.stack([6.0 * np.sin(xs / 2.5), 5.0 * np.cos(ys / 3.0)], axis=-1)  # micrometres
+            warp = {"grid_um": field, "origin_px": np.array([0.0, 0.0]), "step_px": 100.0}
+        src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP, cache_tiles=4, warp=warp)  # an LRU far too small
         rng = np.random.default_rng(n)
-        xy = he_px_to_um(rng.uniform([40, 40], [460, rows - 40], (n, 2)), align, PIXEL_SIZE)
+        xy = he_px_to_um(rng.uniform([40, 40], [460, rows - 40], (n, 2)), align, PIXEL_SIZE, warp)
         size, mpp, block = 32, 1.0, 32
         order = spatial_order(xy, band=block * mpp, anchor=0.0)
         centres = [xy[order[k : k + 16]] for k in range(0, n, 16)]
@@ -389,3 +396,31 @@ def test_patches_into_a_memory_map_and_too_many_for_memory_refused(tmp_path, mon
         cs.pp.cell_patches(m, size=32, mpp=0.5)
     mm = np.zeros((5, 32, 32, 3), np.uint8)
     np.testing.assert_array_equal(cs.pp.cell_patches(m, size=32, mpp=0.5, out=mm), want)  # out=: no check
+
+
+def test_the_field_lattice_interpolates_as_bilinear_sampling():
+    """A non-rigid band's grid (every pixel from the field's lattice of every 8th pixel) equals scipy's bilinear
+    sampling of the lattice, stays within the lattice's bounds (which the tile plan uses), and is undefined only
+    where an undefined lattice point weighs: the 15 x 15 pixels around an interior one."""
+    from scipy.ndimage import map_coordinates
+
+    from cellsymphony.pp._patch_source import _lattice_to_grid
+
+    rng = np.random.default_rng(0)
+    for w, h in ((1, 1), (7, 3), (256, 256), (300, 17)):
+        us = np.unique(np.r_[np.arange(0, w, 8), w - 1])
+        vs = np.unique(np.r_[np.arange(0, h, 8), h - 1])
+        coarse = rng.normal(0, 100, (len(vs), len(us), 2)) + 5000
+        grid = _lattice_to_grid(us, vs, coarse, w, h)
+        rows, cols = np.meshgrid(np.interp(np.arange(h), vs, np.arange(len(vs))),
+                                 np.interp(np.arange(w), us, np.arange(len(us))), indexing="ij")  # fmt: skip
+        for k in range(2):
+            want = map_coordinates(coarse[..., k], [rows, cols], order=1, mode="nearest")
+            np.testing.assert_allclose(grid[..., k], want, rtol=0, atol=1e-9)
+            assert coarse[..., k].min() - 1e-9 <= grid[..., k].min() and grid[..., k].max() <= coarse[..., k].max() + 1e-9
+    us = vs = np.unique(np.r_[np.arange(0, 256, 8), 255])
+    coarse = rng.normal(0, 100, (len(vs), len(us), 2))
+    coarse[10, 12] = np.nan
+    undefined = np.isnan(_lattice_to_grid(us, vs, coarse, 256, 256)).any(axis=-1)
+    assert undefined.sum() == 15 * 15
+    assert undefined[80 - 7 : 80 + 8, 96 - 7 : 96 + 8].all()

@@ -300,14 +300,11 @@ def _keep(source, tag: tuple, blocks: dict) -> None:
 def tile_cache(source, sched: Schedule, *, mpp: float, level: int, workers: int, stats: BandStats | None = None):
     """Within: ``source`` (and the processes it is shipped to) holds the tiles of :func:`tile_plan` (yielded,
     for :class:`BandItems`), its cache sized to the plan's peak; the source's own ``cache_tiles`` after. Under a
-    non-rigid field (the tiles a block needs are known only by mapping it) the plan is ``None``: the cache.
+    non-rigid field the plan maps each block's field lattice (:meth:`PatchSource.band_tiles`), not every pixel.
 
     A source with ``keep_tiles`` (a cluster worker's, :data:`WORKER_KEEP_TILES`) drops nothing by the plan: its
     cache holds the plan's peak and ``keep_tiles`` more, least recently used out first, so the tiles the
     stream used last are still decoded when the worker's next chunk (often a neighbour) needs them."""
-    if source.warp is not None:
-        yield None
-        return
     tiles = tile_plan(source, sched, mpp=mpp, level=level, workers=workers)
     if stats is not None:
         stats.peak_tiles = tiles.peak

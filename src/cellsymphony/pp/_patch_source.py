@@ -144,7 +144,7 @@ class PatchSource:
         if level is None:
             level = self.level_for(mpp)
         he = self.he
-        lin, shift, sigma, grid, (rx0, ry0, rx1, ry1) = self._band_bounds(x0_um, y0_um, w_px, h_px, mpp, level)
+        lin, shift, sigma, lattice, (rx0, ry0, rx1, ry1) = self._band_bounds(x0_um, y0_um, w_px, h_px, mpp, level)
         try:
             region = _read_level(he, level, rx0, ry0, rx1 - rx0, ry1 - ry0)
         except ValueError as err:  # a damaged tile: say which band needed it (nothing of it is written)
@@ -153,16 +153,19 @@ class PatchSource:
                 f"{y0_um + h_px * mpp:.1f} um of sample {self.sample!r}; no cell of that band is embedded."
             ) from None
         out = {"region": region, "sigma": float(sigma)}
-        if grid is None:
+        if lattice is None:
             out["affine"] = np.concatenate([lin, (shift - [rx0, ry0])[:, None]], axis=1)
-        else:
-            out["grid"] = (grid - [rx0, ry0]).astype(np.float32)
+        else:  # region pixels (a few hundred: float32 keeps them to 1e-4 px, under OpenCV's 1/32 px lattice)
+            us, vs, coarse = lattice
+            out["grid"] = _lattice_to_grid(us, vs, (coarse - [rx0, ry0]).astype(np.float32), w_px, h_px)
         return out
 
     def _band_bounds(self, x0_um: float, y0_um: float, w_px: int, h_px: int, mpp: float, level: int):
-        """Where a band's samples fall in ``level``: ``(lin, shift, sigma, grid, (x0, y0, x1, y1))``, the band
-        pixel -> level pixel map (``lin @ (u, v) + shift``, or the non-rigid ``grid``), the low-pass and the
-        level rectangle to decode (its margins, stopped at a white frame around the image)."""
+        """Where a band's samples fall in ``level``: ``(lin, shift, sigma, lattice, (x0, y0, x1, y1))``, the band
+        pixel -> level pixel map (``lin @ (u, v) + shift``; under a non-rigid field the :func:`_field_lattice`
+        ``(us, vs, coarse)`` it is interpolated from, else None), the low-pass and the level rectangle to decode
+        (its margins, stopped at a white frame around the image). Under a field the rectangle is the lattice's,
+        which holds every pixel's (:func:`_lattice_to_grid`), so no pixel is mapped here."""
         he = self.he
         ds = float(he.downsamples[level])
         # band pixel (u, v) -> micrometres: its centre (x0 + (u + 0.5) mpp, y0 + (v + 0.5) mpp)
@@ -171,13 +174,14 @@ class PatchSource:
         lin = to_level[:2, :2]
         scale = math.sqrt(abs(lin[0, 0] * lin[1, 1] - lin[0, 1] * lin[1, 0]))  # level pixels per band pixel
         sigma = max(0.0, (scale - 1.0) / 2.0)
-        grid = None
+        lattice = None
         if self.warp is None:
             corners = np.array([[0, 0], [w_px - 1, 0], [0, h_px - 1], [w_px - 1, h_px - 1]], dtype=np.float64)
             pts = corners @ lin.T + to_level[:2, 2]
-        else:  # the field's map at every pixel of the band: exact on a lattice every 8 pixels, bilinear between
-            grid = _field_grid(self, x0_um, y0_um, w_px, h_px, mpp, ds)
-            pts = grid.reshape(-1, 2)[np.isfinite(grid.reshape(-1, 2)).all(axis=1)]
+        else:  # the field's map: exact on a lattice every 8 pixels (bilinear between, in band_region)
+            lattice = _field_lattice(self, x0_um, y0_um, w_px, h_px, mpp, ds)
+            pts = lattice[2].reshape(-1, 2)  # every pixel's bounds (it is interpolated from these points)
+            pts = pts[np.isfinite(pts).all(axis=1)]
             if not len(pts):
                 pts = np.zeros((1, 2))
         margin = int(math.ceil(4 * sigma)) + 2
@@ -193,7 +197,7 @@ class PatchSource:
         frame = margin + 2 * r + 1
         rx0, ry0 = max(rx0, -frame), max(ry0, -frame)
         rx1, ry1 = max(min(rx1, lw + frame), rx0 + 2 * r + 2), max(min(ry1, lh + frame), ry0 + 2 * r + 2)
-        return lin, to_level[:2, 2], sigma, grid, (rx0, ry0, rx1, ry1)
+        return lin, to_level[:2, 2], sigma, lattice, (rx0, ry0, rx1, ry1)
 
     def band_tiles(self, x0_um: float, y0_um: float, width_px: int, height_px: int, *, mpp: float, level: int) -> list:
         """The tiles ``(level, row, column)`` of the slide that :meth:`band_region` decodes for this band."""
@@ -230,25 +234,35 @@ class PatchSource:
         return False
 
 
-def _field_grid(src, x0_um: float, y0_um: float, w_px: int, h_px: int, mpp: float, ds: float) -> np.ndarray:
-    """Level pixel coordinates ``(h_px, w_px, 2)`` of every band pixel through a non-rigid registration:
-    ``um_to_he_px`` (the field's inverse) on a lattice of every 8th pixel (and the last), interpolated
-    bilinearly in between (the field is smooth over its grid step of tens of micrometres, so the error of
-    the interpolation is far below a pixel)."""
-    from scipy.ndimage import map_coordinates
-
+def _field_lattice(src, x0_um: float, y0_um: float, w_px: int, h_px: int, mpp: float, ds: float):
+    """``(us, vs, coarse)``: the band pixel columns ``us`` and rows ``vs`` of every 8th pixel (and the last), and
+    their level pixel coordinates ``coarse`` ``(len(vs), len(us), 2)`` through the non-rigid registration
+    (``um_to_he_px``, the field's inverse; NaN where it is undefined)."""
     us = np.unique(np.r_[np.arange(0, w_px, 8), w_px - 1])
     vs = np.unique(np.r_[np.arange(0, h_px, 8), h_px - 1])
     cu, cv = np.meshgrid(us, vs)
     um = np.stack([cu.ravel(), cv.ravel()], axis=1) * mpp + [x0_um + 0.5 * mpp, y0_um + 0.5 * mpp]
     coarse = ((um_to_he_px(um, src.alignment, src.pixel_size, src.warp) + 0.5) / ds - 0.5).reshape(len(vs), len(us), 2)
-    fu = np.interp(np.arange(w_px), us, np.arange(len(us)))
-    fv = np.interp(np.arange(h_px), vs, np.arange(len(vs)))
-    rows, cols = np.meshgrid(fv, fu, indexing="ij")
-    out = np.empty((h_px, w_px, 2))
-    for k in range(2):
-        out[..., k] = map_coordinates(coarse[..., k], [rows, cols], order=1, mode="nearest")
-    return out
+    return us, vs, coarse
+
+
+def _lattice_to_grid(us: np.ndarray, vs: np.ndarray, coarse: np.ndarray, w_px: int, h_px: int) -> np.ndarray:
+    """A :func:`_field_lattice` interpolated bilinearly at every band pixel, along the columns then the rows (the
+    field is smooth over its grid step of tens of micrometres, so the error of the interpolation is far below a
+    pixel). Each pixel is a weighted mean of lattice points, so the grid stays within the lattice's bounds; a
+    pixel with an undefined (NaN) lattice point among those it is interpolated from is undefined. In the dtype of
+    ``coarse``."""
+
+    def weights(n_px, lattice):  # each pixel's lattice neighbours and the weight of the second (none on a point)
+        f = np.interp(np.arange(n_px), lattice, np.arange(len(lattice), dtype=np.float64))
+        i0 = np.floor(f).astype(np.intp)
+        t = f - i0
+        return i0, np.where(t > 0, np.minimum(i0 + 1, len(lattice) - 1), i0), t.astype(coarse.dtype)
+
+    i0, i1, t = weights(w_px, us)
+    rows = coarse[:, i0] * (1 - t)[None, :, None] + coarse[:, i1] * t[None, :, None]  # (len(vs), w_px, 2)
+    j0, j1, t = weights(h_px, vs)
+    return rows[j0] * (1 - t)[:, None, None] + rows[j1] * t[:, None, None]
 
 
 def resample_region(region: dict, width_px: int, height_px: int, *, device=None, engine: str | None = None):
@@ -297,10 +311,14 @@ def _resample_opencv(region: dict, width_px: int, height_px: int) -> np.ndarray:
         return _to_uint8(out)
     g = region["grid"]
     g = g.numpy() if hasattr(g, "numpy") else np.asarray(g)
-    missing = ~np.isfinite(g).all(axis=-1)
-    g = np.nan_to_num(g, nan=0.0).astype(np.float32)
+    finite = np.isfinite(g)
+    missing = None if finite.all() else ~finite.all(axis=-1)  # (the field is undefined nowhere, usually)
+    if missing is not None:
+        g = np.nan_to_num(g, nan=0.0)
+    g = g.astype(np.float32, copy=False)
     out = _to_uint8(_remap(img, g[..., 0], g[..., 1]))
-    out[missing] = 255
+    if missing is not None:
+        out[missing] = 255
     return out
 
 

@@ -424,3 +424,27 @@ def test_the_field_lattice_interpolates_as_bilinear_sampling():
     undefined = np.isnan(_lattice_to_grid(us, vs, coarse, 256, 256)).any(axis=-1)
     assert undefined.sum() == 15 * 15
     assert undefined[80 - 7 : 80 + 8, 96 - 7 : 96 + 8].all()
+
+
+def test_non_rigid_bands_the_same_in_dataloader_workers(tmp_path):
+    """Under a non-rigid field the tile plan is made for the workers too (each decodes its own blocks' tiles):
+    two DataLoader workers give the patches this process gives."""
+    align = rotated_alignment(angle_deg=20.0, scale=1.0, flip=True)
+    rng = np.random.default_rng(0)
+    path = write_he(tmp_path / "s.ome.tif", _tissue_image(800, 500, seed=5), n_sub=0, tile=64)
+    ys, xs = np.mgrid[0:10, 0:7]
+    field = np.stack([6.0 * np.sin(xs / 2.5), 5.0 * np.cos(ys / 3.0)], axis=-1)  # micrometres
+    warp = {"grid_um": field, "origin_px": np.array([0.0, 0.0]), "step_px": 100.0}
+    src = PatchSource(str(path), align, PIXEL_SIZE, he_mpp=HE_MPP, cache_tiles=4, warp=warp)
+    xy = he_px_to_um(rng.uniform([40, 40], [460, 760], (300, 2)), align, PIXEL_SIZE, warp)
+    order = spatial_order(xy, band=32.0, anchor=0.0)
+    centres = [xy[order[k : k + 16]] for k in range(0, 300, 16)]
+    kw = dict(size=32, mpp=1.0, level=0, block=32)
+    here = [p.numpy() for _, p in _bands.band_patches(src, centres, **kw)]
+    src.close()
+    workers = [p.numpy() for _, p in _bands.band_patches(src, centres, **kw, num_workers=2)]
+    assert len(here) == len(workers) == len(centres)
+    for a, b in zip(here, workers, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert min(p.min() for p in here) < 200  # tissue, not the white outside
+    src.close()

@@ -1,6 +1,6 @@
 """Morphology benchmarks: patch extraction vs the tile-decode floor (bands and the exact warp, cell mode,
-tile mode and cs.pp.cell_patches in one run), cell vs tile mode, tile/cell agreement by stride, and peak
-memory at two dataset sizes. Prints markdown tables.
+tile mode, cell mode under a non-rigid field and cs.pp.cell_patches in one run), cell vs tile mode,
+tile/cell agreement by stride, and peak memory at two dataset sizes. Prints markdown tables.
 
     PYTHONPATH=src python benchmarks/bench_morphology.py [--cells 2000] [--he-mpp 0.2125] [--uni-cells 8] [--skip-uni]
         [--only patches|modes|agreement|memory|handcrafted|chunks] [--handcrafted-cells 1000]

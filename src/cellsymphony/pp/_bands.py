@@ -135,10 +135,10 @@ class BandItems:
     """Map-style dataset: item ``i`` is ``(i, {block: pixels})`` for the blocks batch ``i`` is the first to need.
 
     ``decode_only``: the blocks' decoded level pixels (:meth:`PatchSource.band_region`, resampled by the
-    consumer on its device); otherwise the resampled uint8 blocks (on this process's CPU)."""
+    consumer on its device); otherwise the resampled uint8 blocks (on this process's CPU). ``tiles``: the
+    :func:`tile_plan` by which each item drops the decoded tiles no later item of this process needs."""
 
-    def __init__(self, source, sched: Schedule, *, mpp: float, level: int, decode_only: bool = False,
-                 tiles: TilePlan | None = None):
+    def __init__(self, source, sched: Schedule, *, mpp: float, level: int, tiles: TilePlan, decode_only: bool = False):
         self.source, self.sched, self.mpp, self.level, self.decode_only = source, sched, mpp, level, decode_only
         self.tiles = tiles
 
@@ -151,8 +151,7 @@ class BandItems:
         with one_thread():  # many small operations: extra threads only spin (and fight for shared cores)
             for key in self.sched.new[i]:
                 out[key] = self._block(key, s, mpp)
-        if self.tiles is not None:  # the decoded tiles no later item of this process needs
-            self.source.he.forget_tiles(self.tiles.free[i])
+        self.source.he.forget_tiles(self.tiles.free[i])  # the decoded tiles no later item of this process needs
         return i, out
 
     def _block(self, key, s, mpp):

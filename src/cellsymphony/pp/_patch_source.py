@@ -257,7 +257,7 @@ def _lattice_to_grid(us: np.ndarray, vs: np.ndarray, coarse: np.ndarray, w_px: i
         f = np.interp(np.arange(n_px), lattice, np.arange(len(lattice), dtype=np.float64))
         i0 = np.floor(f).astype(np.intp)
         t = f - i0
-        return i0, np.where(t > 0, np.minimum(i0 + 1, len(lattice) - 1), i0), t.astype(coarse.dtype)
+        return i0, np.where(t > 0, i0 + 1, i0), t.astype(coarse.dtype)  # t > 0 only before the last point
 
     i0, i1, t = weights(w_px, us)
     rows = coarse[:, i0] * (1 - t)[None, :, None] + coarse[:, i1] * t[None, :, None]  # (len(vs), w_px, 2)

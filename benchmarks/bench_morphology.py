@@ -201,9 +201,26 @@ def bench_patches(m, exact_cells: int | None = None, repeat: int = 3):
     add("cell mode, bands: CPU side of the CUDA path (decode only)", t, c, n, src.he.tiles_decoded, r, rc)
     results["cell_decode_only_cpu_s"], results["cell_decode_only_x_floor_cpu"] = c, rc
     src.close()
-    t, c, _, r, rc = _paired(lambda: cs.pp.cell_patches(m, size=size, mpp=mpp), floor_run, repeat)
-    add("cs.pp.cell_patches, bands", t, c, m["morphology"].n_obs, "", r, rc)
+    shape = (m["morphology"].n_obs, size, size, 3)
+
+    def api():  # the array dropped before the next run: two more 3 GB arrays held would make the kernel reclaim
+        cs.pp.cell_patches(m, size=size, mpp=mpp)
+
+    t, c, _, r, rc = _paired(api, floor_run, repeat)
+    add(f"cs.pp.cell_patches, bands (a new {np.prod(shape) / 1e9:.1f} GB array)", t, c, shape[0], "", r, rc)
     results["api_s"], results["api_cpu_s"] = t, c
+
+    def new_array():  # what the new array costs on its own: the kernel provides and zeroes its pages, then one write
+        np.empty(shape, dtype=np.uint8).fill(255)
+
+    t, c, _, r, rc = _paired(new_array, floor_run, repeat)
+    add("reference: a new array of those bytes, written once, no decoding", t, c, shape[0], "", r, rc)
+    results["new_array_cpu_s"] = c
+    dest = np.full(shape, 255, dtype=np.uint8)
+    t, c, _, r, rc = _paired(lambda: cs.pp.cell_patches(m, size=size, mpp=mpp, out=dest), floor_run, repeat)
+    add("cs.pp.cell_patches, bands, out= an array in memory", t, c, shape[0], "", r, rc)
+    results["api_out_s"], results["api_out_cpu_s"] = t, c
+    dest = None  # (3 GB)
     k = n if exact_cells is None else min(n, exact_cells)
     t, c, _ = _timed(lambda: run_exact("cell", k))
     scale = n / max(k, 1)  # the exact warp's cost is per cell: projected from k cells when k < n

@@ -232,7 +232,7 @@ def test_a_workers_source_keeps_tiles_for_its_next_chunk(tmp_path):
 
 def test_gather_equals_the_canvas_and_the_slice_copies():
     """The GPU's one-gather cutting (run here on the CPU) gives the CPU's canvas windows, and both give the
-    slice copies a sparse batch (blocks far apart, beyond CANVAS_SLACK) takes."""
+    slice copies a sparse batch (blocks far apart, beyond CANVAS_SLACK) takes, also when cut into given rows."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -247,6 +247,12 @@ def test_gather_equals_the_canvas_and_the_slice_copies():
         far = {**store, (40, 40): store[(0, 0)]}  # a 42 x 41 rectangle for 17 blocks: sliced, not a canvas
         assert _bands.CANVAS_SLACK * len(far) < 42 * 41
         np.testing.assert_array_equal(_bands.cut(far, origins, size, 16).numpy(), a)
+        rows = rng.permutation(40)[:30]  # cut straight into rows of a larger array (cs.pp.cell_patches), both ways
+        for blocks in (store, far):
+            dest = np.full((40, size, size, 3), 7, np.uint8)
+            assert _bands.cut(blocks, origins, size, 16, dest, rows) is dest
+            np.testing.assert_array_equal(dest[rows], a)
+            assert (np.delete(dest, rows, axis=0) == 7).all()
         for i in (0, 4, 29):
             ox, oy = origins[i]
             np.testing.assert_array_equal(a[i], big[oy : oy + size, ox + 16 : ox + 16 + size])
@@ -306,6 +312,17 @@ def test_decoded_regions_resample_as_read_band(tmp_path):
         assert i == j
         d = np.abs(a.numpy().astype(int) - b.numpy())
         assert d.max() <= 1 and d.mean() < 0.01
+    # out= and rows=: each batch lands in its rows, cut straight in (CPU blocks) or copied from the device's batch
+    want = np.concatenate([p.numpy() for _, p in _bands.band_patches(src, centres, **kw)])
+    rows = [np.array([9, 0, 3, 12, 5, 1, 19]), np.array([2, 4, 6, 7, 8, 10, 11, 13, 14, 15, 16, 17, 18])]
+    for decode_only in (False, True):
+        dest = np.zeros((20, 24, 24, 3), np.uint8)
+        got = list(_bands.band_patches(src, centres, **kw, decode_only=decode_only, out=dest, rows=rows))
+        assert [i for i, _ in got] == [0, 1] and all(p is None for _, p in got)
+        d = np.abs(dest[np.concatenate(rows)].astype(int) - want)
+        assert d.max() <= int(decode_only) and d.mean() < 0.01
+    with pytest.raises(ValueError, match="out= and rows="):
+        list(_bands.band_patches(src, centres, **kw, out=dest))
     with pytest.raises(ValueError, match="width_px and height_px"):
         src.read_band(x0, y0, 0, 30)
     src.close()

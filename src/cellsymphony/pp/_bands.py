@@ -167,40 +167,55 @@ class BandItems:
         return resample_region(reg, s, s)
 
 
-def cut(store: dict, origins: np.ndarray, size: int, block: int):
+def cut(store: dict, origins: np.ndarray, size: int, block: int, out: np.ndarray | None = None,
+        rows: np.ndarray | None = None):
     """Patches ``(n, size, size, 3)`` uint8 from the blocks in ``store`` (torch tensors, one device).
 
     On the CPU the batch's blocks are laid side by side in one canvas (a batch in serpentine order needs a
     near-full rectangle of blocks) and every patch is one window of it, all taken by one indexing operation;
     a sparse batch (blocks far apart) copies a slice per patch and block instead. Elsewhere one gather over
-    the stacked blocks of the batch. No loop over cells on either path."""
+    the stacked blocks of the batch. No loop over cells on either path.
+
+    ``out`` and ``rows`` (CPU blocks only): patch ``j`` is written straight into ``out[rows[j]]`` (one slice
+    copy per patch, no batch array in between: the bytes are written once) and ``out`` is returned."""
     import torch
 
     n = len(origins)
     first = next(iter(store.values()))
     dev = first.device
     if n == 0:
-        return torch.empty((0, size, size, 3), dtype=torch.uint8, device=dev)
+        return out if out is not None else torch.empty((0, size, size, 3), dtype=torch.uint8, device=dev)
     if dev.type != "cpu":
+        if out is not None:
+            raise ValueError("cut(out=...) writes from CPU blocks only")
         return gather(store, origins, size, block)
     kx = [k[0] for k in store]
     ky = [k[1] for k in store]
     bx0, by0 = min(kx), min(ky)
     nbx, nby = max(kx) - bx0 + 1, max(ky) - by0 + 1
     if nbx * nby > CANVAS_SLACK * len(store):
-        return torch.from_numpy(_cut_slices({k: v.numpy() for k, v in store.items()}, origins, size, block))
+        got = _cut_slices({k: v.numpy() for k, v in store.items()}, origins, size, block, out, rows)
+        return got if out is not None else torch.from_numpy(got)
     canvas = np.empty((nby * block, nbx * block, 3), dtype=np.uint8)  # blocks no patch touches stay unset
     for (bx, by), v in store.items():
         y, x = (by - by0) * block, (bx - bx0) * block
         canvas[y : y + block, x : x + block] = v.numpy()
+    oy, ox = origins[:, 1] - by0 * block, origins[:, 0] - bx0 * block
+    if out is not None:
+        for r, x, y in zip(rows.tolist(), ox.tolist(), oy.tolist(), strict=True):
+            out[r] = canvas[y : y + size, x : x + size]
+        return out
     windows = np.lib.stride_tricks.sliding_window_view(canvas, (size, size, 3))[:, :, 0]
-    return torch.from_numpy(windows[origins[:, 1] - by0 * block, origins[:, 0] - bx0 * block])
+    return torch.from_numpy(windows[oy, ox])
 
 
-def _cut_slices(arrays: dict, origins: np.ndarray, size: int, block: int) -> np.ndarray:
-    """:func:`cut` on the CPU by one slice copy per patch and block it overlaps (a batch whose blocks are far apart)."""
-    out = np.empty((len(origins), size, size, 3), dtype=np.uint8)
-    for i, (ox, oy) in enumerate(origins.tolist()):
+def _cut_slices(arrays: dict, origins: np.ndarray, size: int, block: int, out: np.ndarray | None = None,
+                rows: np.ndarray | None = None) -> np.ndarray:
+    """:func:`cut` on the CPU by one slice copy per patch and block it overlaps (a batch whose blocks are far
+    apart), into ``out[rows]`` when given."""
+    if out is None:
+        out, rows = np.empty((len(origins), size, size, 3), dtype=np.uint8), range(len(origins))
+    for i, (ox, oy) in zip(rows, origins.tolist(), strict=True):
         y = oy
         while y < oy + size:
             by, ry = divmod(y, block)
@@ -248,6 +263,8 @@ def band_patches(
     stats: BandStats | None = None,
     block: int = BLOCK_PX,
     decode_only: bool | None = None,
+    out: np.ndarray | None = None,
+    rows: list[np.ndarray] | None = None,
 ) -> Iterator[tuple[int, object]]:
     """Yield ``(batch index, patches)`` for batches of patches centred on ``centres`` (micrometres), in order.
 
@@ -256,9 +273,15 @@ def band_patches(
     cuts). Blocks are resampled once each, in ``num_workers`` DataLoader workers (or here), and freed after
     the last batch that needs them. ``decode_only`` (default: on CUDA) has the workers only decode and this
     process resample on ``device`` (the GPU path; ``device="cpu"`` runs it on the CPU, for tests). Each
-    process decodes a slide tile once and drops it after the last block it needs it for (:func:`tile_plan`)."""
+    process decodes a slide tile once and drops it after the last block it needs it for (:func:`tile_plan`).
+
+    ``out`` (a uint8 array, e.g. memory-mapped) and ``rows`` (one index array per batch): batch ``i``'s patches
+    are written into ``out[rows[i]]``, cut straight into it on the CPU (no batch array: the bytes are written
+    once), and ``patches`` is ``None``."""
     if not centres:
         return
+    if (out is None) != (rows is None) or (rows is not None and len(rows) != len(centres)):
+        raise ValueError("band_patches: out= and rows= (one index array per batch of centres) go together")
     sched = schedule(centres, size=size, mpp=mpp, block=block)
     cuda = str(device).startswith("cuda")
     on_gpu = (cuda if decode_only is None else bool(decode_only)) and not source.has_transform
@@ -266,7 +289,8 @@ def band_patches(
     kept = _reuse_kept(source, sched, (mpp, level, block)) if source.keep_tiles and not on_gpu else None
     with tile_cache(source, sched, mpp=mpp, level=level, workers=num_workers, stats=stats) as tiles:
         yield from _stream(source, sched, centres, size=size, block=block, level=level, device=device, mpp=mpp,
-                           num_workers=num_workers, on_gpu=on_gpu, cuda=cuda, tiles=tiles, stats=stats, kept=kept)
+                           num_workers=num_workers, on_gpu=on_gpu, cuda=cuda, tiles=tiles, stats=stats, kept=kept,
+                           out=out, rows=rows)
 
 
 def _reuse_kept(source, sched: Schedule, tag: tuple) -> dict:
@@ -321,7 +345,7 @@ def tile_cache(source, sched: Schedule, *, mpp: float, level: int, workers: int,
 
 
 def _stream(source, sched, centres, *, size, block, level, device, mpp, num_workers, on_gpu, cuda, tiles, stats,
-            kept=None):
+            kept=None, out=None, rows=None):
     """:func:`band_patches` once its schedule and tile plan are made; ``kept``: blocks an earlier stream of the
     source resampled (see :func:`_reuse_kept`), this stream's own added to them as they come."""
     import torch
@@ -343,16 +367,21 @@ def _stream(source, sched, centres, *, size, block, level, device, mpp, num_work
             _keep(source, (mpp, level, block), blocks)
         stats.blocks_resampled += len(blocks)
         stats.peak_blocks = max(stats.peak_blocks, len(store))
+        direct = out is not None and not on_gpu and not source.has_transform  # cut straight into out[rows[i]]
         if len(sched.origins[i]):
             need = {k: store[k] for k in sched.needs[i]}
             with one_thread():
-                patches = cut(need, sched.origins[i], size, block)
+                patches = cut(need, sched.origins[i], size, block, *((out, rows[i]) if direct else ()))
         else:
             patches = torch.empty((0, size, size, 3), dtype=torch.uint8)
         if source.has_transform:
             patches = torch.from_numpy(np.ascontiguousarray(source.transform_patches(patches.cpu().numpy(), centres[i])))
         for k in sched.free[i]:
             store.pop(k, None)
+        if out is not None:
+            if not direct:
+                out[rows[i]] = patches.cpu().numpy()
+            patches = None
         yield i, patches
 
 

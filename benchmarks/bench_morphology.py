@@ -352,14 +352,14 @@ import json, os, sys, threading, time, warnings
 warnings.filterwarnings("ignore")
 import numpy as np, cellsymphony as cs
 cs.settings.progress = False
-n = int(sys.argv[1])
+n, batch = int(sys.argv[1]), int(sys.argv[2])
 m = cs.datasets.synthetic(n_cells=n, seed=0)
 enc = cs.models.load_morphology_encoder("tiny")
-def rss():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss():  # anonymous resident memory (not the file pages the process has read)
+    with open("/proc/self/status") as fh:
+        return int(next(l for l in fh if l.startswith("RssAnon:")).split()[1]) * 1024
 warm = m[:50].copy(); warm.uns["cellsymphony"] = m.uns["cellsymphony"]
-cs.pp.embed_morphology(warm, model=enc, key_added="warm", batch_size=32)  # imports, first allocations
+cs.pp.embed_morphology(warm, model=enc, key_added="warm", batch_size=batch)  # imports, first allocations
 del warm
 base = rss(); peak = [base]; stop = [False]
 def watch():
@@ -367,7 +367,7 @@ def watch():
         peak[0] = max(peak[0], rss()); time.sleep(0.005)
 t = threading.Thread(target=watch); t.start()
 t0 = time.perf_counter()
-cs.pp.embed_morphology(m, model=enc, key_added="X", batch_size=32)
+cs.pp.embed_morphology(m, model=enc, key_added="X", batch_size=batch)
 took = time.perf_counter() - t0
 stop[0] = True; t.join()
 print(json.dumps({"n": n, "base_mb": base / 2**20, "peak_extra_mb": (peak[0] - base) / 2**20,
@@ -375,18 +375,33 @@ print(json.dumps({"n": n, "base_mb": base / 2**20, "peak_extra_mb": (peak[0] - b
 """
 
 
-def bench_memory(sizes):
+def _mem_child(n: int, batch: int, fixed_threshold: bool = False) -> dict:
+    """One run of :data:`_MEM_CHILD` in a fresh process; ``fixed_threshold``: glibc's mmap threshold fixed at
+    1 MB (``MALLOC_MMAP_THRESHOLD_``), so that every large block is returned to the system when freed and the
+    resident set is the live working set, without the heap's fragmentation."""
+    env = dict(os.environ)
+    if fixed_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
+    out = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(n), str(batch)], capture_output=True, text=True,
+                         env=env, check=True)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(sizes, batches=(64, 32)):
+    """Peak anonymous resident memory of embed_morphology (tiny) above the level before the call, per size and
+    batch size, with glibc's default allocator and with a fixed mmap threshold (the live working set)."""
     rows = []
-    for n in sizes:
-        env = dict(os.environ)
-        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(n)], capture_output=True, text=True, env=env, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append([r["n"], f"{r['output_mb']:.2f}", f"{r['peak_extra_mb']:.0f}", f"{r['base_mb']:.0f}", f"{r['seconds']:.1f}"])
+    for batch in batches:
+        for n in sizes:
+            r, w = _mem_child(n, batch), _mem_child(n, batch, fixed_threshold=True)
+            rows.append([batch, r["n"], f"{r['output_mb']:.2f}", f"{r['peak_extra_mb']:.0f}", f"{w['peak_extra_mb']:.0f}",
+                         f"{r['base_mb']:.0f}", f"{r['seconds']:.1f}"])  # fmt: skip
     _table(
-        "Peak memory of embed_morphology (tiny, cell mode, batch 32; resident set above the level before the call)",
-        ["cells", "output MB", "peak extra MB", "process MB before", "seconds"],
+        "Peak memory of embed_morphology (tiny, cell mode; anonymous resident memory above the level before the call)",
+        ["batch", "cells", "output MB", "peak extra MB", "peak extra MB, fixed mmap threshold", "process MB before",
+         "seconds"],
         rows,
-    )
+    )  # fmt: skip
 
 
 def bench_handcrafted(m, n_cells: int = 1000, repeat: int = 3) -> dict:
@@ -552,10 +567,7 @@ def suite(quick: bool = True) -> list[dict]:
                  "unit": "cells/s", "baseline": f"{cps_cell:.3f} cells/s cell mode", "ratio": cps_tile / cps_cell,
                  "note": "speed-up"})
     sizes = (n // 4, n) if quick else (2000, 8000)
-    mem = []
-    for k in sizes:
-        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, str(k)], capture_output=True, text=True, check=True)
-        mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    mem = [_mem_child(k, 64) for k in sizes]  # the default batch size
     rows.append({"figure": f"peak extra memory, embed_morphology tiny, {sizes[1]} cells", "value": mem[1]["peak_extra_mb"],
                  "unit": "MiB", "baseline": f"{mem[0]['peak_extra_mb']:.0f} MiB at {sizes[0]} cells",
                  "ratio": mem[1]["peak_extra_mb"] / max(mem[0]["peak_extra_mb"], 1e-9),

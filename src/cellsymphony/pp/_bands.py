@@ -174,7 +174,7 @@ def cut(store: dict, origins: np.ndarray, size: int, block: int, out: np.ndarray
     On the CPU the batch's blocks are laid side by side in one canvas (a batch in serpentine order needs a
     near-full rectangle of blocks) and every patch is one window of it, all taken by one indexing operation;
     a sparse batch (blocks far apart) copies a slice per patch and block instead. Elsewhere one gather over
-    the stacked blocks of the batch. No loop over cells on either path.
+    the stacked blocks of the batch, with no loop over cells.
 
     ``out`` and ``rows`` (CPU blocks only): patch ``j`` is written straight into ``out[rows[j]]`` (one slice
     copy per patch, no batch array in between: the bytes are written once) and ``out`` is returned."""

@@ -418,7 +418,8 @@ def test_patches_into_a_memory_map_and_too_many_for_memory_refused(tmp_path, mon
 def test_the_field_lattice_interpolates_as_bilinear_sampling():
     """A non-rigid band's grid (every pixel from the field's lattice of every 8th pixel) equals scipy's bilinear
     sampling of the lattice, stays within the lattice's bounds (which the tile plan uses), and is undefined only
-    where an undefined lattice point weighs: the 15 x 15 pixels around an interior one."""
+    where an undefined lattice point weighs: the 15 x 15 pixels around an interior one (the products of the
+    defined lattice and the gathering of one with a NaN alike), in float64 and float32."""
     from scipy.ndimage import map_coordinates
 
     from cellsymphony.pp._patch_source import _lattice_to_grid
@@ -435,6 +436,9 @@ def test_the_field_lattice_interpolates_as_bilinear_sampling():
             want = map_coordinates(coarse[..., k], [rows, cols], order=1, mode="nearest")
             np.testing.assert_allclose(grid[..., k], want, rtol=0, atol=1e-9)
             assert coarse[..., k].min() - 1e-9 <= grid[..., k].min() and grid[..., k].max() <= coarse[..., k].max() + 1e-9
+        single = _lattice_to_grid(us, vs, coarse.astype(np.float32), w, h)  # as band_region makes it
+        assert single.dtype == np.float32 and single.shape == (h, w, 2)
+        np.testing.assert_allclose(single, grid, rtol=0, atol=2e-3)
     us = vs = np.unique(np.r_[np.arange(0, 256, 8), 255])
     coarse = rng.normal(0, 100, (len(vs), len(us), 2))
     coarse[10, 12] = np.nan

